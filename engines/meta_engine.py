@@ -1,0 +1,144 @@
+"""The custom Betty Engine: meta-training, periodic meta-validation and the final meta-test."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Optional
+
+import torch
+from betty.engine import Engine
+from betty.configs import EngineConfig
+
+from imaml.config import RunConfig
+from imaml.metrics import mean_ci95, metric_name, task_score
+from imaml.reporting import RunLog
+
+__all__ = ["MetaEngine"]
+
+
+class MetaEngine(Engine):
+    """Runs the bilevel problem ``upper`` (θ) over ``lower`` (task adaptation) on an Env.
+
+    One meta-step = ``env.step()`` (a fresh meta-batch), then for each task the inner loop:
+    ``inner_steps`` Betty steps of the Lower problem, the last of which hands over to the
+    Upper problem (Betty's unroll trigger), which accumulates the task's meta-gradient and
+    updates θ once per meta-batch. Whether that meta-gradient is implicit (iMAML) or
+    unrolled (MAML) is decided by the problem classes and configs the builder chose; the
+    engine is the same for both.
+
+    Meta-validation and meta-test run the very same inner loop (``inner_loop``) with the
+    problems in eval mode, where Betty never calls the Upper problem, so θ is never touched.
+    """
+
+    def __init__(self, upper, lower, env, run_config: RunConfig, log: Optional[RunLog] = None):
+        self.run_config = run_config
+        self.run_log = log
+        dependencies = {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}
+        config = EngineConfig(train_iters=run_config.meta_steps, valid_step=run_config.val_every)
+        super().__init__(problems=[upper, lower], config=config, dependencies=dependencies, env=env)
+        self.upper, self.lower = upper, lower  # Betty also sets them by name; roles are explicit here
+        self.tasks_seen = 0
+
+    # -------------------------------------------------------------------- the shared inner loop
+    def inner_loop(self, steps: int) -> None:
+        """Adapt to the Env's current task: reset to θ, then ``steps`` Lower steps."""
+        self.lower.begin_task()
+        for _ in range(steps):
+            self.lower.step(global_step=self.global_step)
+
+    # -------------------------------------------------------------------- meta-training
+    def train_step(self) -> None:
+        batch = self.env.step()
+        for index in range(batch.num_tasks):
+            self.env.select(index)
+            self.inner_loop(self.run_config.inner_steps)
+        self.tasks_seen += batch.num_tasks
+
+    def _train_record(self) -> Dict[str, float]:
+        stats = self.upper.drain_task_stats()
+        kind = self.env.kind
+        record = {"train/query_loss": stats[:, 0].mean().item(),
+                  f"train/query_{metric_name(kind)}": stats[:, 1].mean().item()}
+        if self.upper.meta_grad_norm is not None:
+            record["train/meta_grad_norm"] = float(self.upper.meta_grad_norm)
+        info = getattr(self.lower, "hypergrad_info", None)
+        if info is not None:
+            record["train/hypergrad_norm"] = info.norm
+            record["train/solver_iterations"] = info.iterations
+            if math.isfinite(info.residual):
+                record["train/solver_residual"] = info.residual
+        return record
+
+    # -------------------------------------------------------------------- evaluation
+    def evaluate(self, split: str, num_tasks: int) -> Dict[str, float]:
+        """Adapt to ``num_tasks`` fixed tasks of ``split`` and score the query sets.
+
+        Returns the mean and 95% CI over tasks of query accuracy (classification) or MSE."""
+        kind = self.env.kind
+        scores = []
+        self.eval()
+        try:
+            for batch in self.env.episodes(split, num_tasks):
+                self.env.load(batch)
+                for index in range(batch.num_tasks):
+                    task = self.env.select(index)
+                    self.inner_loop(self.run_config.test_inner_steps)
+                    with torch.no_grad():
+                        scores.append(task_score(kind, self.lower(task.query_x), task.query_y))
+        finally:
+            self.train()
+        values = torch.stack(scores).tolist()
+        mean, ci95 = mean_ci95(values)
+        return {"metric": metric_name(kind), "mean": mean, "ci95": ci95, "num_tasks": len(values)}
+
+    def validation(self) -> Dict[str, float]:
+        """Betty's validation hook: meta-validation on the fixed validation tasks."""
+        return self.evaluate("val", self.run_config.val_tasks)
+
+    # -------------------------------------------------------------------- the whole run
+    def run(self) -> Dict[str, object]:
+        """Meta-test θ₀, meta-train, meta-test θ; return the numbers for results.json."""
+        cfg, log = self.run_config, self.run_log
+        say = log.say if log else (lambda line: None)
+        started = time.perf_counter()
+        say(f"meta-test before meta-training on {cfg.test_tasks} tasks ...")
+        before = self.evaluate("test", cfg.test_tasks)
+        say(f"before meta-training: {_fmt(before)}")
+
+        train_seconds = 0.0
+        validation = None
+        self.train()
+        for step in range(1, cfg.meta_steps + 1):
+            self.global_step = step
+            tick = time.perf_counter()
+            self.train_step()
+            train_seconds += time.perf_counter() - tick
+            if step % cfg.log_every == 0 or step == cfg.meta_steps:
+                record = self._train_record()
+                record["train/tasks_per_second"] = self.tasks_seen / train_seconds
+                if log:
+                    log.log(step, record)
+            if step % cfg.val_every == 0 or step == cfg.meta_steps:
+                validation = self.validation()
+                if log:
+                    log.log(step, {f"val/{validation['metric']}": validation["mean"],
+                                   f"val/{validation['metric']}_ci95": validation["ci95"]})
+
+        say(f"meta-test after meta-training on {cfg.test_tasks} tasks ...")
+        test = self.evaluate("test", cfg.test_tasks)
+        say(f"after meta-training: {_fmt(test)}")
+        return {
+            "test": test,
+            "before_meta_training": before,
+            "validation": validation,
+            "train_seconds": train_seconds,
+            "tasks_per_second": self.tasks_seen / train_seconds if train_seconds else None,
+            "total_seconds": time.perf_counter() - started,
+        }
+
+
+def _fmt(result: Dict[str, float]) -> str:
+    scale, unit = (100.0, "%") if result["metric"] == "accuracy" else (1.0, "")
+    return (f"{result['metric']} {result['mean'] * scale:.2f}{unit} "
+            f"± {result['ci95'] * scale:.2f}{unit} (95% CI, {result['num_tasks']} tasks)")

@@ -1,0 +1,101 @@
+"""Glyphs: an embedded, procedurally generated Omniglot-like benchmark.
+
+Each of the 1,600 classes is a "character" of one to four pen strokes (cubic Bézier curves
+whose control points follow a short random walk). Each of its 20 samples redraws those
+strokes with per-sample jitter — control-point noise, a small rotation, scale, shear and
+shift, and a varying pen width — rendered anti-aliased to 28×28 grayscale (ink = 1). So, as
+in Omniglot, examples of a class share structure but no two are identical, and learning to
+tell unseen classes apart from one example each needs features that transfer.
+
+The images are a pure function of ``GENERATOR_VERSION`` (never of the run's seed): they
+are generated once (~10 s) and cached under ``<data-root>/glyphs/``. The class split is
+fixed: 1,200 train, 100 validation, 300 test classes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["NUM_CLASSES", "SAMPLES_PER_CLASS", "IMAGE_SIZE", "SPLITS", "load_glyphs", "render_class"]
+
+GENERATOR_VERSION = 1
+NUM_CLASSES = 1600
+SAMPLES_PER_CLASS = 20
+IMAGE_SIZE = 28
+SPLITS = {"train": (0, 1200), "val": (1200, 1300), "test": (1300, 1600)}
+
+_POINTS_PER_STROKE = 12  # polyline resolution of each Bézier stroke
+# per-sample variation: control-point noise, rotation (rad), scale range, shear, shift (image widths)
+JITTER = dict(points=0.05, rotation=np.deg2rad(15.0), scale=(0.75, 1.15), shear=0.15, shift=0.08)
+
+
+def _class_strokes(rng: np.random.Generator) -> np.ndarray:
+    """Control points [strokes, 4, 2] of one character, in the unit square."""
+    strokes = []
+    for _ in range(rng.integers(1, 5)):
+        start = rng.uniform(0.2, 0.8, size=2)
+        steps = rng.normal(0.0, 0.22, size=(3, 2))
+        points = np.clip(start + np.cumsum(steps, axis=0), 0.1, 0.9)
+        strokes.append(np.vstack([start, points]))
+    return np.stack(strokes)
+
+
+def _bezier(control: np.ndarray) -> np.ndarray:
+    """Points [..., P, 2] along cubic Bézier curves with control points [..., 4, 2]."""
+    t = np.linspace(0.0, 1.0, _POINTS_PER_STROKE)[:, None]
+    c0, c1, c2, c3 = (control[..., i, None, :] for i in range(4))
+    return ((1 - t) ** 3) * c0 + 3 * ((1 - t) ** 2) * t * c1 + 3 * (1 - t) * (t ** 2) * c2 + (t ** 3) * c3
+
+
+def render_class(class_index: int, samples: int = SAMPLES_PER_CLASS) -> np.ndarray:
+    """All samples of one class as uint8 images [samples, 28, 28]; deterministic in its index."""
+    rng = np.random.default_rng([GENERATOR_VERSION, class_index])
+    control = _class_strokes(rng)  # [S, 4, 2]
+    jittered = control[None] + rng.normal(0.0, JITTER["points"], size=(samples,) + control.shape)
+    curves = _bezier(jittered)  # [n, S, P, 2]
+    # per-sample affine: rotation, anisotropic scale, shear, shift about the centre
+    angle = rng.normal(0.0, JITTER["rotation"], size=samples)
+    scale = rng.uniform(*JITTER["scale"], size=(samples, 2))
+    shear = rng.normal(0.0, JITTER["shear"], size=samples)
+    cos, sin = np.cos(angle), np.sin(angle)
+    affine = np.stack([np.stack([cos, -sin + shear], -1), np.stack([sin, cos], -1)], -2)
+    affine = affine * scale[:, :, None]
+    shift = rng.normal(0.0, JITTER["shift"], size=(samples, 1, 1, 2))
+    curves = np.einsum("nij,nspj->nspi", affine, curves - 0.5) + 0.5 + shift
+    width = rng.uniform(0.028, 0.05, size=(samples, 1, 1))
+    # distance from every pixel centre to every segment, x and y kept apart (fast in float32)
+    a = curves[:, :, :-1].reshape(samples, -1, 1, 2).astype(np.float32)  # segment starts [n, M, 1, 2]
+    ab = curves[:, :, 1:].reshape(samples, -1, 1, 2).astype(np.float32) - a
+    grid = ((np.arange(IMAGE_SIZE) + 0.5) / IMAGE_SIZE).astype(np.float32)
+    px, py = np.meshgrid(grid, grid, indexing="xy")
+    apx, apy = px.reshape(1, 1, -1) - a[..., 0], py.reshape(1, 1, -1) - a[..., 1]  # [n, M, P]
+    abx, aby = ab[..., 0], ab[..., 1]
+    t = np.clip((apx * abx + apy * aby) / np.maximum(abx * abx + aby * aby, 1e-12), 0.0, 1.0)
+    dx, dy = apx - t * abx, apy - t * aby
+    dist = np.sqrt((dx * dx + dy * dy).min(axis=1))  # [n, P]
+    ink = np.clip((width[:, 0] - dist) * IMAGE_SIZE + 0.5, 0.0, 1.0)  # ~1 pixel of anti-aliasing
+    return np.round(ink.reshape(samples, IMAGE_SIZE, IMAGE_SIZE) * 255).astype(np.uint8)
+
+
+def generate() -> np.ndarray:
+    """The whole benchmark, uint8 [1600, 20, 28, 28]."""
+    return np.stack([render_class(c) for c in range(NUM_CLASSES)])
+
+
+def load_glyphs(data_root: str | os.PathLike) -> np.ndarray:
+    """The cached benchmark, generating it (atomically) on first use."""
+    path = Path(data_root) / "glyphs" / f"glyphs-v{GENERATOR_VERSION}.npy"
+    if path.is_file():
+        images = np.load(path)
+        if images.shape == (NUM_CLASSES, SAMPLES_PER_CLASS, IMAGE_SIZE, IMAGE_SIZE):
+            return images
+    images = generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, images)
+    os.replace(tmp, path)
+    return images

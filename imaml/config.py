@@ -1,0 +1,221 @@
+"""Typed run configuration: dataclass defaults < YAML preset < command-line flags.
+
+One ``RunConfig`` is built and validated once in ``run.py`` and passed down; nothing reads
+``argparse`` results or globals after that. Presets live in ``configs/<task>-<algo>.yaml``
+and are picked automatically unless ``--config`` names another file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from imaml.errors import UsageError
+
+__all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "parse_args", "load_preset"]
+
+ALGOS = ("imaml", "maml", "fomaml")
+HYPERGRADS = ("cg", "neumann", "darts", "exact")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Field names are the CLI flags with ``-`` for ``_``."""
+
+    algo: str = "imaml"
+    task: str = "glyphs"
+    # episodes: N ways, K shots (support examples per class), Q query examples per class
+    ways: Optional[int] = 5
+    shots: int = 1
+    query_shots: int = 5
+    # meta-training
+    meta_batch_size: int = 16
+    meta_steps: int = 1000
+    meta_lr: float = 1e-3
+    # inner loop (task adaptation), shared by meta-training, meta-validation and meta-test
+    inner_steps: int = 5
+    test_inner_steps: int = 10
+    inner_lr: float = 0.1
+    # iMAML: proximal strength λ in  L_support(φ) + λ/2·‖φ − θ‖²  (iMAML paper, eq. 3)
+    lam: float = 1.0
+    hypergrad: str = "cg"
+    cg_steps: int = 5
+    cg_tol: float = 1e-5
+    neumann_terms: int = 20
+    neumann_alpha: Optional[float] = None  # None: 1/λ_max(A), estimated by power iteration
+    darts_radius: float = 0.01
+    # model
+    model: Optional[str] = None  # None: the task's default (conv4 for images, mlp for sinusoid)
+    channels: int = 64
+    # evaluation
+    val_every: int = 100
+    val_tasks: int = 100
+    test_tasks: int = 600
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    data_root: str = "data"
+    output_dir: str = "runs/latest"
+    log_every: int = 10
+    config: Optional[str] = None  # the preset file this config came from (for the record)
+
+    def validate(self) -> "RunConfig":
+        """Check every value once, before any work; raise UsageError naming the fix."""
+        _one_of("algo", self.algo, ALGOS)
+        _one_of("hypergrad", self.hypergrad, HYPERGRADS)
+        for name in ("shots", "query_shots", "meta_batch_size", "meta_steps", "inner_steps",
+                     "test_inner_steps", "cg_steps", "neumann_terms", "channels", "val_every",
+                     "val_tasks", "log_every"):
+            _at_least(name, getattr(self, name), 1)
+        if self.ways is not None:
+            _at_least("ways", self.ways, 2)
+        _at_least("test_tasks", self.test_tasks, 2)  # a 95% CI needs two tasks
+        for name in ("meta_lr", "inner_lr", "lam", "cg_tol", "darts_radius"):
+            _positive(name, getattr(self, name))
+        if self.neumann_alpha is not None:
+            _positive("neumann_alpha", self.neumann_alpha)
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise UsageError(f"--device {self.device}: unknown device; use cpu, cuda or cuda:N")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _one_of(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise UsageError(f"{_flag(name)} {value}: unknown value; choose one of {', '.join(choices)}")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise UsageError(f"{_flag(name)} {value}: must be an integer >= {low}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise UsageError(f"{_flag(name)} {value}: must be a positive number")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _field_type(name: str) -> type:
+    """The scalar type of a field (``Optional[int]`` -> int)."""
+    text = str(_FIELDS[name].type)
+    for key, typ in _TYPES.items():
+        if key in text:
+            return typ
+    raise TypeError(text)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a YAML or CLI value to the field's type, or say which key is wrong."""
+    optional = "Optional" in str(_FIELDS[name].type)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise UsageError(f"{source}: '{name}' may not be empty")
+    typ = _field_type(name)
+    if typ is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+        raise UsageError(f"{source}: '{name}' must be an integer, got {value!r}")
+    try:
+        return typ(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: '{name}' must be {typ.__name__}, got {value!r}") from None
+
+
+def load_preset(path: Path) -> dict:
+    """Read a YAML preset; unknown keys and wrong types are errors, never silently dropped."""
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping of option: value")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS or name == "config":
+            raise UsageError(f"{path}: unknown key '{key}'; known keys: {', '.join(sorted(_FIELDS))}")
+        out[name] = _coerce(name, value, str(path))
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as a UsageError (one line) instead of exiting."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{message} (see: python run.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="run.py",
+        description="Meta-train an initialization with iMAML or unrolled MAML, then meta-test it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    helps = {
+        "algo": "imaml (implicit gradients), maml (second-order unrolled) or fomaml (first order)",
+        "task": "glyphs (embedded, generated), sinusoid",
+        "ways": "classes per task (N)",
+        "shots": "support examples per class (K); points per task for sinusoid",
+        "query_shots": "query examples per class; points per task for sinusoid",
+        "lam": "iMAML proximal strength λ: inner objective L_support(φ) + λ/2·‖φ − θ‖²",
+        "hypergrad": "iMAML hypergradient solver: cg, neumann, darts or exact (dense; tiny models)",
+        "cg_steps": "maximum conjugate-gradient steps per task",
+        "cg_tol": "CG stops when ‖residual‖ ≤ tol·‖∇φ L_query‖",
+        "neumann_alpha": "Neumann step size; none: 1/λ_max estimated by power iteration",
+        "model": "conv4 or mlp; none: the task's default",
+        "test_inner_steps": "inner steps at meta-validation and meta-test",
+        "test_tasks": "tasks in the final meta-test (mean and 95%% CI over them)",
+        "data_root": "where datasets are (the embedded glyphs are generated and cached here)",
+        "output_dir": "where results.json and logs are written",
+        "config": "YAML preset; default: configs/<task>-<algo>.yaml",
+    }
+    defaults = RunConfig()
+    for name, f in _FIELDS.items():
+        kwargs: dict = {"help": helps.get(name, name.replace("_", " "))}
+        if name not in ("config",):
+            kwargs["help"] += f" (default: {getattr(defaults, name)})"
+        if name == "algo":
+            kwargs["choices"] = ALGOS
+        if name == "hypergrad":
+            kwargs["choices"] = HYPERGRADS
+        parser.add_argument(_flag(name), dest=name, metavar=name.split("_")[-1].upper(), **kwargs)
+    return parser
+
+
+def parse_args(argv: Optional[list] = None) -> RunConfig:
+    """CLI flags override the preset, which overrides the dataclass defaults."""
+    given = vars(build_parser().parse_args(argv))
+    cli = {name: _coerce(name, value, _flag(name)) for name, value in given.items() if name != "config"}
+    algo = cli.get("algo", RunConfig.algo)
+    task = cli.get("task", RunConfig.task)
+    if "config" in given:
+        preset_path: Optional[Path] = Path(given["config"])
+    else:
+        candidate = CONFIG_DIR / f"{task}-{algo}.yaml"
+        preset_path = candidate if candidate.is_file() else None
+    preset = load_preset(preset_path) if preset_path else {}
+    if "config" in given:  # an explicit preset may choose the task and algorithm itself
+        cli.setdefault("task", preset.get("task", task))
+        cli.setdefault("algo", preset.get("algo", algo))
+    merged = {**preset, **cli}
+    config = RunConfig(**merged, config=str(preset_path) if preset_path else None)
+    return config.validate()

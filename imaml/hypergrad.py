@@ -1,0 +1,260 @@
+"""Implicit hypergradients: corrected replacements for betty-ml 0.1.1's solvers.
+
+For a lower problem φ*(θ) = argmin_φ g(φ, θ) and an upper loss f(φ*), the implicit
+function theorem gives
+
+    df/dθ = −(∂²g/∂θ∂φ) · A⁻¹ · ∇φ f,    A = ∂²g/∂φ²  (the Hessian of the lower objective).
+
+For iMAML, g = L_support(φ) + λ/2·‖φ − θ‖², so A = H + λI, −∂²g/∂θ∂φ = λI and
+
+    df/dθ = λ (H + λI)⁻¹ ∇φ f = (I + H/λ)⁻¹ ∇φ f        (Rajeswaran et al., 2019, eq. 6).
+
+The solvers below approximate x = A⁻¹ v for v = ∇φ f with Hessian-vector products only
+(``exact`` forms A densely, for tiny models and tests); the cross term is then one more
+autograd call, so they serve any lower objective, not just the proximal one.
+
+Why not betty-ml's own: its CG updates the search direction with the old residual and
+diverges; its ``cg_alpha`` scales the denominator but not the residual update; its Neumann
+series has no step-size control; its DARTS restores the perturbed weights with a
+non-in-place ``add`` and so leaves them shifted after every call. ``register_with_betty``
+installs these solvers in Betty's dispatch table, under Betty's names and ours.
+
+The core works on flat vectors (one ``torch.cat``), so there is no Python loop over
+parameters inside the solver iterations.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "SolveInfo",
+    "conjugate_gradient",
+    "neumann_series",
+    "largest_eigenvalue",
+    "dense_solve",
+    "SOLVERS",
+    "register_with_betty",
+]
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+EXACT_MAX_PARAMS = 10_000
+
+
+@dataclass
+class SolveInfo:
+    """What a solve did, for the logs: the relative residual ‖Ax − v‖/‖v‖ it ended with."""
+
+    solver: str
+    iterations: int
+    residual: float
+    converged: bool
+    norm: float = float("nan")  # ‖hypergradient‖, filled in by the Betty adapter
+
+
+# ----------------------------------------------------------------------------- core solvers
+
+
+def conjugate_gradient(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: float) -> tuple:
+    """Solve A x = b for symmetric positive-definite A by conjugate gradients.
+
+    Stops after ``max_steps`` or when ‖r‖ ≤ tol·‖b‖. If A turns out not to be positive
+    definite along a search direction (pᵀAp ≤ 0, possible for a nonconvex support loss with a
+    small λ), it stops there and reports not converged.
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = torch.dot(r, r)
+    b_norm = math.sqrt(rs.item())
+    if b_norm == 0.0:
+        return x, SolveInfo("cg", 0, 0.0, True)
+    steps = 0
+    for steps in range(1, max_steps + 1):
+        ap = matvec(p)
+        pap = torch.dot(p, ap)
+        if pap.item() <= 0.0:
+            return x, SolveInfo("cg", steps - 1, math.sqrt(rs.item()) / b_norm, False)
+        alpha = rs / pap
+        x.add_(alpha * p)
+        r.sub_(alpha * ap)
+        rs_new = torch.dot(r, r)
+        if math.sqrt(rs_new.item()) <= tol * b_norm:
+            rs = rs_new
+            break
+        p = r + (rs_new / rs) * p  # the *new* residual (betty-ml 0.1.1 uses the old one)
+        rs = rs_new
+    residual = math.sqrt(rs.item()) / b_norm
+    return x, SolveInfo("cg", steps, residual, residual <= tol)
+
+
+def largest_eigenvalue(matvec: MatVec, like: torch.Tensor, iterations: int = 20) -> float:
+    """λ_max of symmetric PSD A by power iteration from a fixed start (no global RNG use)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(like.numel(), generator=gen, dtype=like.dtype).to(like.device)
+    v /= v.norm()
+    estimate = 0.0
+    for _ in range(iterations):
+        av = matvec(v)
+        estimate = torch.dot(v, av).item()
+        norm = av.norm()
+        if norm.item() == 0.0:
+            break
+        v = av / norm
+    return estimate
+
+
+def neumann_series(matvec: MatVec, b: torch.Tensor, terms: int, alpha: Optional[float] = None) -> tuple:
+    """x ≈ A⁻¹ b = α Σ_{k<terms} (I − αA)^k b, which converges for 0 < α < 2/λ_max(A).
+
+    With ``alpha=None`` the step is 1/λ_max, λ_max estimated by power iteration (the
+    estimate approaches λ_max from below, so the margin to 2/λ_max is kept).
+    """
+    if alpha is None:
+        top = largest_eigenvalue(matvec, b)
+        alpha = 1.0 / top if top > 0 else 1.0
+    term = b.clone()
+    total = b.clone()
+    for _ in range(terms - 1):
+        term = term - alpha * matvec(term)
+        total.add_(term)
+    x = alpha * total
+    b_norm = b.norm().item()
+    residual = (matvec(x) - b).norm().item() / b_norm if b_norm > 0 else 0.0
+    return x, SolveInfo("neumann", terms, residual, math.isfinite(residual) and residual < 1.0)
+
+
+def dense_solve(matvec: MatVec, b: torch.Tensor) -> tuple:
+    """Exact A⁻¹ b from the dense matrix (n Hessian-vector products); tiny models only."""
+    n = b.numel()
+    if n > EXACT_MAX_PARAMS:
+        from imaml.errors import UsageError
+
+        raise UsageError(f"--hypergrad exact: the model has {n} parameters; the dense solve is for "
+                         f"<= {EXACT_MAX_PARAMS} (tests, diagnostics); use --hypergrad cg")
+    eye = torch.eye(n, dtype=b.dtype, device=b.device)
+    a = torch.stack([matvec(e) for e in eye], dim=1)
+    a = 0.5 * (a + a.T)  # symmetric up to rounding
+    x = torch.linalg.solve(a, b)
+    residual = ((a @ x - b).norm() / b.norm()).item() if b.norm() > 0 else 0.0
+    return x, SolveInfo("exact", 1, residual, True)
+
+
+# ----------------------------------------------------------------------------- Betty adapters
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _lower_grad(curr) -> tuple:
+    """∇φ g at the current lower parameters, with its graph (for HVPs and the cross term)."""
+    out = curr.training_step_exec(curr.cur_batch)
+    loss = out["loss"] if isinstance(out, dict) else out
+    params = list(curr.trainable_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+    return _flat(grads), params
+
+
+def _implicit(flat_grad: torch.Tensor, x: torch.Tensor, prev) -> List[Optional[torch.Tensor]]:
+    """−(∂/∂θ)(∇φ g · x): the cross term applied to the solve's result."""
+    grads = torch.autograd.grad(flat_grad, list(prev.trainable_parameters()), grad_outputs=x,
+                                allow_unused=True)
+    return [None if g is None else -g for g in grads]
+
+
+def _solve_with(solve: Callable) -> Callable:
+    """Turn ``solve(matvec, b, config) -> (x, info)`` into a Betty jvp function."""
+
+    def jvp(vector, curr, prev):
+        flat_grad, params = _lower_grad(curr)
+
+        def matvec(u: torch.Tensor) -> torch.Tensor:
+            return _flat(torch.autograd.grad(flat_grad, params, grad_outputs=u, retain_graph=True))
+
+        with torch.no_grad():
+            x, info = solve(matvec, _flat(vector).detach(), curr.config)
+        implicit = _implicit(flat_grad, x, prev)
+        info.norm = math.sqrt(sum(float(g.pow(2).sum()) for g in implicit if g is not None))
+        curr.hypergrad_info = info
+        return implicit
+
+    jvp.__name__ = solve.__name__
+    return jvp
+
+
+def _cg(matvec, b, config):
+    return conjugate_gradient(matvec, b, config.cg_iterations, getattr(config, "cg_tol", 1e-10))
+
+
+def _neumann(matvec, b, config):
+    alpha = getattr(config, "neumann_alpha", None)
+    return neumann_series(matvec, b, config.neumann_iterations, alpha)
+
+
+def _exact(matvec, b, config):
+    return dense_solve(matvec, b)
+
+
+def darts(vector, curr, prev):
+    """Betty's DARTS variant: the A ≈ I approximation, by central finite differences,
+
+        −(∂²g/∂θ∂φ) v ≈ [∇θ g(φ − εv, θ) − ∇θ g(φ + εv, θ)] / 2ε,   ε = R/‖v‖,
+
+    with R = ``config.darts_alpha``. The lower parameters are saved and copied back, so
+    they are bit-identical after the call (betty-ml 0.1.1 leaves them shifted by εv).
+    """
+    params = list(curr.trainable_parameters())
+    upper = list(prev.trainable_parameters())
+    v = [t.detach() for t in vector]
+    eps = curr.config.darts_alpha / _flat(v).norm().item()
+    saved = [p.detach().clone() for p in params]
+
+    def grad_at(sign: float):
+        with torch.no_grad():
+            for p, s, d in zip(params, saved, v):
+                p.data.copy_(s).add_(d, alpha=sign * eps)
+        out = curr.training_step_exec(curr.cur_batch)
+        loss = out["loss"] if isinstance(out, dict) else out
+        return torch.autograd.grad(loss, upper, allow_unused=True)
+
+    try:
+        grad_plus, grad_minus = grad_at(1.0), grad_at(-1.0)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.data.copy_(s)
+    implicit = [None if gp is None else (gm - gp) / (2 * eps) for gp, gm in zip(grad_plus, grad_minus)]
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in implicit if g is not None))
+    curr.hypergrad_info = SolveInfo("darts", 1, float("nan"), True, norm)
+    return implicit
+
+
+SOLVERS = {
+    "cg": _solve_with(_cg),
+    "neumann": _solve_with(_neumann),
+    "darts": darts,
+    "exact": _solve_with(_exact),
+}
+
+
+def register_with_betty() -> None:
+    """Install the corrected solvers in Betty's dispatch table (idempotent).
+
+    Registered as ``imaml_<name>`` and also under Betty's own names (``cg``, ``neumann``,
+    ``darts``), so a Betty problem configured with ``type="cg"`` anywhere in the process gets
+    the corrected solver, never betty-ml 0.1.1's.
+    """
+    from betty import hypergradient
+
+    for name, fn in SOLVERS.items():
+        hypergradient.jvp_fn_mapping[f"imaml_{name}"] = fn
+        if name in ("cg", "neumann", "darts"):
+            hypergradient.jvp_fn_mapping[name] = fn

@@ -1,0 +1,39 @@
+"""Task losses, scores and the confidence interval every evaluation reports."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["task_loss", "task_score", "metric_name", "mean_ci95"]
+
+
+def task_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classification, mean squared error for regression."""
+    if kind == "classification":
+        return F.cross_entropy(output, target)
+    return F.mse_loss(output, target)
+
+
+def task_score(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Accuracy (a fraction) for classification, MSE for regression; a 0-dim tensor."""
+    if kind == "classification":
+        return (output.argmax(-1) == target).float().mean()
+    return F.mse_loss(output, target)
+
+
+def metric_name(kind: str) -> str:
+    return "accuracy" if kind == "classification" else "mse"
+
+
+def mean_ci95(values: Sequence[float]) -> tuple:
+    """Mean and half-width of the 95% interval, 1.96·std/√N (std with N−1)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, 1.96 * math.sqrt(var / n)

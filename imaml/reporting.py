@@ -1,0 +1,46 @@
+"""Where a run's records go: one JSON line per logged step, a short line on stdout, and the
+final results file (written atomically, so no reader ever sees half of it)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+__all__ = ["RunLog", "write_json"]
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+class RunLog:
+    """``log(step, record)`` appends to ``<output-dir>/metrics.jsonl`` and prints a summary."""
+
+    def __init__(self, output_dir: str | os.PathLike, quiet: bool = False):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.quiet = quiet
+
+    def log(self, step: int, record: Dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        self.say(f"step {step:>6} | " + " ".join(f"{k}={_short(v)}" for k, v in record.items()))
+
+    def say(self, line: str) -> None:
+        if not self.quiet:
+            print(line, file=sys.stdout, flush=True)

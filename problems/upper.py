@@ -1,0 +1,51 @@
+"""The Upper (meta) problem: the initialization θ, scored by the adapted model's query loss."""
+
+from __future__ import annotations
+
+import torch
+from betty.problems import ImplicitProblem
+
+from imaml.metrics import task_loss, task_score
+
+__all__ = ["MetaInit"]
+
+
+class MetaInit(ImplicitProblem):
+    """Holds θ. Its loss for a task is the query loss of the Lower problem after adaptation;
+    Betty averages it over the meta-batch (``gradient_accumulation`` = tasks per meta-batch)
+    and takes one optimizer step per meta-batch.
+
+    ``task_stats`` collects (query loss, query score) per task for the engine's logs, and
+    ``meta_grad_norm`` the norm of the averaged meta-gradient at the last meta-update.
+    """
+
+    def __init__(self, name, config, module, optimizer, scheduler=None, device=None):
+        super().__init__(name, config, module=module, optimizer=optimizer, scheduler=scheduler,
+                         device=device)
+        self.task_stats: list = []
+        self.meta_grad_norm = None
+
+    @property
+    def task_problem(self):
+        """The Lower problem (Betty's child in the dependency graph)."""
+        return self.children[0]
+
+    def get_batch(self):
+        return self.env.query
+
+    def training_step(self, batch):
+        x, y = batch
+        output = self.task_problem(x)
+        loss = task_loss(self.env.kind, output, y)
+        self.task_stats.append(torch.stack([loss.detach(), task_score(self.env.kind, output.detach(), y)]))
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        self.meta_grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
+        super().optimizer_step(*args, **kwargs)
+
+    def drain_task_stats(self) -> torch.Tensor:
+        """[tasks, 2] (query loss, query score) since the last call."""
+        stats, self.task_stats = self.task_stats, []
+        return torch.stack(stats) if stats else torch.empty(0, 2)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build the project's virtual environment on a fresh Python 3.11 machine.
+#
+# Why a script and not one `pip install`: three packages of our stack do not install
+# cleanly by themselves on Python 3.11 (see README, "Installation"):
+#   - betty-ml 0.1.1 declares `torch>=1.6.*`, which pip >= 24.1 refuses: we pin pip < 24.1;
+#   - learn2learn 0.2.0 ships C files from an old Cython that fail on 3.11: we regenerate
+#     them from its .pyx with Cython 3 before building;
+#   - torchvision from PyPI pulls the newest CUDA torch (GBs): we install torch first
+#     (the CPU 2.13.0 wheel unless IMAML_TORCH says otherwise) and torchvision with --no-deps.
+# Re-running is cheap: each step is skipped when its package is already there.
+set -euo pipefail
+
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3.11}
+TORCH_SPEC=${IMAML_TORCH:-torch==2.13.0}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' 2>/dev/null || {
+  echo "setup-env: Python 3.11 is required (found $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 2
+}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY="$VENV/bin/python"
+pip() { "$PY" -m pip --disable-pip-version-check -q "$@"; }
+have() { "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$1" 2>/dev/null; }
+
+# pip < 24.1 still accepts betty-ml 0.1.1's non-standard specifiers (with a warning).
+pip install "pip>=23,<24.1"
+
+have torch || pip install "$TORCH_SPEC"
+have torchvision || pip install --no-deps "torchvision==0.28.0"
+have betty-ml || pip install -c "$HERE/requirements/constraints.txt" "betty-ml==0.1.1" 2>&1 | grep -v -i -E "deprecation|non standard|pip 23.3|discussion|^$" || true
+pip install -c "$HERE/requirements/constraints.txt" -r "$HERE/requirements/base.txt"
+
+if ! have learn2learn; then
+  build=$(mktemp -d)
+  trap 'rm -rf "$build"' EXIT
+  pip download --no-deps --no-binary :all: -d "$build" "learn2learn==0.2.0"
+  tar -xzf "$build"/learn2learn-0.2.0.tar.gz -C "$build"
+  src="$build/learn2learn-0.2.0"
+  rm -f "$src"/learn2learn/data/*.c
+  (cd "$src/learn2learn/data" && "$VENV/bin/cythonize" -3 -q ./*.pyx >/dev/null)
+  (cd "$src" && pip install --no-deps --no-build-isolation .)
+fi
+
+pip install --no-deps -e "$HERE"
+"$PY" -c "import imaml.compat; imaml.compat.check_stack()"

@@ -1,0 +1,53 @@
+"""Shared fixtures: a generated glyph cache (once per session) and small run configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from imaml.config import RunConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> str:
+    """A data root with the glyph benchmark generated once for the whole session.
+
+    Set IMAML_TEST_DATA to reuse a cache between sessions."""
+    root = os.environ.get("IMAML_TEST_DATA") or str(tmp_path_factory.mktemp("data"))
+    from envs.glyphs import load_glyphs
+
+    load_glyphs(root)
+    return root
+
+
+@pytest.fixture
+def make_config(data_root, tmp_path):
+    """RunConfig factory: small, fast settings; keyword arguments override."""
+
+    def make(**overrides) -> RunConfig:
+        base = dict(task="sinusoid", algo="maml", ways=None, shots=5, query_shots=5,
+                    meta_batch_size=2, meta_steps=2, inner_steps=2, test_inner_steps=2,
+                    inner_lr=0.01, val_every=1000, val_tasks=2, test_tasks=4, log_every=1,
+                    data_root=data_root, output_dir=str(tmp_path / "run"))
+        if overrides.get("task") == "glyphs":
+            base.update(ways=3, shots=1, query_shots=2, channels=4, inner_lr=0.1)
+        base.update(overrides)
+        return RunConfig(**base).validate()
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Small tensors: one thread is faster and makes float results order-independent."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
