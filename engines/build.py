@@ -35,7 +35,7 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device)
     if config.algo == "imaml":
         lower_config = LowerConfig(
             type=f"imaml_{config.hypergrad}", unroll_steps=config.inner_steps, lam=config.lam,
-            cg_iterations=config.cg_steps, cg_tol=config.cg_tol,
+            cg_iterations=config.cg_steps, cg_tol=config.cg_tol, cg_trust_region=config.cg_trust_region,
             neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
             darts_alpha=config.darts_radius)
         return ImplicitLower("lower", lower_config, module, optimizer, device=device)

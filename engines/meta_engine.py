@@ -39,6 +39,8 @@ class MetaEngine(Engine):
         super().__init__(problems=[upper, lower], config=config, dependencies=dependencies, env=env)
         self.upper, self.lower = upper, lower  # Betty also sets them by name; roles are explicit here
         self.tasks_seen = 0
+        self.solves: list = []  # the hypergradient solver's SolveInfo for each task since the last log
+        self._warned_residual = False
 
     # -------------------------------------------------------------------- the shared inner loop
     def inner_loop(self, steps: int) -> None:
@@ -53,6 +55,9 @@ class MetaEngine(Engine):
         for index in range(batch.num_tasks):
             self.env.select(index)
             self.inner_loop(self.run_config.inner_steps)
+            info = getattr(self.lower, "hypergrad_info", None)
+            if info is not None:
+                self.solves.append(info)
         self.tasks_seen += batch.num_tasks
 
     def _train_record(self) -> Dict[str, float]:
@@ -62,13 +67,31 @@ class MetaEngine(Engine):
                   f"train/query_{metric_name(kind)}": stats[:, 1].mean().item()}
         if self.upper.meta_grad_norm is not None:
             record["train/meta_grad_norm"] = float(self.upper.meta_grad_norm)
-        info = getattr(self.lower, "hypergrad_info", None)
-        if info is not None:
-            record["train/hypergrad_norm"] = info.norm
-            record["train/solver_iterations"] = info.iterations
-            if math.isfinite(info.residual):
-                record["train/solver_residual"] = info.residual
+        solves, self.solves = self.solves, []
+        if solves:
+            residuals = [i.residual for i in solves if math.isfinite(i.residual)]
+            record["train/hypergrad_norm"] = sum(i.norm for i in solves) / len(solves)
+            record["train/solver_iterations"] = sum(i.iterations for i in solves) / len(solves)
+            record["train/solver_converged"] = sum(i.converged for i in solves) / len(solves)
+            record["train/solver_truncated"] = sum(i.boundary for i in solves) / len(solves)
+            if residuals:
+                record["train/solver_residual"] = sum(residuals) / len(residuals)
+                record["train/solver_residual_max"] = max(residuals)
+            self._warn_on_residual(solves)
         return record
+
+    def _warn_on_residual(self, solves) -> None:
+        """Say once, plainly, when the linear solves end above tolerance (then only log it)."""
+        bad = [i for i in solves if not i.converged]
+        if bad and not self._warned_residual and self.run_log:
+            self._warned_residual = True
+            worst = max(i.residual for i in bad)
+            cfg = self.run_config
+            self.run_log.say(
+                f"warning: the {bad[0].solver} hypergradient solve ended above tolerance on {len(bad)}/"
+                f"{len(solves)} tasks by step {self.global_step} (worst relative residual {worst:.3g}, "
+                f"tolerance {cfg.cg_tol:g}); the meta-gradient is approximate. More --cg-steps or a larger "
+                f"--lam make it more exact. Logged as train/solver_residual from now on.")
 
     # -------------------------------------------------------------------- evaluation
     def evaluate(self, split: str, num_tasks: int) -> Dict[str, float]:

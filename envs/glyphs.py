@@ -21,7 +21,7 @@ import numpy as np
 
 __all__ = ["NUM_CLASSES", "SAMPLES_PER_CLASS", "IMAGE_SIZE", "SPLITS", "load_glyphs", "render_class"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 NUM_CLASSES = 1600
 SAMPLES_PER_CLASS = 20
 IMAGE_SIZE = 28
@@ -33,14 +33,18 @@ JITTER = dict(points=0.05, rotation=np.deg2rad(15.0), scale=(0.75, 1.15), shear=
 
 
 def _class_strokes(rng: np.random.Generator) -> np.ndarray:
-    """Control points [strokes, 4, 2] of one character, in the unit square."""
+    """Control points [strokes, 4, 2] of one character, centred in the unit square with an
+    extent between 0.3 and 0.8 (so no sample of it can leave the canvas or vanish)."""
     strokes = []
     for _ in range(rng.integers(1, 5)):
         start = rng.uniform(0.2, 0.8, size=2)
         steps = rng.normal(0.0, 0.22, size=(3, 2))
-        points = np.clip(start + np.cumsum(steps, axis=0), 0.1, 0.9)
-        strokes.append(np.vstack([start, points]))
-    return np.stack(strokes)
+        strokes.append(np.vstack([start, start + np.cumsum(steps, axis=0)]))
+    points = np.stack(strokes)
+    low, high = points.reshape(-1, 2).min(0), points.reshape(-1, 2).max(0)
+    extent = max((high - low).max(), 1e-6)
+    scale = np.clip(extent, 0.3, 0.8) / extent
+    return (points - (low + high) / 2) * scale + 0.5
 
 
 def _bezier(control: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ class RunConfig:
     hypergrad: str = "cg"
     cg_steps: int = 5
     cg_tol: float = 1e-5
+    cg_trust_region: bool = True
     neumann_terms: int = 20
     neumann_alpha: Optional[float] = None  # None: 1/λ_max(A), estimated by power iteration
     darts_radius: float = 0.01
@@ -109,7 +110,8 @@ def _positive(name: str, value: float) -> None:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-_TYPES = {"int": int, "float": float, "str": str}
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 def _field_type(name: str) -> type:
@@ -129,6 +131,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return None
         raise UsageError(f"{source}: '{name}' may not be empty")
     typ = _field_type(name)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _BOOLS:
+            return _BOOLS[str(value).lower()]
+        raise UsageError(f"{source}: '{name}' must be true or false, got {value!r}")
     if typ is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
         raise UsageError(f"{source}: '{name}' must be an integer, got {value!r}")
     try:
@@ -180,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "hypergrad": "iMAML hypergradient solver: cg, neumann, darts or exact (dense; tiny models)",
         "cg_steps": "maximum conjugate-gradient steps per task",
         "cg_tol": "CG stops when ‖residual‖ ≤ tol·‖∇φ L_query‖",
+        "cg_trust_region": "truncate CG (Steihaug) at ‖x‖ = ‖v‖/λ and on negative curvature: "
+                           "the hypergradient is never longer than ∇φ L_query; true or false",
         "neumann_alpha": "Neumann step size; none: 1/λ_max estimated by power iteration",
         "model": "conv4 or mlp; none: the task's default",
         "test_inner_steps": "inner steps at meta-validation and meta-test",

@@ -55,17 +55,22 @@ class SolveInfo:
     residual: float
     converged: bool
     norm: float = float("nan")  # ‖hypergradient‖, filled in by the Betty adapter
+    boundary: bool = False  # CG stopped on negative curvature or at its trust radius
 
 
 # ----------------------------------------------------------------------------- core solvers
 
 
-def conjugate_gradient(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: float) -> tuple:
-    """Solve A x = b for symmetric positive-definite A by conjugate gradients.
+def conjugate_gradient(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: float,
+                       radius: Optional[float] = None) -> tuple:
+    """Solve A x = b for symmetric A by conjugate gradients, truncated Steihaug-style.
 
-    Stops after ``max_steps`` or when ‖r‖ ≤ tol·‖b‖. If A turns out not to be positive
-    definite along a search direction (pᵀAp ≤ 0, possible for a nonconvex support loss with a
-    small λ), it stops there and reports not converged.
+    Stops after ``max_steps`` or when ‖r‖ ≤ tol·‖b‖. If A shows non-positive curvature along
+    a search direction (pᵀAp ≤ 0: A is not positive definite), or, with a ``radius``, if the
+    next iterate would leave the ball ‖x‖ ≤ radius, it stops there; with a radius it first
+    moves along the current direction to the boundary (Steihaug, 1983). For symmetric
+    positive-definite A the CG iterates grow in norm monotonically towards A⁻¹b, so a radius
+    that bounds ‖A⁻¹b‖ never changes the result.
     """
     x = torch.zeros_like(b)
     r = b.clone()
@@ -79,9 +84,15 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: flo
         ap = matvec(p)
         pap = torch.dot(p, ap)
         if pap.item() <= 0.0:
-            return x, SolveInfo("cg", steps - 1, math.sqrt(rs.item()) / b_norm, False)
+            if radius is not None:
+                x = x + _to_boundary(x, p, radius) * p
+            return x, SolveInfo("cg", steps, _residual(matvec, x, b, b_norm), False, boundary=True)
         alpha = rs / pap
-        x.add_(alpha * p)
+        step = alpha * p
+        if radius is not None and (x + step).norm().item() >= radius:
+            x = x + _to_boundary(x, p, radius) * p
+            return x, SolveInfo("cg", steps, _residual(matvec, x, b, b_norm), False, boundary=True)
+        x.add_(step)
         r.sub_(alpha * ap)
         rs_new = torch.dot(r, r)
         if math.sqrt(rs_new.item()) <= tol * b_norm:
@@ -91,6 +102,17 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: flo
         rs = rs_new
     residual = math.sqrt(rs.item()) / b_norm
     return x, SolveInfo("cg", steps, residual, residual <= tol)
+
+
+def _to_boundary(x: torch.Tensor, p: torch.Tensor, radius: float) -> float:
+    """The τ ≥ 0 with ‖x + τp‖ = radius (x inside the ball)."""
+    pp, xp, xx = torch.dot(p, p).item(), torch.dot(x, p).item(), torch.dot(x, x).item()
+    return (-xp + math.sqrt(max(xp * xp + pp * (radius * radius - xx), 0.0))) / pp
+
+
+def _residual(matvec: MatVec, x: torch.Tensor, b: torch.Tensor, b_norm: float) -> float:
+    """‖A x − b‖/‖b‖, one extra product (only on the early-exit paths)."""
+    return (matvec(x) - b).norm().item() / b_norm
 
 
 def largest_eigenvalue(matvec: MatVec, like: torch.Tensor, iterations: int = 20) -> float:
@@ -191,7 +213,19 @@ def _solve_with(solve: Callable) -> Callable:
 
 
 def _cg(matvec, b, config):
-    return conjugate_gradient(matvec, b, config.cg_iterations, getattr(config, "cg_tol", 1e-10))
+    return conjugate_gradient(matvec, b, config.cg_iterations, getattr(config, "cg_tol", 1e-10),
+                              radius=trust_radius(b, config))
+
+
+def trust_radius(b: torch.Tensor, config) -> Optional[float]:
+    """‖b‖/λ for the proximal (iMAML) objective, where A = H + λI: the bound on ‖A⁻¹b‖ that
+    holds whenever H ⪰ 0, i.e. whenever the inner solution is a minimizer of a locally convex
+    support loss. Keeps the hypergradient λ·x no longer than ∇φ L_query when the system is
+    indefinite. None (no bound) unless the config enables it and says what λ is."""
+    lam = getattr(config, "lam", None)
+    if not getattr(config, "cg_trust_region", False) or not lam:
+        return None
+    return b.norm().item() / lam
 
 
 def _neumann(matvec, b, config):

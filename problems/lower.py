@@ -44,6 +44,7 @@ class LowerConfig(Config):
     first_order: bool = False
     lam: float = 1.0
     cg_tol: float = 1e-5
+    cg_trust_region: bool = True  # ‖x‖ ≤ ‖v‖/λ, see imaml.hypergrad.trust_radius
     neumann_alpha: Optional[float] = None  # None: 1/λ_max by power iteration
 
 

@@ -24,7 +24,8 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
-pip() { "$PY" -m pip --disable-pip-version-check -q "$@"; }
+# pip, minus the noise of local index mirrors that lack a package
+pip() { "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v -E "is ignored: it is neither|^$" >&2); }
 have() { "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$1" 2>/dev/null; }
 
 # pip < 24.1 still accepts betty-ml 0.1.1's non-standard specifiers (with a warning).
@@ -32,7 +33,9 @@ pip install "pip>=23,<24.1"
 
 have torch || pip install "$TORCH_SPEC"
 have torchvision || pip install --no-deps "torchvision==0.28.0"
-have betty-ml || pip install -c "$HERE/requirements/constraints.txt" "betty-ml==0.1.1" 2>&1 | grep -v -i -E "deprecation|non standard|pip 23.3|discussion|^$" || true
+# betty-ml's only runtime deps are torch (installed above) and numpy; its metadata warnings
+# about the non-standard specifiers are expected.
+have betty-ml || pip install --no-deps "betty-ml==0.1.1" 2> >(grep -v -i -E "deprecation|non.standard" >&2)
 pip install -c "$HERE/requirements/constraints.txt" -r "$HERE/requirements/base.txt"
 
 if ! have learn2learn; then
@@ -46,5 +49,5 @@ if ! have learn2learn; then
   (cd "$src" && pip install --no-deps --no-build-isolation .)
 fi
 
-pip install --no-deps -e "$HERE"
+pip install --no-deps --no-build-isolation -e "$HERE"
 "$PY" -c "import imaml.compat; imaml.compat.check_stack()"

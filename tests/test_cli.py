@@ -1,0 +1,98 @@
+"""The command line: results.json, reproducibility, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imaml.cli import main, run_from_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(tmp_path, data_root, *extra):
+    return ["--task", "sinusoid", "--algo", "maml", "--meta-steps", "3", "--meta-batch-size", "2",
+            "--inner-steps", "1", "--test-inner-steps", "2", "--test-tasks", "5", "--val-every", "2",
+            "--val-tasks", "3", "--log-every", "1", "--data-root", data_root,
+            "--output-dir", str(tmp_path / "out"), *extra]
+
+
+def test_run_writes_results_json(tmp_path, data_root):
+    results = run_from_args(_args(tmp_path, data_root))
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    for key in ("algo", "task", "ways", "shots", "meta_steps", "seed", "test", "before_meta_training",
+                "train_seconds", "tasks_per_second"):
+        assert key in written
+    assert written["ways"] is None and written["algo"] == "maml" and written["meta_steps"] == 3
+    for phase in ("test", "before_meta_training"):
+        assert written[phase]["metric"] == "mse" and written[phase]["num_tasks"] == 5
+        assert written[phase]["ci95"] > 0
+    assert written["test"] == results["test"]
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines][:2] == [1, 2]
+
+
+@pytest.mark.parametrize("algo", ["imaml", "maml", "fomaml"])
+def test_same_seed_same_results(tmp_path, data_root, algo):
+    common = ["--task", "glyphs", "--ways", "3", "--channels", "4", "--query-shots", "2", "--algo", algo,
+              "--meta-steps", "2", "--meta-batch-size", "2", "--inner-steps", "2", "--test-inner-steps", "2",
+              "--test-tasks", "4", "--val-every", "100", "--data-root", data_root]
+    a = run_from_args(common + ["--output-dir", str(tmp_path / "a")])
+    b = run_from_args(common + ["--output-dir", str(tmp_path / "b")])
+    c = run_from_args(common + ["--output-dir", str(tmp_path / "c"), "--seed", "1"])
+    assert a["test"] == b["test"] and a["before_meta_training"] == b["before_meta_training"]
+    assert a["test"] != c["test"]
+    metrics = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in "ab"]
+    strip = [[{k: v for k, v in json.loads(l).items() if "per_second" not in k} for l in m] for m in metrics]
+    assert strip[0] == strip[1]
+
+
+BAD_INPUTS = [
+    (["--task", "omniglot-typo"], "--task omniglot-typo: unknown task"),
+    (["--task", "glyphs", "--ways", "150"], "--ways 150: the glyphs val split has only 100 classes"),
+    (["--task", "glyphs", "--shots", "18", "--query-shots", "5"], "examples per class"),
+    (["--algo", "reptile"], "argument --algo: invalid choice"),
+    (["--inner-lr", "-0.1"], "--inner-lr -0.1: must be a positive number"),
+    (["--lam", "0"], "--lam 0.0: must be a positive number"),
+    (["--test-tasks", "1"], "--test-tasks 1: must be an integer >= 2"),
+    (["--shots", "two"], "'shots' must be int"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["--hypergrad", "magic"], "argument --hypergrad: invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[m.split(":")[0] for _, m in BAD_INPUTS])
+def test_bad_input_stops_with_one_line(tmp_path, data_root, capsys, argv, message):
+    code = main(["--data-root", data_root, "--output-dir", str(tmp_path / "out"), "--meta-steps", "1", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("task: sinusoid\ninner_lr: 0.01\ninner_lrr: 0.1\n")
+    assert main(["--config", str(preset)]) == 2
+    assert "unknown key 'inner_lrr'" in capsys.readouterr().err
+
+
+def test_cli_flag_overrides_preset(tmp_path):
+    from imaml.config import parse_args
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("task: sinusoid\nways: null\ninner_lr: 0.02\nshots: 7\n")
+    config = parse_args(["--config", str(preset), "--shots", "3"])
+    assert (config.task, config.inner_lr, config.shots, config.ways) == ("sinusoid", 0.02, 3, None)
+
+
+def test_errors_print_no_traceback_from_the_real_entry_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--task", "nope", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("error: --task nope")
