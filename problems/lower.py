@@ -18,6 +18,7 @@ runs the same Betty ``step()`` loop in every phase; only train/eval mode differs
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -132,6 +133,13 @@ class UnrolledLower(_TaskAdaptation, IterativeProblem):
         self.buffers = tuple(b.clone() for b in self.meta_problem.module.buffers())
         for state in self.optimizer.state:
             state.clear()
+
+    def one_step_descent(self, batch=None):
+        # Betty keeps the inner gradients in ``.grad`` of non-leaf tensors, which torch warns
+        # about on every access; the use is deliberate here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            return super().one_step_descent(batch)
 
     # Evaluation adapts without building a graph for meta-gradients it will never take.
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
