@@ -70,7 +70,8 @@ class MetaEngine(Engine):
         solves, self.solves = self.solves, []
         if solves:
             residuals = [i.residual for i in solves if math.isfinite(i.residual)]
-            record["train/hypergrad_norm"] = sum(i.norm for i in solves) / len(solves)
+            # per task: Betty hands the solver ∇φ(L_query / tasks per meta-batch), so undo that
+            record["train/hypergrad_norm"] = self.upper.gas * sum(i.norm for i in solves) / len(solves)
             record["train/solver_iterations"] = sum(i.iterations for i in solves) / len(solves)
             record["train/solver_converged"] = sum(i.converged for i in solves) / len(solves)
             record["train/solver_truncated"] = sum(i.boundary for i in solves) / len(solves)

@@ -23,9 +23,14 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 }
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+VENV=$(cd "$VENV" && pwd)  # absolute: later steps run from other directories
 PY="$VENV/bin/python"
-# pip, minus the noise of local index mirrors that lack a package
-pip() { "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v -E "is ignored: it is neither|^$" >&2); }
+# pip, minus expected noise: local index mirrors that lack a package, and betty-ml 0.1.1's
+# non-standard specifiers (pip < 24.1 accepts them with a deprecation notice on every call)
+pip() {
+  "$PY" -m pip --disable-pip-version-check -q "$@" \
+    2> >(grep -v -E "is ignored: it is neither|non-standard dependency specifier|^$" >&2)
+}
 have() { "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$1" 2>/dev/null; }
 
 # pip < 24.1 still accepts betty-ml 0.1.1's non-standard specifiers (with a warning).
@@ -35,7 +40,7 @@ have torch || pip install "$TORCH_SPEC"
 have torchvision || pip install --no-deps "torchvision==0.28.0"
 # betty-ml's only runtime deps are torch (installed above) and numpy; its metadata warnings
 # about the non-standard specifiers are expected.
-have betty-ml || pip install --no-deps "betty-ml==0.1.1" 2> >(grep -v -i -E "deprecation|non.standard" >&2)
+have betty-ml || pip install --no-deps "betty-ml==0.1.1"
 pip install -c "$HERE/requirements/constraints.txt" -r "$HERE/requirements/base.txt"
 
 if ! have learn2learn; then
