@@ -174,8 +174,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="run.py",
-        description="Meta-train an initialization with iMAML or unrolled MAML, then meta-test it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Meta-train an initialization with iMAML or unrolled MAML, then meta-test it. "
+                    "Settings come from the preset configs/<task>-<algo>.yaml (or --config); a flag "
+                    "overrides its preset. The values in brackets are the fallbacks for settings "
+                    "a preset leaves out.",
         argument_default=argparse.SUPPRESS,
     )
     helps = {
@@ -202,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in _FIELDS.items():
         kwargs: dict = {"help": helps.get(name, name.replace("_", " "))}
         if name not in ("config",):
-            kwargs["help"] += f" (default: {getattr(defaults, name)})"
+            kwargs["help"] += f" [{getattr(defaults, name)}]"
         if name == "algo":
             kwargs["choices"] = ALGOS
         if name == "hypergrad":
