@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -45,7 +46,7 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device)
 
 
 def build_engine(config: RunConfig, log: Optional[RunLog] = None,
-                 dtype: torch.dtype = torch.float32) -> MetaEngine:
+                 dtype: torch.dtype = torch.float32, checkpoint_dir: Optional[Path] = None) -> MetaEngine:
     """Env + model + Upper/Lower problems + engine for ``config`` (already validated).
 
     ``dtype=torch.float64`` is for exactness tests and diagnostics."""
@@ -67,4 +68,4 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     lower = build_lower(config, model, device)
 
     get_betty_logger().setLevel(logging.WARNING)  # Betty prints its problem graph at INFO
-    return MetaEngine(upper, lower, env, config, log=log)
+    return MetaEngine(upper, lower, env, config, log=log, checkpoint_dir=checkpoint_dir)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 from betty.engine import Engine
 from betty.configs import EngineConfig
 
+from imaml import checkpoint
 from imaml.config import RunConfig
 from imaml.metrics import mean_ci95, metric_name, task_score
 from imaml.reporting import RunLog
@@ -31,7 +33,8 @@ class MetaEngine(Engine):
     problems in eval mode, where Betty never calls the Upper problem, so θ is never touched.
     """
 
-    def __init__(self, upper, lower, env, run_config: RunConfig, log: Optional[RunLog] = None):
+    def __init__(self, upper, lower, env, run_config: RunConfig, log: Optional[RunLog] = None,
+                 checkpoint_dir: Optional[Path] = None):
         self.run_config = run_config
         self.run_log = log
         dependencies = {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}
@@ -41,6 +44,11 @@ class MetaEngine(Engine):
         self.tasks_seen = 0
         self.solves: list = []  # the hypergradient solver's SolveInfo for each task since the last log
         self._warned_residual = False
+        self.train_seconds = 0.0
+        self.before: Optional[dict] = None  # meta-test of θ₀
+        self.best: Optional[dict] = None  # best meta-validation so far, with its step
+        self.last_validation: Optional[dict] = None
+        self.checkpoint_dir = checkpoint_dir  # None: no checkpoints (library use, tests)
 
     # -------------------------------------------------------------------- the shared inner loop
     def inner_loop(self, steps: int) -> None:
@@ -120,44 +128,90 @@ class MetaEngine(Engine):
         """Betty's validation hook: meta-validation on the fixed validation tasks."""
         return self.evaluate("val", self.run_config.val_tasks)
 
+    # -------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly as an uninterrupted one."""
+        return {
+            "step": self.global_step,
+            "config": self.run_config.to_dict(),
+            "upper": self.upper.state_dict(),
+            "env": self.env.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "tasks_seen": self.tasks_seen,
+            "train_seconds": self.train_seconds,
+            "before_meta_training": self.before,
+            "best_validation": self.best,
+            "validation": self.last_validation,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = state["step"]
+        self.upper.load_state_dict(state["upper"])
+        self.env.load_state_dict(state["env"])
+        torch.set_rng_state(state["torch_rng"])
+        self.tasks_seen = state["tasks_seen"]
+        self.train_seconds = state["train_seconds"]
+        self.before = state["before_meta_training"]
+        self.best = state["best_validation"]
+        self.last_validation = state["validation"]
+
+    def save(self, name: str) -> None:
+        if self.checkpoint_dir is not None:
+            checkpoint.save(self.checkpoint_dir / f"{name}.pt", self.state_dict())
+
+    def _better(self, validation: Dict[str, float]) -> bool:
+        if self.best is None:
+            return True
+        if validation["metric"] == "accuracy":
+            return validation["mean"] > self.best["mean"]
+        return validation["mean"] < self.best["mean"]
+
     # -------------------------------------------------------------------- the whole run
     def run(self) -> Dict[str, object]:
-        """Meta-test θ₀, meta-train, meta-test θ; return the numbers for results.json."""
+        """Meta-test θ₀, meta-train (from the last saved step, if resumed), meta-test θ;
+        return the numbers for results.json. Checkpoints: ``latest`` at every validation and
+        at the end, ``best`` whenever meta-validation improves."""
         cfg, log = self.run_config, self.run_log
         say = log.say if log else (lambda line: None)
         started = time.perf_counter()
-        say(f"meta-test before meta-training on {cfg.test_tasks} tasks ...")
-        before = self.evaluate("test", cfg.test_tasks)
-        say(f"before meta-training: {_fmt(before)}")
+        if self.before is None:
+            say(f"meta-test before meta-training on {cfg.test_tasks} tasks ...")
+            self.before = self.evaluate("test", cfg.test_tasks)
+            say(f"before meta-training: {_fmt(self.before)}")
+        elif self.global_step:
+            say(f"resuming after meta-step {self.global_step}")
 
-        train_seconds = 0.0
-        validation = None
         self.train()
-        for step in range(1, cfg.meta_steps + 1):
+        for step in range(self.global_step + 1, cfg.meta_steps + 1):
             self.global_step = step
             tick = time.perf_counter()
             self.train_step()
-            train_seconds += time.perf_counter() - tick
+            self.train_seconds += time.perf_counter() - tick
             if step % cfg.log_every == 0 or step == cfg.meta_steps:
                 record = self._train_record()
-                record["train/tasks_per_second"] = self.tasks_seen / train_seconds
+                record["train/tasks_per_second"] = self.tasks_seen / self.train_seconds
                 if log:
                     log.log(step, record)
             if step % cfg.val_every == 0 or step == cfg.meta_steps:
-                validation = self.validation()
+                self.last_validation = validation = self.validation()
                 if log:
                     log.log(step, {f"val/{validation['metric']}": validation["mean"],
                                    f"val/{validation['metric']}_ci95": validation["ci95"]})
+                if self._better(validation):
+                    self.best = {**validation, "step": step}
+                    self.save("best")
+                self.save("latest")
 
         say(f"meta-test after meta-training on {cfg.test_tasks} tasks ...")
         test = self.evaluate("test", cfg.test_tasks)
         say(f"after meta-training: {_fmt(test)}")
         return {
             "test": test,
-            "before_meta_training": before,
-            "validation": validation,
-            "train_seconds": train_seconds,
-            "tasks_per_second": self.tasks_seen / train_seconds if train_seconds else None,
+            "before_meta_training": self.before,
+            "validation": self.last_validation,
+            "best_validation": self.best,
+            "train_seconds": self.train_seconds,
+            "tasks_per_second": self.tasks_seen / self.train_seconds if self.train_seconds else None,
             "total_seconds": time.perf_counter() - started,
         }
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from imaml.config import parse_args
+from imaml.config import RunConfig, checkpoint_path, parse_args
 from imaml.reporting import RunLog, write_json
 
 __all__ = ["run_from_args", "main"]
@@ -16,16 +16,22 @@ def run_from_args(argv: Optional[list] = None) -> dict:
     """Everything ``python run.py ...`` does; returns the results it wrote."""
     config = parse_args(argv)
     from engines import build_engine  # heavy imports only once the flags are known good
+    from imaml import checkpoint
 
     output_dir = Path(config.output_dir)
-    log = RunLog(output_dir)
+    log = RunLog(output_dir, append=bool(config.resume))
     write_json(output_dir / "config.json", config.to_dict())
-    engine = build_engine(config, log=log)
-    log.say(f"{config.algo} on {config.task}: "
-            + (f"{config.ways}-way " if engine.env.kind == "classification" else "")
-            + f"{config.shots}-shot, meta-batch {config.meta_batch_size}, {config.meta_steps} meta-steps, "
-            f"{config.inner_steps} inner steps ({config.test_inner_steps} at test), device {config.device}")
-    outcome = engine.run()
+    engine = build_engine(config, log=log, checkpoint_dir=output_dir / "checkpoints")
+    start = checkpoint_path(config)
+    if start is not None:
+        engine.load_state_dict(checkpoint.load(start))
+    if config.eval_only:
+        log.say(f"meta-test of {start} (meta-step {engine.global_step}) on {config.test_tasks} tasks ...")
+        outcome = {"test": engine.evaluate("test", config.test_tasks), "checkpoint": str(start),
+                   "checkpoint_step": engine.global_step}
+    else:
+        log.say(_describe(config, engine.env.kind))
+        outcome = engine.run()
     results = {
         "algo": config.algo,
         "task": config.task,
@@ -44,6 +50,13 @@ def run_from_args(argv: Optional[list] = None) -> dict:
     write_json(output_dir / "results.json", results)
     log.say(f"wrote {output_dir / 'results.json'}")
     return results
+
+
+def _describe(config: RunConfig, kind: str) -> str:
+    ways = f"{config.ways}-way " if kind == "classification" else ""
+    return (f"{config.algo} on {config.task}: {ways}{config.shots}-shot, meta-batch {config.meta_batch_size}, "
+            f"{config.meta_steps} meta-steps, {config.inner_steps} inner steps ({config.test_inner_steps} at "
+            f"test), device {config.device}")
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -18,7 +18,7 @@ import yaml
 
 from imaml.errors import UsageError
 
-__all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "parse_args", "load_preset"]
+__all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "parse_args", "load_preset", "checkpoint_path"]
 
 ALGOS = ("imaml", "maml", "fomaml")
 HYPERGRADS = ("cg", "neumann", "darts", "exact")
@@ -65,6 +65,10 @@ class RunConfig:
     data_root: str = "data"
     output_dir: str = "runs/latest"
     log_every: int = 10
+    # checkpoints: <output-dir>/checkpoints/{latest,best}.pt at every validation and at the end
+    resume: Optional[str] = None  # the output dir of a run to continue
+    eval_only: bool = False  # meta-test --checkpoint and write results.json; no training
+    checkpoint: Optional[str] = None
     config: Optional[str] = None  # the preset file this config came from (for the record)
 
     def validate(self) -> "RunConfig":
@@ -82,6 +86,8 @@ class RunConfig:
             _positive(name, getattr(self, name))
         if self.neumann_alpha is not None:
             _positive("neumann_alpha", self.neumann_alpha)
+        if self.eval_only and not self.checkpoint:
+            raise UsageError("--eval-only needs --checkpoint PATH (e.g. runs/latest/checkpoints/best.pt)")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise UsageError(f"--device {self.device}: unknown device; use cpu, cuda or cuda:N")
         return self
@@ -199,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         "data_root": "where datasets are (the embedded glyphs are generated and cached here)",
         "output_dir": "where results.json and logs are written",
         "config": "YAML preset; default: configs/<task>-<algo>.yaml",
+        "resume": "continue the run saved in this output directory (its checkpoints/latest.pt); "
+                  "flags given now override its settings, e.g. a larger --meta-steps",
+        "eval_only": "only meta-test the --checkpoint and write results.json; true or false",
+        "checkpoint": "a checkpoint file, for --eval-only",
     }
     defaults = RunConfig()
     for name, f in _FIELDS.items():
@@ -217,6 +227,12 @@ def parse_args(argv: Optional[list] = None) -> RunConfig:
     """CLI flags override the preset, which overrides the dataclass defaults."""
     given = vars(build_parser().parse_args(argv))
     cli = {name: _coerce(name, value, _flag(name)) for name, value in given.items() if name != "config"}
+    saved = _saved_config(cli)
+    if saved is not None:  # resuming or evaluating: the run's own settings, then the flags
+        merged = {**saved, **cli}
+        if cli.get("resume"):
+            merged["output_dir"] = cli["resume"]
+        return RunConfig(**merged).validate()
     algo = cli.get("algo", RunConfig.algo)
     task = cli.get("task", RunConfig.task)
     if "config" in given:
@@ -231,3 +247,27 @@ def parse_args(argv: Optional[list] = None) -> RunConfig:
     merged = {**preset, **cli}
     config = RunConfig(**merged, config=str(preset_path) if preset_path else None)
     return config.validate()
+
+
+def checkpoint_path(config: RunConfig) -> Optional[Path]:
+    """The checkpoint a resumed or evaluation-only run starts from."""
+    if config.resume:
+        return Path(config.resume) / "checkpoints" / "latest.pt"
+    if config.eval_only:
+        return Path(config.checkpoint)
+    return None
+
+
+def _saved_config(cli: dict) -> Optional[dict]:
+    """The configuration stored in the checkpoint that ``--resume``/``--eval-only`` names."""
+    probe = RunConfig(**{k: v for k, v in cli.items() if k in ("resume", "eval_only", "checkpoint")})
+    if probe.eval_only and not probe.checkpoint:
+        probe.validate()  # the one-line error
+    path = checkpoint_path(probe)
+    if path is None:
+        return None
+    from imaml import checkpoint
+
+    saved = checkpoint.load(path)["config"]
+    run_control = ("resume", "eval_only", "checkpoint")
+    return {k: v for k, v in saved.items() if k in _FIELDS and k not in run_control}

@@ -29,11 +29,12 @@ def _short(value: Any) -> str:
 class RunLog:
     """``log(step, record)`` appends to ``<output-dir>/metrics.jsonl`` and prints a summary."""
 
-    def __init__(self, output_dir: str | os.PathLike, quiet: bool = False):
+    def __init__(self, output_dir: str | os.PathLike, quiet: bool = False, append: bool = False):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        if not append:
+            self.metrics_path.write_text("")
         self.quiet = quiet
 
     def log(self, step: int, record: Dict[str, Any]) -> None:
