@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -10,6 +12,7 @@ from typing import Dict, Optional
 import torch
 from betty.engine import Engine
 from betty.configs import EngineConfig
+from tqdm import tqdm
 
 from imaml import checkpoint
 from imaml.config import RunConfig
@@ -48,6 +51,7 @@ class MetaEngine(Engine):
         self.before: Optional[dict] = None  # meta-test of θ₀
         self.best: Optional[dict] = None  # best meta-validation so far, with its step
         self.last_validation: Optional[dict] = None
+        self.inner_curves: list = []  # the inner objective at each step, per training task since the last log
         self.checkpoint_dir = checkpoint_dir  # None: no checkpoints (library use, tests)
 
     # -------------------------------------------------------------------- the shared inner loop
@@ -63,6 +67,7 @@ class MetaEngine(Engine):
         for index in range(batch.num_tasks):
             self.env.select(index)
             self.inner_loop(self.run_config.inner_steps)
+            self.inner_curves.append(self.lower.inner_losses)
             info = getattr(self.lower, "hypergrad_info", None)
             if info is not None:
                 self.solves.append(info)
@@ -75,6 +80,10 @@ class MetaEngine(Engine):
                   f"train/query_{metric_name(kind)}": stats[:, 1].mean().item()}
         if self.upper.meta_grad_norm is not None:
             record["train/meta_grad_norm"] = float(self.upper.meta_grad_norm)
+        record["train/meta_lr"] = self.upper.optimizer.param_groups[0]["lr"]
+        curves, self.inner_curves = self.inner_curves, []
+        for k, value in enumerate(_mean_curve(curves), start=1):
+            record[f"inner/objective_step_{k:02d}"] = value
         solves, self.solves = self.solves, []
         if solves:
             residuals = [i.residual for i in solves if math.isfinite(i.residual)]
@@ -108,21 +117,26 @@ class MetaEngine(Engine):
 
         Returns the mean and 95% CI over tasks of query accuracy (classification) or MSE."""
         kind = self.env.kind
-        scores = []
+        scores, curves = [], []
         self.eval()
+        bar = _progress(num_tasks, f"meta-test ({split})", unit="task")
         try:
             for batch in self.env.episodes(split, num_tasks):
                 self.env.load(batch)
                 for index in range(batch.num_tasks):
                     task = self.env.select(index)
                     self.inner_loop(self.run_config.test_inner_steps)
+                    curves.append(self.lower.inner_losses)
                     with torch.no_grad():
                         scores.append(task_score(kind, self.lower(task.query_x), task.query_y))
+                    bar.update()
         finally:
+            bar.close()
             self.train()
         values = torch.stack(scores).tolist()
         mean, ci95 = mean_ci95(values)
-        return {"metric": metric_name(kind), "mean": mean, "ci95": ci95, "num_tasks": len(values)}
+        return {"metric": metric_name(kind), "mean": mean, "ci95": ci95, "num_tasks": len(values),
+                "inner_curve": _mean_curve(curves)}
 
     def validation(self) -> Dict[str, float]:
         """Betty's validation hook: meta-validation on the fixed validation tasks."""
@@ -182,25 +196,32 @@ class MetaEngine(Engine):
             say(f"resuming after meta-step {self.global_step}")
 
         self.train()
-        for step in range(self.global_step + 1, cfg.meta_steps + 1):
-            self.global_step = step
-            tick = time.perf_counter()
-            self.train_step()
-            self.train_seconds += time.perf_counter() - tick
-            if step % cfg.log_every == 0 or step == cfg.meta_steps:
-                record = self._train_record()
-                record["train/tasks_per_second"] = self.tasks_seen / self.train_seconds
-                if log:
-                    log.log(step, record)
-            if step % cfg.val_every == 0 or step == cfg.meta_steps:
-                self.last_validation = validation = self.validation()
-                if log:
-                    log.log(step, {f"val/{validation['metric']}": validation["mean"],
+        bar = _progress(cfg.meta_steps, "meta-training", unit="step", initial=self.global_step)
+        try:
+            for step in range(self.global_step + 1, cfg.meta_steps + 1):
+                self.global_step = step
+                tick = time.perf_counter()
+                self.train_step()
+                self.train_seconds += time.perf_counter() - tick
+                bar.update()
+                bar.set_postfix(tasks_per_s=f"{self.tasks_seen / self.train_seconds:.1f}")
+                record: Dict[str, float] = {}
+                if step % cfg.log_every == 0 or step == cfg.meta_steps:
+                    record.update(self._train_record())
+                    record["train/tasks_per_second"] = self.tasks_seen / self.train_seconds
+                    record["sys/peak_memory_mb"] = peak_memory_mb(self.env.device)
+                if step % cfg.val_every == 0 or step == cfg.meta_steps:
+                    self.last_validation = validation = self.validation()
+                    record.update({f"val/{validation['metric']}": validation["mean"],
                                    f"val/{validation['metric']}_ci95": validation["ci95"]})
-                if self._better(validation):
-                    self.best = {**validation, "step": step}
-                    self.save("best")
-                self.save("latest")
+                    if self._better(validation):
+                        self.best = {**validation, "step": step}
+                        self.save("best")
+                    self.save("latest")
+                if record and log:
+                    log.log(step, record)  # one record per step, train and validation together
+        finally:
+            bar.close()
 
         say(f"meta-test after meta-training on {cfg.test_tasks} tasks ...")
         test = self.evaluate("test", cfg.test_tasks)
@@ -214,6 +235,24 @@ class MetaEngine(Engine):
             "tasks_per_second": self.tasks_seen / self.train_seconds if self.train_seconds else None,
             "total_seconds": time.perf_counter() - started,
         }
+
+
+def _mean_curve(curves: list) -> list:
+    """Mean over tasks of the inner objective at each inner step."""
+    return [sum(values) / len(values) for values in zip(*curves)] if curves else []
+
+
+def _progress(total: int, desc: str, unit: str, initial: int = 0):
+    """A tqdm bar with tasks/s and ETA on a terminal; silent when stdout is not one."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                disable=not sys.stdout.isatty())
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _fmt(result: Dict[str, float]) -> str:

@@ -18,8 +18,11 @@ def run_from_args(argv: Optional[list] = None) -> dict:
     from engines import build_engine  # heavy imports only once the flags are known good
     from imaml import checkpoint
 
+    from imaml.wandb_sink import start_wandb
+
     output_dir = Path(config.output_dir)
-    log = RunLog(output_dir, append=bool(config.resume))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(output_dir, append=bool(config.resume), sink=start_wandb(config, output_dir))
     write_json(output_dir / "config.json", config.to_dict())
     engine = build_engine(config, log=log, checkpoint_dir=output_dir / "checkpoints")
     start = checkpoint_path(config)
@@ -48,7 +51,12 @@ def run_from_args(argv: Optional[list] = None) -> dict:
         "config": config.to_dict(),
     }
     write_json(output_dir / "results.json", results)
-    log.say(f"wrote {output_dir / 'results.json'}")
+    if not config.eval_only:
+        from imaml.plots import write_plots
+
+        write_plots(output_dir)
+    log.finish(results)
+    log.say(f"wrote {output_dir / 'results.json'} and plots/")
     return results
 
 

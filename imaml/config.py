@@ -22,6 +22,7 @@ __all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "parse_args", "load
 
 ALGOS = ("imaml", "maml", "fomaml")
 HYPERGRADS = ("cg", "neumann", "darts", "exact")
+WANDB_MODES = ("online", "offline", "disabled")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -65,6 +66,13 @@ class RunConfig:
     data_root: str = "data"
     output_dir: str = "runs/latest"
     log_every: int = 10
+    # Weights & Biases (disabled unless asked for; local logs and plots are always written)
+    wandb_mode: str = "disabled"
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_name: Optional[str] = None
+    wandb_group: Optional[str] = None
+    wandb_tags: Optional[str] = None  # comma-separated
     # checkpoints: <output-dir>/checkpoints/{latest,best}.pt at every validation and at the end
     resume: Optional[str] = None  # the output dir of a run to continue
     eval_only: bool = False  # meta-test --checkpoint and write results.json; no training
@@ -75,6 +83,7 @@ class RunConfig:
         """Check every value once, before any work; raise UsageError naming the fix."""
         _one_of("algo", self.algo, ALGOS)
         _one_of("hypergrad", self.hypergrad, HYPERGRADS)
+        _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
         for name in ("shots", "query_shots", "meta_batch_size", "meta_steps", "inner_steps",
                      "test_inner_steps", "cg_steps", "neumann_terms", "channels", "val_every",
                      "val_tasks", "log_every"):
@@ -209,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "flags given now override its settings, e.g. a larger --meta-steps",
         "eval_only": "only meta-test the --checkpoint and write results.json; true or false",
         "checkpoint": "a checkpoint file, for --eval-only",
+        "wandb_mode": "Weights & Biases: online, offline (sync later) or disabled",
+        "wandb_tags": "W&B tags, comma-separated",
     }
     defaults = RunConfig()
     for name, f in _FIELDS.items():
@@ -219,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = ALGOS
         if name == "hypergrad":
             kwargs["choices"] = HYPERGRADS
+        if name == "wandb_mode":
+            kwargs["choices"] = WANDB_MODES
         parser.add_argument(_flag(name), dest=name, metavar=name.split("_")[-1].upper(), **kwargs)
     return parser
 

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
+from tqdm import tqdm
+
 __all__ = ["RunLog", "write_json"]
 
 
@@ -29,7 +31,9 @@ def _short(value: Any) -> str:
 class RunLog:
     """``log(step, record)`` appends to ``<output-dir>/metrics.jsonl`` and prints a summary."""
 
-    def __init__(self, output_dir: str | os.PathLike, quiet: bool = False, append: bool = False):
+    def __init__(self, output_dir: str | os.PathLike, quiet: bool = False, append: bool = False,
+                 sink=None):
+        self.sink = sink  # e.g. a WandbSink: gets every record, and the results at the end
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -40,8 +44,14 @@ class RunLog:
     def log(self, step: int, record: Dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.sink is not None:
+            self.sink.log(step, record)
         self.say(f"step {step:>6} | " + " ".join(f"{k}={_short(v)}" for k, v in record.items()))
+
+    def finish(self, results: Dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink.finish(results)
 
     def say(self, line: str) -> None:
         if not self.quiet:
-            print(line, file=sys.stdout, flush=True)
+            tqdm.write(line, file=sys.stdout)  # keeps an active progress bar intact

@@ -64,6 +64,13 @@ class _TaskAdaptation:
         """Make the next ``step()`` start a fresh inner loop from θ, in any mode. (Betty only
         re-arms this after a training inner loop hands over to the Upper problem.)"""
         self._inner_loop_start = True
+        self.inner_losses = []
+
+    def one_step_descent(self, batch=None):
+        """Betty's inner step, keeping the objective it minimized (for the inner-loop curves)."""
+        loss_dict = super().one_step_descent(batch)
+        self.inner_losses.append(loss_dict["loss"])
+        return loss_dict
 
 
 class ImplicitLower(_TaskAdaptation, ImplicitProblem):

@@ -17,7 +17,7 @@ def _common(data_root, algo):
 
 
 def _records(path):
-    return [{k: v for k, v in json.loads(line).items() if "per_second" not in k}
+    return [{k: v for k, v in json.loads(line).items() if "per_second" not in k and not k.startswith("sys/")}
             for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
