@@ -52,14 +52,18 @@ def start_wandb(config: RunConfig, output_dir: Path) -> Optional[WandbSink]:
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    kwargs = dict(project=config.wandb_project or "imaml", entity=config.wandb_entity,
+    id_file = output_dir / "wandb-run-id"  # so that --resume continues the same W&B run
+    run_id = id_file.read_text().strip() if config.resume and id_file.is_file() else None
+    kwargs = dict(project=config.wandb_project or "imaml", entity=config.wandb_entity, id=run_id,
                   name=config.wandb_name, group=config.wandb_group,
                   tags=[t.strip() for t in config.wandb_tags.split(",") if t.strip()] if config.wandb_tags else None,
-                  config=config.to_dict(), dir=str(output_dir), resume="allow" if config.resume else None,
+                  config=config.to_dict(), dir=str(output_dir), resume="allow" if run_id else None,
                   settings=wandb.Settings(init_timeout=60))
     for mode in ((config.wandb_mode, "offline") if config.wandb_mode == "online" else (config.wandb_mode,)):
         try:
-            return WandbSink(wandb.init(mode=mode, **kwargs))
+            run = wandb.init(mode=mode, **kwargs)
+            id_file.write_text(run.id)
+            return WandbSink(run)
         except Exception as err:  # wandb raises its own types for login/network failures
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             _warn(f"W&B {mode} start failed ({reason}); "

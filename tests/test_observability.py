@@ -64,3 +64,21 @@ def test_online_wandb_without_login_falls_back_to_offline(tmp_path, data_root, m
     assert results["test"]["num_tasks"] == 4
     assert "W&B online start failed" in capsys.readouterr().err
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_sweep_file_names_real_flags():
+    import yaml
+
+    from imaml.config import CONFIG_DIR, build_parser, parse_args
+
+    sweep = yaml.safe_load((CONFIG_DIR / "sweeps" / "glyphs-imaml.yaml").read_text())
+    assert sweep["program"] == "run.py" and "${args}" in sweep["command"]
+    assert sweep["metric"]["name"] == "val/accuracy"
+    flags = {a for action in build_parser()._actions for a in action.option_strings}
+    assert {f"--{name}" for name in sweep["parameters"]} <= flags
+    # a sampled trial parses: the fixed flags plus one value of each parameter, as W&B passes them
+    fixed = [c for c in sweep["command"] if not c.startswith("${")]
+    sampled = [f"--{name}={spec.get('min', (spec.get('values') or [None])[0])}"
+               for name, spec in sweep["parameters"].items()]
+    config = parse_args(fixed + sampled)
+    assert config.wandb_mode == "online" and config.inner_steps == 5 and config.lam == 0.1
