@@ -62,7 +62,8 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     # flow through the unrolled inner steps. gradient_accumulation averages over tasks.
     implicit = config.algo == "imaml"
     upper_config = Config(first_order=implicit, retain_graph=implicit,
-                          gradient_accumulation=config.meta_batch_size)
+                          gradient_accumulation=config.meta_batch_size,
+                          gradient_clipping=config.meta_grad_clip)
     upper = MetaInit("upper", upper_config, module=model,
                      optimizer=torch.optim.Adam(model.parameters(), lr=config.meta_lr), device=device)
     lower = build_lower(config, model, device)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import resource
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 from imaml import checkpoint
 from imaml.config import RunConfig
+from imaml.errors import RunStopped
 from imaml.metrics import mean_ci95, metric_name, task_score
 from imaml.reporting import RunLog
 
@@ -52,6 +55,12 @@ class MetaEngine(Engine):
         self.best: Optional[dict] = None  # best meta-validation so far, with its step
         self.last_validation: Optional[dict] = None
         self.inner_curves: list = []  # the inner objective at each step, per training task since the last log
+        self.skipped = 0  # meta-batches skipped by the divergence guard
+        self._batch_problem: Optional[tuple] = None  # (task index, what diverged) in this meta-batch
+        self._task_index = 0
+        self._theta_norm = 1.0
+        self._signal: Optional[int] = None
+        self.upper.update_guard = self._guard_update
         self.checkpoint_dir = checkpoint_dir  # None: no checkpoints (library use, tests)
 
     # -------------------------------------------------------------------- the shared inner loop
@@ -64,9 +73,14 @@ class MetaEngine(Engine):
     # -------------------------------------------------------------------- meta-training
     def train_step(self) -> None:
         batch = self.env.step()
+        self._batch_problem = None
+        self._theta_norm = max(_norm(self.upper.trainable_parameters()), 1e-12)
         for index in range(batch.num_tasks):
             self.env.select(index)
-            self.inner_loop(self.run_config.inner_steps)
+            self._task_index = index
+            self.inner_loop(self.run_config.inner_steps)  # the last task's ends in the meta-update
+            if index < batch.num_tasks - 1:
+                self._note_problem(self._check_task())
             self.inner_curves.append(self.lower.inner_losses)
             info = getattr(self.lower, "hypergrad_info", None)
             if info is not None:
@@ -97,6 +111,72 @@ class MetaEngine(Engine):
                 record["train/solver_residual_max"] = max(residuals)
             self._warn_on_residual(solves)
         return record
+
+    # -------------------------------------------------------------------- divergence guard
+    def _check_task(self) -> Optional[str]:
+        """What, if anything, diverged while adapting to the task just adapted."""
+        losses = self.lower.inner_losses
+        if not all(math.isfinite(v) for v in losses):
+            return f"the inner-loop loss became {next(v for v in losses if not math.isfinite(v))}"
+        ratio = self.lower.adapted_norm() / self._theta_norm
+        if not ratio <= self.run_config.divergence_factor:
+            return f"the adapted weights grew to {ratio:.3g}× the norm of θ"
+        if self.upper.task_stats and not torch.isfinite(self.upper.task_stats[-1][0]):
+            return f"the query loss is {self.upper.task_stats[-1][0].item()}"
+        return None
+
+    def _note_problem(self, problem: Optional[str]) -> None:
+        if problem and self._batch_problem is None:
+            self._batch_problem = (self._task_index, problem)
+
+    def _guard_update(self, meta_grad_norm) -> bool:
+        """Called by the Upper problem before each meta-update: False skips it."""
+        self._note_problem(self._check_task())  # the meta-batch's last task, adapted just now
+        if meta_grad_norm is not None and not math.isfinite(float(meta_grad_norm)):
+            self._note_problem("the meta-gradient is not finite")
+        if self._batch_problem is None:
+            return True
+        index, problem = self._batch_problem
+        cfg = self.run_config
+        message = (f"diverged at meta-step {self.global_step}, task {index} of the meta-batch: {problem}. "
+                   f"Likely cause: an inner learning rate too large for this model (--inner-lr {cfg.inner_lr})"
+                   + (f" or a proximal term too weak to hold the inner loop (--lam {cfg.lam})" if cfg.algo == "imaml" else "")
+                   + "; lower it, or pass --on-divergence skip")
+        if cfg.on_divergence == "skip":
+            self.skipped += 1
+            if self.run_log:
+                self.run_log.say(f"warning: {message} (meta-batch skipped)")
+            return False
+        where = self._save_good_state()
+        raise RunStopped(message + (f". The last good state is in {where}" if where else ""), exit_code=3)
+
+    def _save_good_state(self) -> Optional[Path]:
+        """Checkpoint θ as it was before this meta-step (it has not been updated)."""
+        if self.checkpoint_dir is None:
+            return None
+        step, self.global_step = self.global_step, self.global_step - 1
+        try:
+            self.save("latest")
+        finally:
+            self.global_step = step
+        return self.checkpoint_dir / "latest.pt"
+
+    # -------------------------------------------------------------------- signals
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:
+            raise KeyboardInterrupt  # a second signal: stop at once
+        self._signal = signum
+
+    def _stop_if_signalled(self) -> None:
+        """After a SIGTERM/SIGINT: save the checkpoint, then stop with a clear message."""
+        if self._signal is None:
+            return
+        self.save("latest")
+        name = signal.Signals(self._signal).name
+        where = (f"; checkpoint {self.checkpoint_dir / 'latest.pt'}, continue with --resume "
+                 f"{self.run_config.output_dir}") if self.checkpoint_dir else ""
+        raise RunStopped(f"{name} after meta-step {self.global_step}{where}",
+                         exit_code=128 + self._signal)
 
     def _warn_on_residual(self, solves) -> None:
         """Say once, plainly, when the linear solves end above tolerance (then only log it)."""
@@ -130,6 +210,7 @@ class MetaEngine(Engine):
                     with torch.no_grad():
                         scores.append(task_score(kind, self.lower(task.query_x), task.query_y))
                     bar.update()
+                    self._stop_if_signalled()
         finally:
             bar.close()
             self.train()
@@ -185,6 +266,16 @@ class MetaEngine(Engine):
         """Meta-test θ₀, meta-train (from the last saved step, if resumed), meta-test θ;
         return the numbers for results.json. Checkpoints: ``latest`` at every validation and
         at the end, ``best`` whenever meta-validation improves."""
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._run()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> Dict[str, object]:
         cfg, log = self.run_config, self.run_log
         say = log.say if log else (lambda line: None)
         started = time.perf_counter()
@@ -210,6 +301,7 @@ class MetaEngine(Engine):
                     record.update(self._train_record())
                     record["train/tasks_per_second"] = self.tasks_seen / self.train_seconds
                     record["sys/peak_memory_mb"] = peak_memory_mb(self.env.device)
+                    record["train/skipped_meta_batches"] = self.skipped
                 if step % cfg.val_every == 0 or step == cfg.meta_steps:
                     self.last_validation = validation = self.validation()
                     record.update({f"val/{validation['metric']}": validation["mean"],
@@ -220,6 +312,7 @@ class MetaEngine(Engine):
                     self.save("latest")
                 if record and log:
                     log.log(step, record)  # one record per step, train and validation together
+                self._stop_if_signalled()
         finally:
             bar.close()
 
@@ -235,6 +328,11 @@ class MetaEngine(Engine):
             "tasks_per_second": self.tasks_seen / self.train_seconds if self.train_seconds else None,
             "total_seconds": time.perf_counter() - started,
         }
+
+
+def _norm(tensors) -> float:
+    with torch.no_grad():
+        return float(torch.linalg.vector_norm(torch.stack([t.norm() for t in tensors])))
 
 
 def _mean_curve(curves: list) -> list:

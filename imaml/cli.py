@@ -69,13 +69,16 @@ def _describe(config: RunConfig, kind: str) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     """Console-script entry point (same behaviour as run.py)."""
-    from imaml.errors import UsageError
+    from imaml.errors import RunStopped, UsageError
 
     try:
         run_from_args(argv)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        print(f"{'stopped' if stop.exit_code == 3 else 'interrupted'}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

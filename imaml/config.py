@@ -66,6 +66,10 @@ class RunConfig:
     data_root: str = "data"
     output_dir: str = "runs/latest"
     log_every: int = 10
+    # robustness: what a diverging meta-batch does, and optional meta-gradient clipping
+    on_divergence: str = "stop"  # stop (checkpoint, exit 3) or skip (no meta-update for that batch)
+    divergence_factor: float = 1000.0  # ‖φ‖ > factor·‖θ‖ after adaptation counts as diverged
+    meta_grad_clip: float = 0.0  # max norm of the meta-gradient; 0: no clipping
     # Weights & Biases (disabled unless asked for; local logs and plots are always written)
     wandb_mode: str = "disabled"
     wandb_project: Optional[str] = None
@@ -84,6 +88,10 @@ class RunConfig:
         _one_of("algo", self.algo, ALGOS)
         _one_of("hypergrad", self.hypergrad, HYPERGRADS)
         _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
+        _one_of("on_divergence", self.on_divergence, ("stop", "skip"))
+        _positive("divergence_factor", self.divergence_factor)
+        if self.meta_grad_clip < 0:
+            raise UsageError(f"--meta-grad-clip {self.meta_grad_clip}: must be >= 0 (0 turns clipping off)")
         for name in ("shots", "query_shots", "meta_batch_size", "meta_steps", "inner_steps",
                      "test_inner_steps", "cg_steps", "neumann_terms", "channels", "val_every",
                      "val_tasks", "log_every"):
@@ -220,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint": "a checkpoint file, for --eval-only",
         "wandb_mode": "Weights & Biases: online, offline (sync later) or disabled",
         "wandb_tags": "W&B tags, comma-separated",
+        "on_divergence": "when a meta-batch diverges: stop (save a checkpoint, exit 3) or skip it",
+        "divergence_factor": "adapted weights with ‖φ‖ > factor·‖θ‖ count as diverged",
+        "meta_grad_clip": "clip the meta-gradient to this norm; 0: off",
     }
     defaults = RunConfig()
     for name, f in _FIELDS.items():

@@ -24,6 +24,8 @@ class MetaInit(ImplicitProblem):
                          device=device)
         self.task_stats: list = []
         self.meta_grad_norm = None
+        # called before each meta-update with the meta-gradient norm; False skips the update
+        self.update_guard = None
 
     @property
     def task_problem(self):
@@ -43,6 +45,8 @@ class MetaInit(ImplicitProblem):
     def optimizer_step(self, *args, **kwargs):
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         self.meta_grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
+        if self.update_guard is not None and not self.update_guard(self.meta_grad_norm):
+            return  # θ and the optimizer state stay as they were; Betty clears the gradients
         super().optimizer_step(*args, **kwargs)
 
     def drain_task_stats(self) -> torch.Tensor:
