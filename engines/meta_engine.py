@@ -237,6 +237,7 @@ class MetaEngine(Engine):
             "before_meta_training": self.before,
             "best_validation": self.best,
             "validation": self.last_validation,
+            "skipped_meta_batches": self.skipped,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -249,6 +250,7 @@ class MetaEngine(Engine):
         self.before = state["before_meta_training"]
         self.best = state["best_validation"]
         self.last_validation = state["validation"]
+        self.skipped = state.get("skipped_meta_batches", 0)
 
     def save(self, name: str) -> None:
         if self.checkpoint_dir is not None:

@@ -68,7 +68,6 @@ def test_meta_gradient_clipping_bounds_the_update(make_config):
     from engines import build_engine
 
     engine = build_engine(make_config(task="glyphs", algo="maml", meta_grad_clip=1e-3, meta_lr=0.1))
-    from imaml.config import RunConfig  # noqa: F401
 
     before = [p.detach().clone() for p in engine.upper.module.parameters()]
     seen = {}
