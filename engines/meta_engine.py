@@ -19,7 +19,7 @@ from tqdm import tqdm
 from imaml import checkpoint
 from imaml.config import RunConfig
 from imaml.errors import RunStopped
-from imaml.metrics import mean_ci95, metric_name, task_score
+from imaml.metrics import global_norm, mean_ci95, metric_name, task_score
 from imaml.reporting import RunLog
 
 __all__ = ["MetaEngine"]
@@ -74,7 +74,7 @@ class MetaEngine(Engine):
     def train_step(self) -> None:
         batch = self.env.step()
         self._batch_problem = None
-        self._theta_norm = max(_norm(self.upper.trainable_parameters()), 1e-12)
+        self._theta_norm = max(float(global_norm(self.upper.trainable_parameters())), 1e-12)
         for index in range(batch.num_tasks):
             self.env.select(index)
             self._task_index = index
@@ -118,7 +118,7 @@ class MetaEngine(Engine):
         losses = self.lower.inner_losses
         if not all(math.isfinite(v) for v in losses):
             return f"the inner-loop loss became {next(v for v in losses if not math.isfinite(v))}"
-        ratio = self.lower.adapted_norm() / self._theta_norm
+        ratio = float(global_norm(self.lower.trainable_parameters())) / self._theta_norm
         if not ratio <= self.run_config.divergence_factor:
             return f"the adapted weights grew to {ratio:.3g}× the norm of θ"
         if self.upper.task_stats and not torch.isfinite(self.upper.task_stats[-1][0]):
@@ -330,11 +330,6 @@ class MetaEngine(Engine):
             "tasks_per_second": self.tasks_seen / self.train_seconds if self.train_seconds else None,
             "total_seconds": time.perf_counter() - started,
         }
-
-
-def _norm(tensors) -> float:
-    with torch.no_grad():
-        return float(torch.linalg.vector_norm(torch.stack([t.norm() for t in tensors])))
 
 
 def _mean_curve(curves: list) -> list:

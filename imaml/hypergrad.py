@@ -32,6 +32,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from imaml.metrics import global_norm
+
 __all__ = [
     "SolveInfo",
     "conjugate_gradient",
@@ -204,7 +206,7 @@ def _solve_with(solve: Callable) -> Callable:
         with torch.no_grad():
             x, info = solve(matvec, _flat(vector).detach(), curr.config)
         implicit = _implicit(flat_grad, x, prev)
-        info.norm = math.sqrt(sum(float(g.pow(2).sum()) for g in implicit if g is not None))
+        info.norm = float(global_norm(implicit))
         curr.hypergrad_info = info
         return implicit
 
@@ -266,8 +268,7 @@ def darts(vector, curr, prev):
             for p, s in zip(params, saved):
                 p.data.copy_(s)
     implicit = [None if gp is None else (gm - gp) / (2 * eps) for gp, gm in zip(grad_plus, grad_minus)]
-    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in implicit if g is not None))
-    curr.hypergrad_info = SolveInfo("darts", 1, float("nan"), True, norm)
+    curr.hypergrad_info = SolveInfo("darts", 1, float("nan"), True, float(global_norm(implicit)))
     return implicit
 
 

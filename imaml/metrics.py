@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["task_loss", "task_score", "metric_name", "mean_ci95"]
+__all__ = ["task_loss", "task_score", "metric_name", "mean_ci95", "global_norm"]
 
 
 def task_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -27,6 +27,14 @@ def task_score(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.T
 
 def metric_name(kind: str) -> str:
     return "accuracy" if kind == "classification" else "mse"
+
+
+def global_norm(tensors) -> torch.Tensor:
+    """‖(t₁, t₂, …)‖₂ of a list of tensors (``None`` entries skipped), as a 0-dim tensor with
+    no graph and no host sync; ``float()`` it where a number is needed."""
+    with torch.no_grad():
+        norms = [t.norm() for t in tensors if t is not None]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def mean_ci95(values: Sequence[float]) -> tuple:

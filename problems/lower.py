@@ -66,11 +66,6 @@ class _TaskAdaptation:
         self._inner_loop_start = True
         self.inner_losses = []
 
-    def adapted_norm(self) -> float:
-        """‖φ‖ of the current (adapted) parameters, for the divergence guard."""
-        with torch.no_grad():
-            return float(torch.linalg.vector_norm(torch.stack([p.norm() for p in self.trainable_parameters()])))
-
     def one_step_descent(self, batch=None):
         """Betty's inner step, keeping the objective it minimized (for the inner-loop curves)."""
         loss_dict = super().one_step_descent(batch)

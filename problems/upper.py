@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from betty.problems import ImplicitProblem
 
-from imaml.metrics import task_loss, task_score
+from imaml.metrics import global_norm, task_loss, task_score
 
 __all__ = ["MetaInit"]
 
@@ -43,8 +43,7 @@ class MetaInit(ImplicitProblem):
         return loss
 
     def optimizer_step(self, *args, **kwargs):
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        self.meta_grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
+        self.meta_grad_norm = global_norm([p.grad for p in self.trainable_parameters()])
         if self.update_guard is not None and not self.update_guard(self.meta_grad_norm):
             return  # θ and the optimizer state stay as they were; Betty clears the gradients
         super().optimizer_step(*args, **kwargs)
