@@ -32,10 +32,15 @@ def resolve_device(name: str) -> torch.device:
 def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device):
     """The Lower problem for ``config.algo``: implicit (iMAML) or unrolled (MAML, FOMAML)."""
     module = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(module.parameters(), lr=config.inner_lr)
-    if config.algo == "imaml":
+    implicit = config.algo == "imaml"
+    # iMAML's weight decay is a term of the inner objective (the implicit gradient must see
+    # the objective the inner loop minimizes); MAML's is part of its differentiable SGD.
+    optimizer = torch.optim.SGD(module.parameters(), lr=config.inner_lr, momentum=config.inner_momentum,
+                                weight_decay=0.0 if implicit else config.inner_weight_decay)
+    if implicit:
         lower_config = LowerConfig(
             type=f"imaml_{config.hypergrad}", unroll_steps=config.inner_steps, lam=config.lam,
+            weight_decay=config.inner_weight_decay,
             cg_iterations=config.cg_steps, cg_tol=config.cg_tol, cg_trust_region=config.cg_trust_region,
             neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
             darts_alpha=config.darts_radius)
@@ -43,6 +48,26 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device)
     lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",
                                retain_graph=config.algo == "maml")
     return UnrolledLower("lower", lower_config, module=module, optimizer=optimizer, device=device)
+
+
+def build_meta_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
+    """The optimizer of θ (--meta-optimizer)."""
+    params = list(params)
+    if config.meta_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.meta_lr, momentum=config.meta_momentum,
+                               weight_decay=config.meta_weight_decay)
+    if config.meta_optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.meta_lr, weight_decay=config.meta_weight_decay)
+    return torch.optim.Adam(params, lr=config.meta_lr, weight_decay=config.meta_weight_decay)
+
+
+def build_lr_schedule(config: RunConfig, optimizer: torch.optim.Optimizer):
+    """The meta learning-rate schedule over --meta-steps (None for a constant rate)."""
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.meta_steps)
+    if config.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_every, gamma=config.lr_gamma)
+    return None
 
 
 def build_engine(config: RunConfig, log: Optional[RunLog] = None,
@@ -55,7 +80,8 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     torch.manual_seed(config.seed)
     env = FewShotEnv(sources, config.meta_batch_size, config.seed, device, dtype)
     train = sources["train"]
-    model = build_model(config.model, train.input_shape, train.num_outputs, config.channels).to(device, dtype)
+    model = build_model(config.model, train.input_shape, train.num_outputs, config.channels,
+                        config.bn_mode).to(device, dtype)
 
     # The Upper config decides how Betty differentiates through the Lower problem:
     # first_order=True runs the implicit path (our solver); False leaves the gradient to
@@ -65,7 +91,8 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
                           gradient_accumulation=config.meta_batch_size,
                           gradient_clipping=config.meta_grad_clip)
     upper = MetaInit("upper", upper_config, module=model,
-                     optimizer=torch.optim.Adam(model.parameters(), lr=config.meta_lr), device=device)
+                     optimizer=build_meta_optimizer(config, model.parameters()), device=device)
+    upper.lr_schedule = build_lr_schedule(config, upper.optimizer)
     lower = build_lower(config, model, device)
 
     get_betty_logger().setLevel(logging.WARNING)  # Betty prints its problem graph at INFO

@@ -79,6 +79,7 @@ class MetaEngine(Engine):
             self.env.select(index)
             self._task_index = index
             self.inner_loop(self.run_config.inner_steps)  # the last task's ends in the meta-update
+            self.lower.finish_task()
             if index < batch.num_tasks - 1:
                 self._note_problem(self._check_task())
             self.inner_curves.append(self.lower.inner_losses)
@@ -86,6 +87,8 @@ class MetaEngine(Engine):
             if info is not None:
                 self.solves.append(info)
         self.tasks_seen += batch.num_tasks
+        if self.upper.lr_schedule is not None:
+            self.upper.lr_schedule.step()
 
     def _train_record(self) -> Dict[str, float]:
         stats = self.upper.drain_task_stats()
@@ -208,7 +211,7 @@ class MetaEngine(Engine):
                     self.inner_loop(self.run_config.test_inner_steps)
                     curves.append(self.lower.inner_losses)
                     with torch.no_grad():
-                        scores.append(task_score(kind, self.lower(task.query_x), task.query_y))
+                        scores.append(task_score(kind, self.lower.predict(task.query_x), task.query_y))
                     bar.update()
                     self._stop_if_signalled()
         finally:
@@ -238,6 +241,7 @@ class MetaEngine(Engine):
             "best_validation": self.best,
             "validation": self.last_validation,
             "skipped_meta_batches": self.skipped,
+            "lr_schedule": self.upper.lr_schedule.state_dict() if self.upper.lr_schedule else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -251,6 +255,8 @@ class MetaEngine(Engine):
         self.best = state["best_validation"]
         self.last_validation = state["validation"]
         self.skipped = state.get("skipped_meta_batches", 0)
+        if self.upper.lr_schedule is not None and state.get("lr_schedule"):
+            self.upper.lr_schedule.load_state_dict(state["lr_schedule"])
 
     def save(self, name: str) -> None:
         if self.checkpoint_dir is not None:

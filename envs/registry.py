@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Dict
 
-from envs import glyphs
-from envs.tasks import ClassImageTasks, SinusoidTasks, TaskSource
+from envs import datasets, glyphs
+from envs.tasks import ClassImageTasks, SinusoidTasks, TaskSource, random_crop_flip
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 
@@ -14,22 +15,56 @@ __all__ = ["TASKS", "build_task_sources"]
 SPLITS = ("train", "val", "test")
 
 
+def query_shots(config: RunConfig, split: str) -> int:
+    """Query examples per class: --test-query-shots at meta-validation and meta-test."""
+    if split != "train" and config.test_query_shots is not None:
+        return config.test_query_shots
+    return config.query_shots
+
+
 def _glyphs(config: RunConfig) -> Dict[str, TaskSource]:
+    if config.augment:
+        raise UsageError("--augment true: the glyphs task has no augmentation; it is for the "
+                         "ImageNet- and CIFAR-derived tasks")
     images = glyphs.load_glyphs(config.data_root)
     return {
-        split: ClassImageTasks(images[lo:hi], config.ways, config.shots, config.query_shots,
+        split: ClassImageTasks(images[lo:hi], config.ways, config.shots, query_shots(config, split),
                                name=f"glyphs {split} split")
         for split, (lo, hi) in glyphs.SPLITS.items()
     }
 
 
 def _sinusoid(config: RunConfig) -> Dict[str, TaskSource]:
-    return {split: SinusoidTasks(config.shots, config.query_shots) for split in SPLITS}
+    return {split: SinusoidTasks(config.shots, query_shots(config, split)) for split in SPLITS}
+
+
+def _benchmark(name: str) -> Callable[[RunConfig], Dict[str, TaskSource]]:
+    """A real benchmark read from --data-root (see envs.datasets for the files)."""
+    spec = datasets.DATASETS[name]
+
+    def build(config: RunConfig) -> Dict[str, TaskSource]:
+        if config.augment and spec.augment_padding is None:
+            raise UsageError(f"--augment true: {name} has no crop/flip augmentation (its own is "
+                             f"built in); use it with mini-imagenet, tiered-imagenet, cifarfs or fc100")
+        root = Path(config.data_root)
+        if config.download:
+            datasets.download(spec, root)
+        sources = {}
+        for split in SPLITS:
+            augment = random_crop_flip(spec.augment_padding) if config.augment and split == "train" else None
+            sources[split] = ClassImageTasks(
+                datasets.load_split(spec, root, split), config.ways, config.shots, query_shots(config, split),
+                name=f"{name} {split} split", mean=spec.mean, std=spec.std, augment=augment,
+                class_rotations=spec.class_rotations)
+        return sources
+
+    return build
 
 
 TASKS: Dict[str, Callable[[RunConfig], Dict[str, TaskSource]]] = {
     "glyphs": _glyphs,
     "sinusoid": _sinusoid,
+    **{name: _benchmark(name) for name in datasets.DATASETS},
 }
 
 

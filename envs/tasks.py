@@ -9,7 +9,7 @@ on how many are drawn at once, nor on any global random state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch
 from envs.episodes import Episodes
 from imaml.errors import UsageError
 
-__all__ = ["TaskSource", "ClassImageTasks", "SinusoidTasks"]
+__all__ = ["TaskSource", "ClassPool", "ArrayPool", "ClassImageTasks", "SinusoidTasks", "random_crop_flip"]
 
 
 class TaskSource(Protocol):
@@ -30,46 +30,79 @@ class TaskSource(Protocol):
     def sample(self, rng: np.random.Generator, num_tasks: int) -> Episodes: ...
 
 
+class ClassPool(Protocol):
+    """The examples of one split, grouped by class: all that task sampling needs.
+
+    Classes may hold different numbers of examples (tiered-ImageNet does), and a pool may
+    decode its images lazily (tiered-ImageNet's 450k PNGs do not fit in memory decoded)."""
+
+    sizes: np.ndarray  # examples per class
+    input_shape: tuple  # (C, H, W)
+
+    def images(self, cls: int, picks: np.ndarray) -> torch.Tensor:
+        """Examples ``picks`` (positions within class ``cls``) as [len(picks), C, H, W],
+        uint8 (0..255) or float."""
+        ...
+
+
+class ArrayPool:
+    """A pool held as one dense array [classes, samples, H, W] or [classes, samples, C, H, W]."""
+
+    def __init__(self, array):
+        array = torch.as_tensor(array)
+        if array.dim() == 4:
+            array = array.unsqueeze(2)  # grayscale: add the channel dimension
+        self.array = array
+        self.sizes = np.full(array.shape[0], array.shape[1])
+        self.input_shape = tuple(array.shape[2:])
+
+    def images(self, cls: int, picks: np.ndarray) -> torch.Tensor:
+        return self.array[cls, torch.from_numpy(picks)]
+
+
 class ClassImageTasks:
     """N-way K-shot classification tasks over a split's classes.
 
     Args:
-        images: [classes, samples, H, W] or [classes, samples, C, H, W], uint8 (0..255)
-            or float; each class's samples are candidates for support and query.
+        pool: the split's examples by class (a ``ClassPool``, or a dense array that
+            ``ArrayPool`` accepts).
         ways, shots, query_shots: N, K and Q per task.
         name: the task and split, for error messages ("glyphs test split").
+        mean, std: per-channel input normalization, applied after scaling to [0, 1].
+        augment: ``augment(x, rng)`` on each task's float images [n, C, H, W] (training only).
+        class_rotations: rotate all images of each class of a task by a random multiple of
+            90° (Omniglot's augmentation in the MAML code: a rotated character is a new class).
     """
 
     kind = "classification"
 
-    def __init__(self, images, ways: int, shots: int, query_shots: int, name: str):
-        images = torch.as_tensor(images)
-        if images.dim() == 4:
-            images = images.unsqueeze(2)  # grayscale: add the channel dimension
-        classes, samples = images.shape[:2]
+    def __init__(self, pool, ways: int, shots: int, query_shots: int, name: str,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 augment: Optional[Callable] = None, class_rotations: bool = False):
+        if not hasattr(pool, "images"):
+            pool = ArrayPool(pool)
+        classes, smallest = len(pool.sizes), int(np.min(pool.sizes))
         if ways > classes:
             raise UsageError(f"--ways {ways}: the {name} has only {classes} classes; use --ways <= {classes}")
-        if shots + query_shots > samples:
+        if shots + query_shots > smallest:
             raise UsageError(
-                f"--shots {shots} + --query-shots {query_shots}: the {name} has only {samples} "
-                f"examples per class; use shots + query-shots <= {samples}")
-        self.images = images
+                f"--shots {shots} + --query-shots {query_shots}: the {name} has only {smallest} "
+                f"examples per class{' in its smallest class' if np.ptp(pool.sizes) else ''}; "
+                f"use shots + query-shots <= {smallest}")
+        self.pool = pool
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
-        self.input_shape = tuple(images.shape[2:])
+        self.input_shape = tuple(pool.input_shape)
         self.num_outputs = ways
-        self._scale = 255.0 if images.dtype == torch.uint8 else 1.0
+        channels = self.input_shape[0]
+        self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(channels, 1, 1)
+        self._std = None if std is None else torch.tensor(std, dtype=torch.float32).view(channels, 1, 1)
+        self.augment = augment
+        self.class_rotations = class_rotations
 
     def sample(self, rng: np.random.Generator, num_tasks: int) -> Episodes:
         n, k, q = self.ways, self.shots, self.query_shots
-        classes, samples = self.images.shape[:2]
-        picks = []
-        for _ in range(num_tasks):
-            chosen = rng.permutation(classes)[:n]  # label i <- chosen[i]: a random labelling
-            examples = np.argsort(rng.random((n, samples)), axis=1)[:, : k + q]  # disjoint per class
-            picks.append((chosen, examples))
-        chosen = torch.from_numpy(np.stack([c for c, _ in picks]))[:, :, None]  # [T, N, 1]
-        examples = torch.from_numpy(np.stack([e for _, e in picks]))  # [T, N, K+Q]
-        x = self.images[chosen, examples].float().div_(self._scale)  # [T, N, K+Q, *input]
+        tasks = [self._task(rng) for _ in range(num_tasks)]
+        x = torch.stack(tasks)  # [T, N, K+Q, *input]
         labels = torch.arange(n).view(1, n, 1)
         support_y = labels.expand(num_tasks, n, k).reshape(num_tasks, n * k)
         query_y = labels.expand(num_tasks, n, q).reshape(num_tasks, n * q)
@@ -79,6 +112,39 @@ class ClassImageTasks:
             query_x=x[:, :, k:].reshape(num_tasks, n * q, *self.input_shape),
             query_y=query_y,
         )
+
+    def _task(self, rng: np.random.Generator) -> torch.Tensor:
+        """One task's images [N, K+Q, *input]: N random classes (label i <- the i-th drawn, a
+        random labelling), K+Q distinct examples of each."""
+        n, m = self.ways, self.shots + self.query_shots
+        chosen = rng.permutation(len(self.pool.sizes))[:n]
+        picks = [np.argsort(rng.random(self.pool.sizes[c]))[:m] for c in chosen]
+        x = torch.stack([self.pool.images(int(c), p) for c, p in zip(chosen, picks)])
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if self.class_rotations:
+            turns = rng.integers(0, 4, size=n)
+            x = torch.stack([c.rot90(int(t), dims=(-2, -1)) for c, t in zip(x, turns)])
+        if self.augment is not None:
+            x = self.augment(x.flatten(0, 1), rng).view_as(x)
+        if self._mean is not None:
+            x = (x - self._mean) / self._std
+        return x
+
+
+def random_crop_flip(padding: int) -> Callable:
+    """The usual few-shot image augmentation: a random crop of the zero-padded image and a
+    horizontal flip with probability 1/2, drawn per image from the task's generator."""
+
+    def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        size = x.shape[-1]
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
+        offsets = rng.integers(0, 2 * padding + 1, size=(x.shape[0], 2))
+        flips = rng.random(x.shape[0]) < 0.5
+        out = torch.stack([padded[i, :, r:r + size, c:c + size] for i, (r, c) in enumerate(offsets)])
+        out[torch.from_numpy(flips)] = out[torch.from_numpy(flips)].flip(-1)
+        return out
+
+    return augment
 
 
 @dataclass

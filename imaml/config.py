@@ -23,6 +23,9 @@ __all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "parse_args", "load
 ALGOS = ("imaml", "maml", "fomaml")
 HYPERGRADS = ("cg", "neumann", "darts", "exact")
 WANDB_MODES = ("online", "offline", "disabled")
+BN_MODES = ("transductive", "inductive", "episodic")
+META_OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("none", "cosine", "step")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -36,14 +39,26 @@ class RunConfig:
     ways: Optional[int] = 5
     shots: int = 1
     query_shots: int = 5
+    # data: --data-root holds the real benchmarks; --download lets learn2learn fetch them
+    data_root: str = "data"
+    download: bool = False
+    augment: bool = False  # random crop + flip of meta-training images (ImageNet/CIFAR-derived tasks)
     # meta-training
     meta_batch_size: int = 16
     meta_steps: int = 1000
     meta_lr: float = 1e-3
+    meta_optimizer: str = "adam"
+    meta_momentum: float = 0.9  # sgd only
+    meta_weight_decay: float = 0.0
+    lr_schedule: str = "none"  # of the meta learning rate, over --meta-steps
+    lr_step_every: int = 10000  # step schedule: multiply by --lr-gamma every this many meta-steps
+    lr_gamma: float = 0.5
     # inner loop (task adaptation), shared by meta-training, meta-validation and meta-test
     inner_steps: int = 5
     test_inner_steps: int = 10
     inner_lr: float = 0.1
+    inner_momentum: float = 0.0
+    inner_weight_decay: float = 0.0
     # iMAML: proximal strength λ in  L_support(φ) + λ/2·‖φ − θ‖²  (iMAML paper, eq. 3)
     lam: float = 1.0
     hypergrad: str = "cg"
@@ -56,14 +71,15 @@ class RunConfig:
     # model
     model: Optional[str] = None  # None: the task's default (conv4 for images, mlp for sinusoid)
     channels: int = 64
+    bn_mode: str = "transductive"  # BatchNorm statistics at meta-train/meta-test, see imaml.models
     # evaluation
     val_every: int = 100
     val_tasks: int = 100
     test_tasks: int = 600
+    test_query_shots: Optional[int] = None  # None: --query-shots
     # run
     seed: int = 0
     device: str = "cpu"
-    data_root: str = "data"
     output_dir: str = "runs/latest"
     log_every: int = 10
     # robustness: what a diverging meta-batch does, and optional meta-gradient clipping
@@ -89,16 +105,30 @@ class RunConfig:
         _one_of("hypergrad", self.hypergrad, HYPERGRADS)
         _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
         _one_of("on_divergence", self.on_divergence, ("stop", "skip"))
+        _one_of("bn_mode", self.bn_mode, BN_MODES)
+        _one_of("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS)
+        _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("meta_momentum", "inner_momentum"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise UsageError(f"{_flag(name)} {value}: must be in [0, 1)")
+        for name in ("meta_weight_decay", "inner_weight_decay"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise UsageError(f"{_flag(name)} {getattr(self, name)}: must be >= 0")
+        if not 0 < self.lr_gamma <= 1:
+            raise UsageError(f"--lr-gamma {self.lr_gamma}: must be in (0, 1]")
         _positive("divergence_factor", self.divergence_factor)
         if self.meta_grad_clip < 0:
             raise UsageError(f"--meta-grad-clip {self.meta_grad_clip}: must be >= 0 (0 turns clipping off)")
         for name in ("shots", "query_shots", "meta_batch_size", "meta_steps", "inner_steps",
                      "test_inner_steps", "cg_steps", "neumann_terms", "channels", "val_every",
-                     "val_tasks", "log_every"):
+                     "val_tasks", "log_every", "lr_step_every"):
             _at_least(name, getattr(self, name), 1)
         if self.ways is not None:
             _at_least("ways", self.ways, 2)
         _at_least("test_tasks", self.test_tasks, 2)  # a 95% CI needs two tasks
+        if self.test_query_shots is not None:
+            _at_least("test_query_shots", self.test_query_shots, 1)
         for name in ("meta_lr", "inner_lr", "lam", "cg_tol", "darts_radius"):
             _positive(name, getattr(self, name))
         if self.neumann_alpha is not None:
@@ -205,7 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     helps = {
         "algo": "imaml (implicit gradients), maml (second-order unrolled) or fomaml (first order)",
-        "task": "glyphs (embedded, generated), sinusoid",
+        "task": "glyphs (embedded, generated), sinusoid, or a benchmark read from --data-root: "
+                "omniglot, mini-imagenet, tiered-imagenet, cifarfs, fc100 (files: docs/benchmarks.md)",
+        "download": "let learn2learn download a missing benchmark into --data-root; true or false",
+        "augment": "random crop + horizontal flip of meta-training images (mini-imagenet, "
+                   "tiered-imagenet, cifarfs, fc100); true or false",
+        "bn_mode": "BatchNorm statistics: transductive (batch statistics at meta-train and meta-test, "
+                   "the MAML paper), inductive (running statistics from meta-training used at "
+                   "meta-test), episodic (support-set statistics applied to the queries)",
+        "meta_optimizer": "adam, adamw or sgd (with --meta-momentum)",
+        "lr_schedule": "meta learning-rate schedule over --meta-steps: none, cosine, or step "
+                       "(× --lr-gamma every --lr-step-every meta-steps)",
+        "inner_momentum": "momentum of the inner-loop SGD (reset for every task)",
+        "inner_weight_decay": "weight decay of the inner-loop SGD",
+        "test_query_shots": "query examples per class at meta-validation and meta-test; none: --query-shots",
         "ways": "classes per task (N)",
         "shots": "support examples per class (K); points per task for sinusoid",
         "query_shots": "query examples per class; points per task for sinusoid",
@@ -216,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cg_trust_region": "truncate CG (Steihaug) at ‖x‖ = ‖v‖/λ and on negative curvature: "
                            "the hypergradient is never longer than ∇φ L_query; true or false",
         "neumann_alpha": "Neumann step size; none: 1/λ_max estimated by power iteration",
-        "model": "conv4 or mlp; none: the task's default",
+        "model": "conv4 (max-pool; mini-ImageNet), conv4-strided (stride-2, average-pooled; "
+                 "MAML's Omniglot), resnet12, or mlp; none: the task's default",
         "test_inner_steps": "inner steps at meta-validation and meta-test",
         "test_tasks": "tasks in the final meta-test (mean and 95%% CI over them)",
         "data_root": "where datasets are (the embedded glyphs are generated and cached here)",
@@ -243,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = HYPERGRADS
         if name == "wandb_mode":
             kwargs["choices"] = WANDB_MODES
+        if name == "bn_mode":
+            kwargs["choices"] = BN_MODES
         parser.add_argument(_flag(name), dest=name, metavar=name.split("_")[-1].upper(), **kwargs)
     return parser
 

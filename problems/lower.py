@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from imaml.hypergrad import register_with_betty
 from imaml.metrics import task_loss
+from imaml.models import predict_query
 
 __all__ = ["LowerConfig", "ImplicitLower", "UnrolledLower"]
 
@@ -44,6 +45,7 @@ class LowerConfig(Config):
     type: str = "imaml_cg"
     first_order: bool = False
     lam: float = 1.0
+    weight_decay: float = 0.0  # iMAML: part of the inner objective, so the implicit gradient sees it
     cg_tol: float = 1e-5
     cg_trust_region: bool = True  # ‖x‖ ≤ ‖v‖/λ, see imaml.hypergrad.trust_radius
     neumann_alpha: Optional[float] = None  # None: 1/λ_max by power iteration
@@ -72,6 +74,27 @@ class _TaskAdaptation:
         self.inner_losses.append(loss_dict["loss"])
         return loss_dict
 
+    def predict(self, query_x: torch.Tensor) -> torch.Tensor:
+        """The adapted model's predictions for the current task's queries (episodic BatchNorm
+        takes its statistics from the support set, so that travels along)."""
+        return predict_query(self, self.module, self.env.current.support_x, query_x)
+
+    def adapted_buffers(self):
+        """The buffers the adapted model ran with (BatchNorm running statistics)."""
+        return self.module.buffers()
+
+    def finish_task(self) -> None:
+        """After a meta-training task: keep the running statistics its forward passes
+        accumulated (inductive BatchNorm), so they carry over to the next task and to
+        meta-test. Non-finite statistics (a diverged task) are dropped."""
+        if not self._training:
+            return
+        mine = list(self.adapted_buffers())
+        if all(torch.isfinite(b).all() for b in mine if b.is_floating_point()):
+            with torch.no_grad():
+                for stored, new in zip(self.meta_problem.module.buffers(), mine):
+                    stored.copy_(new)
+
 
 class ImplicitLower(_TaskAdaptation, ImplicitProblem):
     """iMAML's inner problem: SGD on  L_support(φ) + λ/2·‖φ − θ‖²  from φ = θ."""
@@ -85,8 +108,12 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
         x, y = batch
         loss = task_loss(self.env.kind, self.module(x), y)
         theta = self.meta_problem.trainable_parameters()
-        proximal = sum((phi - t).pow(2).sum() for phi, t in zip(self.trainable_parameters(), theta))
-        return loss + 0.5 * self.config.lam * proximal
+        phis = self.trainable_parameters()
+        proximal = sum((phi - t).pow(2).sum() for phi, t in zip(phis, theta))
+        loss = loss + 0.5 * self.config.lam * proximal
+        if self.config.weight_decay:
+            loss = loss + 0.5 * self.config.weight_decay * sum(phi.pow(2).sum() for phi in phis)
+        return loss
 
     def on_inner_loop_start(self):
         with torch.no_grad():
@@ -126,6 +153,19 @@ class UnrolledLower(_TaskAdaptation, IterativeProblem):
 
     def forward(self, x):
         return self.fmodule(self.params, self.buffers, x)
+
+    def adapted_buffers(self):
+        return self.buffers
+
+    # Betty's IterativeProblem.train()/eval() only flip a flag (ImplicitProblem's also switch
+    # the module); BatchNorm must follow for the inductive mode.
+    def train(self):
+        super().train()
+        self.module.train()
+
+    def eval(self):
+        super().eval()
+        self.module.eval()
 
     def training_step(self, batch):
         x, y = batch

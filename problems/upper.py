@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from betty.problems import ImplicitProblem
 
@@ -26,6 +28,9 @@ class MetaInit(ImplicitProblem):
         self.meta_grad_norm = None
         # called before each meta-update with the meta-gradient norm; False skips the update
         self.update_guard = None
+        # the meta learning-rate schedule, stepped once per meta-step by the engine (Betty's
+        # own ``scheduler`` would step once per task)
+        self.lr_schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None
 
     @property
     def task_problem(self):
@@ -37,7 +42,7 @@ class MetaInit(ImplicitProblem):
 
     def training_step(self, batch):
         x, y = batch
-        output = self.task_problem(x)
+        output = self.task_problem.predict(x)
         loss = task_loss(self.env.kind, output, y)
         self.task_stats.append(torch.stack([loss.detach(), task_score(self.env.kind, output.detach(), y)]))
         return loss

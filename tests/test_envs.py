@@ -55,7 +55,7 @@ def test_glyph_splits_never_share_classes(data_root):
     sources = build_task_sources(RunConfig(task="glyphs", data_root=data_root))
     fingerprints = {}
     for split, source in sources.items():
-        fingerprints[split] = {bytes(img.numpy()) for img in source.images.flatten(0, 1)}
+        fingerprints[split] = {bytes(img.numpy()) for img in source.pool.array.flatten(0, 1)}
     assert not fingerprints["train"] & fingerprints["val"]
     assert not fingerprints["train"] & fingerprints["test"]
     assert not fingerprints["val"] & fingerprints["test"]
