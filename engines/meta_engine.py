@@ -56,6 +56,7 @@ class MetaEngine(Engine):
         self.last_validation: Optional[dict] = None
         self.inner_curves: list = []  # the inner objective at each step, per training task since the last log
         self.skipped = 0  # meta-batches skipped by the divergence guard
+        self.meta_lr = run_config.meta_lr
         self._batch_problem: Optional[tuple] = None  # (task index, what diverged) in this meta-batch
         self._task_index = 0
         self._theta_norm = 1.0
@@ -87,6 +88,7 @@ class MetaEngine(Engine):
             if info is not None:
                 self.solves.append(info)
         self.tasks_seen += batch.num_tasks
+        self.meta_lr = self.upper.optimizer.param_groups[0]["lr"]  # the rate this step used
         if self.upper.lr_schedule is not None:
             self.upper.lr_schedule.step()
 
@@ -97,7 +99,7 @@ class MetaEngine(Engine):
                   f"train/query_{metric_name(kind)}": stats[:, 1].mean().item()}
         if self.upper.meta_grad_norm is not None:
             record["train/meta_grad_norm"] = float(self.upper.meta_grad_norm)
-        record["train/meta_lr"] = self.upper.optimizer.param_groups[0]["lr"]
+        record["train/meta_lr"] = self.meta_lr
         curves, self.inner_curves = self.inner_curves, []
         for k, value in enumerate(_mean_curve(curves), start=1):
             record[f"inner/objective_step_{k:02d}"] = value

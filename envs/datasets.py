@@ -19,6 +19,7 @@ wrong with it and where to get it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -221,7 +222,8 @@ def _cifarfs(root: Path, split: str):
     l2l = import_learn2learn()
     mode = {"train": "train", "val": "validation", "test": "test"}[split]
     try:  # learn2learn copies the split's classes into cifarfs/processed/<split>/ on first use
-        dataset = l2l.vision.datasets.CIFARFS(str(root), mode=mode)
+        with contextlib.redirect_stdout(io.StringIO()):
+            dataset = l2l.vision.datasets.CIFARFS(str(root), mode=mode)
     except (OSError, FileNotFoundError) as err:
         raise UsageError(f"--task cifarfs: could not prepare {root / 'cifarfs' / 'processed'} "
                          f"({type(err).__name__}: {err}); check <data-root>/cifarfs/cifar100/") from None

@@ -44,10 +44,7 @@ def run_from_args(argv: Optional[list] = None) -> dict:
         "meta_steps": config.meta_steps,
         "seed": config.seed,
         **outcome,
-        "protocol": {"inner_steps": config.inner_steps, "test_inner_steps": config.test_inner_steps,
-                     "meta_batch_size": config.meta_batch_size,
-                     "hypergrad": config.hypergrad if config.algo == "imaml" else None,
-                     "lam": config.lam if config.algo == "imaml" else None},
+        "protocol": _protocol(config, engine.env.kind),
         "config": config.to_dict(),
     }
     write_json(output_dir / "results.json", results)
@@ -60,11 +57,22 @@ def run_from_args(argv: Optional[list] = None) -> dict:
     return results
 
 
+def _protocol(config: RunConfig, kind: str) -> dict:
+    """What a published number depends on, recorded beside it."""
+    return {"test_tasks": config.test_tasks, "test_query_shots": config.test_query_shots or config.query_shots,
+            "test_inner_steps": config.test_inner_steps, "inner_steps": config.inner_steps,
+            "bn_mode": config.bn_mode if kind == "classification" else None,
+            "model": config.model, "channels": config.channels, "meta_batch_size": config.meta_batch_size,
+            "hypergrad": config.hypergrad if config.algo == "imaml" else None,
+            "lam": config.lam if config.algo == "imaml" else None, "seed": config.seed}
+
+
 def _describe(config: RunConfig, kind: str) -> str:
     ways = f"{config.ways}-way " if kind == "classification" else ""
+    bn = f", BatchNorm {config.bn_mode}" if kind == "classification" else ""
     return (f"{config.algo} on {config.task}: {ways}{config.shots}-shot, meta-batch {config.meta_batch_size}, "
             f"{config.meta_steps} meta-steps, {config.inner_steps} inner steps ({config.test_inner_steps} at "
-            f"test), device {config.device}")
+            f"test){bn}, device {config.device}")
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -1,0 +1,117 @@
+"""Tiny benchmark files in each dataset's real on-disk format (what learn2learn and the
+original releases write), so tests can run the real loading path offline.
+
+Every image encodes its class in its pixels (``class_value``), so a test can check that a
+task's labels agree with the images it was served."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def class_value(label: int) -> int:
+    return 10 + 20 * label
+
+
+def _rgb(label: int, index: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng([label, index])
+    image = rng.integers(0, 8, size=(size, size, 3)).astype(np.uint8)
+    return image + np.uint8(class_value(label))
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_mini_imagenet(root: Path, classes: int = 4, per_class: int = 6) -> None:
+    """mini-imagenet-cache-{train,validation,test}.pkl: image_data [N, 84, 84, 3] uint8 and
+    class_dict {wnid: [indices]} (the Ravi & Larochelle cache pickles)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test"):
+        images, class_dict = [], {}
+        for c in range(classes):
+            class_dict[f"n{c:08d}"] = list(range(len(images), len(images) + per_class))
+            images += [_rgb(c, i, 84) for i in range(per_class)]
+        with open(root / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
+            pickle.dump({"image_data": np.stack(images), "class_dict": class_dict}, f, protocol=4)
+
+
+def write_tiered_imagenet(root: Path, classes: int = 4, per_class=(6, 9, 7, 8)) -> None:
+    """tiered-imagenet/{split}_images_png.pkl (a list of PNG-encoded uint8 arrays) and
+    {split}_labels.pkl ({'label_specific': ..., 'label_general': ...}); classes differ in size."""
+    folder = root / "tiered-imagenet"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val", "test"):
+        images, labels = [], []
+        for c in range(classes):
+            for i in range(per_class[c % len(per_class)]):
+                images.append(np.frombuffer(_png(_rgb(c, i, 84)), dtype=np.uint8))
+                labels.append(c)
+        order = np.random.default_rng(0).permutation(len(labels))  # interleaved, as in the real files
+        with open(folder / f"{split}_images_png.pkl", "wb") as f:
+            pickle.dump([images[i] for i in order], f, protocol=4)
+        with open(folder / f"{split}_labels.pkl", "wb") as f:
+            pickle.dump({"label_specific": np.array(labels)[order], "label_general": np.zeros(len(labels))}, f,
+                        protocol=2)
+
+
+def write_fc100(root: Path, classes: int = 4, per_class: int = 6) -> None:
+    """FC100_{train,val,test}.pickle: {'data': [N, 32, 32, 3] uint8, 'labels': [...]} (Python 2
+    pickles in the real release, hence latin1)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split_index, split in enumerate(("train", "val", "test")):
+        data, labels = [], []
+        for c in range(classes):
+            data += [_rgb(c, i, 32) for i in range(per_class)]
+            labels += [c + 100 * split_index] * per_class  # global CIFAR-100 label ids
+        with open(root / f"FC100_{split}.pickle", "wb") as f:
+            pickle.dump({"data": np.stack(data), "labels": labels}, f, protocol=2)
+
+
+def write_cifarfs(root: Path, classes_per_split: int = 4, per_class: int = 6) -> None:
+    """cifarfs/cifar100/data/<class>/*.png and cifarfs/cifar100/splits/bertinetto/{split}.txt
+    (the extracted cifar100.zip that learn2learn processes into per-split folders)."""
+    base = root / "cifarfs" / "cifar100"
+    splits = base / "splits" / "bertinetto"
+    splits.mkdir(parents=True, exist_ok=True)
+    label = 0
+    for split in ("train", "val", "test"):
+        names = []
+        for _ in range(classes_per_split):
+            name = f"class_{label:03d}"
+            folder = base / "data" / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(_rgb(label, i, 32)).save(folder / f"{name}_s_{i:03d}.png")
+            names.append(name)
+            label += 1
+        (splits / f"{split}.txt").write_text("\n".join(names) + "\n")
+
+
+def write_omniglot(root: Path, alphabets: int = 4, characters: int = 10) -> None:
+    """omniglot-py/images_{background,evaluation}/<alphabet>/character<NN>/<id>_<drawer>.png:
+    20 drawings of 105×105 black-on-white per character."""
+    for s, set_name in enumerate(("images_background", "images_evaluation")):
+        for a in range(alphabets // 2):
+            for c in range(characters):
+                folder = root / "omniglot-py" / set_name / f"Alphabet_{s}{a}" / f"character{c + 1:02d}"
+                folder.mkdir(parents=True)
+                label = (s * (alphabets // 2) + a) * characters + c
+                for d in range(20):
+                    canvas = np.full((105, 105), 255, dtype=np.uint8)
+                    rng = np.random.default_rng([label, d])
+                    top = 10 + (label % 7) * 10 + int(rng.integers(0, 3))
+                    left = 5 + (label // 7) * 10
+                    canvas[top:top + 12, left:left + 40] = 0  # a stroke whose place identifies the class
+                    Image.fromarray(canvas).save(folder / f"{label:04d}_{d + 1:02d}.png")
+
+
+WRITERS = {"mini-imagenet": write_mini_imagenet, "tiered-imagenet": write_tiered_imagenet,
+           "fc100": write_fc100, "cifarfs": write_cifarfs, "omniglot": write_omniglot}
