@@ -176,10 +176,25 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def _objective(curr) -> torch.Tensor:
+    """The lower objective g at the current φ, re-evaluated for the solver. BatchNorm running
+    statistics stay as the inner loop left them: a re-evaluation is not another step."""
+    # The forward updates scratch copies (swapped in, not copied back: the graph keeps them).
+    slots = [(m, name) for m in curr.module.modules() for name, b in m.named_buffers(recurse=False)]
+    kept = [getattr(m, name) for m, name in slots]
+    for (m, name), b in zip(slots, kept):
+        setattr(m, name, b.clone())
+    try:
+        out = curr.training_step_exec(curr.cur_batch)
+    finally:
+        for (m, name), b in zip(slots, kept):
+            setattr(m, name, b)
+    return out["loss"] if isinstance(out, dict) else out
+
+
 def _lower_grad(curr) -> tuple:
     """∇φ g at the current lower parameters, with its graph (for HVPs and the cross term)."""
-    out = curr.training_step_exec(curr.cur_batch)
-    loss = out["loss"] if isinstance(out, dict) else out
+    loss = _objective(curr)
     params = list(curr.trainable_parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -257,9 +272,7 @@ def darts(vector, curr, prev):
         with torch.no_grad():
             for p, s, d in zip(params, saved, v):
                 p.data.copy_(s).add_(d, alpha=sign * eps)
-        out = curr.training_step_exec(curr.cur_batch)
-        loss = out["loss"] if isinstance(out, dict) else out
-        return torch.autograd.grad(loss, upper, allow_unused=True)
+        return torch.autograd.grad(_objective(curr), upper, allow_unused=True)
 
     try:
         grad_plus, grad_minus = grad_at(1.0), grad_at(-1.0)

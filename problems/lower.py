@@ -152,6 +152,9 @@ class UnrolledLower(_TaskAdaptation, IterativeProblem):
         return functional_call(self.module, tensors, (x,))
 
     def forward(self, x):
+        if self.module.training and self.buffers:
+            # BatchNorm updates running statistics in place; earlier steps' graphs keep theirs
+            self.buffers = tuple(b.clone() for b in self.buffers)
         return self.fmodule(self.params, self.buffers, x)
 
     def adapted_buffers(self):

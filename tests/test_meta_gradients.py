@@ -122,13 +122,18 @@ def test_meta_batch_gradient_is_the_mean_of_per_task_gradients(make_config, algo
     assert relative_error(batch_grad, mean) < 1e-9
 
 
-def test_meta_test_leaves_parameters_and_buffers_bit_identical(make_config):
+@pytest.mark.parametrize("bn_mode", ["transductive", "inductive", "episodic"])
+def test_meta_test_leaves_parameters_and_buffers_bit_identical(make_config, bn_mode):
     for algo in ("imaml", "maml"):
-        engine = build_engine(make_config(task="glyphs", algo=algo, test_tasks=3))
+        engine = build_engine(make_config(task="glyphs", algo=algo, test_tasks=3, bn_mode=bn_mode))
+        engine.train()
+        engine.train_step()  # running statistics (inductive) are no longer their initial values
         before = {k: v.clone() for k, v in engine.upper.module.state_dict().items()}
+        optimizer = repr(engine.upper.optimizer.state_dict())
         engine.evaluate("test", 3)
         after = engine.upper.module.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
+        assert repr(engine.upper.optimizer.state_dict()) == optimizer
         assert all(p.grad is None for p in engine.upper.module.parameters())
 
 
@@ -151,3 +156,37 @@ def _shrink_mlp(engine):
     lower_small = MLP(1, 1, hidden=(16,)).to(F64)
     engine.lower.module.net = lower_small.net
     engine.lower.optimizer = torch.optim.SGD(engine.lower.module.parameters(), lr=engine.run_config.inner_lr)
+
+
+def test_maml_with_inner_momentum_and_weight_decay_equals_plain_autograd(make_config):
+    engine = _engine(make_config, task="glyphs", algo="maml", inner_steps=3, meta_batch_size=2, inner_lr=0.3,
+                     inner_momentum=0.9, inner_weight_decay=0.05)
+    got, tasks = engine_meta_gradient(engine)
+    model, kind = engine.upper.module, engine.env.kind
+    reference = unrolled_maml(model, tasks, 0.3, 3, kind, momentum=0.9, weight_decay=0.05)
+    assert relative_error(got, reference) < 1e-10
+    assert relative_error(unrolled_maml(model, tasks, 0.3, 3, kind), reference) > 1e-3  # the options matter
+
+
+def test_imaml_with_inner_weight_decay_equals_dense_solve(make_config):
+    """Weight decay is part of the inner objective, so the implicit gradient sees it."""
+    engine = _engine(make_config, task="sinusoid", algo="imaml", hypergrad="exact", inner_steps=4,
+                     inner_lr=0.05, lam=2.0, meta_batch_size=2, inner_weight_decay=0.5)
+    got, tasks = engine_meta_gradient(engine)
+    model, kind = engine.upper.module, engine.env.kind
+    reference = implicit_maml(model, tasks, 0.05, 4, 2.0, kind, weight_decay=0.5)
+    assert relative_error(got, reference) < 1e-6
+    assert relative_error(implicit_maml(model, tasks, 0.05, 4, 2.0, kind), reference) > 1e-3
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml"])
+def test_maml_with_episodic_batchnorm_equals_plain_autograd(make_config, algo):
+    """The query loss depends on the support set through its BatchNorm statistics."""
+    engine = _engine(make_config, task="glyphs", algo=algo, bn_mode="episodic", inner_steps=2,
+                     meta_batch_size=2, inner_lr=0.4)
+    got, tasks = engine_meta_gradient(engine)
+    model, kind = engine.upper.module, engine.env.kind
+    first = algo == "fomaml"
+    reference = unrolled_maml(model, tasks, 0.4, 2, kind, first_order=first, episodic=True)
+    assert relative_error(got, reference) < 1e-10
+    assert relative_error(unrolled_maml(model, tasks, 0.4, 2, kind, first_order=first), reference) > 1e-3
