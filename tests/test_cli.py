@@ -96,3 +96,12 @@ def test_errors_print_no_traceback_from_the_real_entry_point(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("error: --task nope")
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_preset_is_valid_and_names_its_task(preset):
+    from envs import TASKS
+    from imaml.config import parse_args
+
+    config = parse_args(["--config", str(ROOT / "configs" / preset)])
+    assert config.task in TASKS and preset.startswith(f"{config.task}-{config.algo}")
