@@ -180,7 +180,8 @@ def _objective(curr) -> torch.Tensor:
     """The lower objective g at the current φ, re-evaluated for the solver. BatchNorm running
     statistics stay as the inner loop left them: a re-evaluation is not another step."""
     # The forward updates scratch copies (swapped in, not copied back: the graph keeps them).
-    slots = [(m, name) for m in curr.module.modules() for name, b in m.named_buffers(recurse=False)]
+    modules = curr.module.modules() if isinstance(getattr(curr, "module", None), torch.nn.Module) else ()
+    slots = [(m, name) for m in modules for name, _ in m.named_buffers(recurse=False)]
     kept = [getattr(m, name) for m, name in slots]
     for (m, name), b in zip(slots, kept):
         setattr(m, name, b.clone())
