@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -62,12 +63,19 @@ def build_meta_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
 
 
 def build_lr_schedule(config: RunConfig, optimizer: torch.optim.Optimizer):
-    """The meta learning-rate schedule over --meta-steps (None for a constant rate)."""
+    """The meta learning-rate schedule over --meta-steps (None for a constant rate).
+
+    Closed forms of the step count, so a run resumed with a larger --meta-steps continues
+    on the schedule of its new length (a checkpoint keeps only the step count)."""
+    if config.lr_schedule == "none":
+        return None
     if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.meta_steps)
-    if config.lr_schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_every, gamma=config.lr_gamma)
-    return None
+        def factor(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, config.meta_steps) / config.meta_steps))
+    else:
+        def factor(step: int) -> float:
+            return config.lr_gamma ** (step // config.lr_step_every)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def build_engine(config: RunConfig, log: Optional[RunLog] = None,

@@ -2,6 +2,7 @@
 meta-test; bad checkpoint files give a one-line error."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -21,17 +22,22 @@ def _records(path):
             for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algo", ["imaml", "maml"])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, data_root, algo):
-    whole = run_from_args(_common(data_root, algo) + ["--meta-steps", "4", "--output-dir", str(tmp_path / "whole")])
-    run_from_args(_common(data_root, algo) + ["--meta-steps", "2", "--output-dir", str(tmp_path / "part")])
+@pytest.mark.parametrize("algo,recipe", [
+    ("imaml", []),
+    ("maml", []),
+    ("maml", ["--bn-mode", "inductive", "--meta-optimizer", "sgd", "--lr-schedule", "step", "--lr-step-every", "1"]),
+], ids=["imaml", "maml", "maml-inductive-sgd-step-schedule"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, data_root, algo, recipe):
+    common = _common(data_root, algo) + recipe
+    whole = run_from_args(common + ["--meta-steps", "4", "--output-dir", str(tmp_path / "whole")])
+    run_from_args(common + ["--meta-steps", "2", "--output-dir", str(tmp_path / "part")])
     resumed = run_from_args(["--resume", str(tmp_path / "part"), "--meta-steps", "4"])
     assert _records(tmp_path / "part") == _records(tmp_path / "whole")
     assert resumed["test"] == whole["test"]
     assert resumed["before_meta_training"] == whole["before_meta_training"]
     a = checkpoint.load(tmp_path / "whole" / "checkpoints" / "latest.pt")["upper"]["module"]
     b = checkpoint.load(tmp_path / "part" / "checkpoints" / "latest.pt")["upper"]["module"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # parameters and running statistics
 
 
 def test_eval_only_reproduces_the_final_meta_test(tmp_path, data_root):
@@ -75,3 +81,16 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert checkpoint.load(path)["step"] == 1  # the previous checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # and no temporary file is left
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_cosine_schedule_follows_the_new_length_of_a_resumed_run(make_config):
+    from engines import build_engine
+
+    short = build_engine(make_config(lr_schedule="cosine", meta_steps=4, meta_lr=1.0))
+    for _ in range(2):
+        short.upper.lr_schedule.step()
+    longer = build_engine(make_config(lr_schedule="cosine", meta_steps=8, meta_lr=1.0))
+    longer.upper.lr_schedule.load_state_dict(short.upper.lr_schedule.state_dict())
+    longer.upper.lr_schedule.step()
+    assert longer.upper.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 8)))
