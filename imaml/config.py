@@ -23,6 +23,7 @@ __all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "parse_args", "load
 ALGOS = ("imaml", "maml", "fomaml")
 HYPERGRADS = ("cg", "neumann", "darts", "exact")
 WANDB_MODES = ("online", "offline", "disabled")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -63,6 +64,7 @@ class RunConfig:
     # run
     seed: int = 0
     device: str = "cpu"
+    dist_backend: str = "auto"  # under torchrun: auto (nccl on GPUs, gloo on CPU), nccl or gloo
     data_root: str = "data"
     output_dir: str = "runs/latest"
     log_every: int = 10
@@ -89,6 +91,7 @@ class RunConfig:
         _one_of("hypergrad", self.hypergrad, HYPERGRADS)
         _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
         _one_of("on_divergence", self.on_divergence, ("stop", "skip"))
+        _one_of("dist_backend", self.dist_backend, DIST_BACKENDS)
         _positive("divergence_factor", self.divergence_factor)
         if self.meta_grad_clip < 0:
             raise UsageError(f"--meta-grad-clip {self.meta_grad_clip}: must be >= 0 (0 turns clipping off)")
@@ -231,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on_divergence": "when a meta-batch diverges: stop (save a checkpoint, exit 3) or skip it",
         "divergence_factor": "adapted weights with ‖φ‖ > factor·‖θ‖ count as diverged",
         "meta_grad_clip": "clip the meta-gradient to this norm; 0: off",
+        "dist_backend": "torch.distributed backend when launched with torchrun: auto (nccl on GPUs, "
+                        "gloo on CPU), nccl or gloo; see docs/distributed.md",
     }
     defaults = RunConfig()
     for name, f in _FIELDS.items():
@@ -243,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = HYPERGRADS
         if name == "wandb_mode":
             kwargs["choices"] = WANDB_MODES
+        if name == "dist_backend":
+            kwargs["choices"] = DIST_BACKENDS
         parser.add_argument(_flag(name), dest=name, metavar=name.split("_")[-1].upper(), **kwargs)
     return parser
 
