@@ -53,7 +53,8 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
 
     ``dtype=torch.float64`` is for exactness tests and diagnostics."""
     device = resolve_device(config.device)
-    sources = build_task_sources(config)
+    with distributed.node_main_first():  # one download / generation per node
+        sources = build_task_sources(config)
     torch.manual_seed(config.seed)
     env = FewShotEnv(sources, config.meta_batch_size, config.seed, device, dtype)
     train = sources["train"]

@@ -27,7 +27,7 @@ from imaml.config import RunConfig
 from imaml.errors import UsageError
 
 __all__ = ["process_group", "world_size", "rank", "is_main", "shard", "all_reduce_gradients",
-           "max_over_ranks", "gather_objects", "process_device", "broadcast_module"]
+           "max_over_ranks", "gather_objects", "process_device", "broadcast_module", "node_main_first"]
 
 
 def _launched(name: str, default: int) -> int:
@@ -172,3 +172,18 @@ def broadcast_module(module: torch.nn.Module) -> None:
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=0)
+
+
+@contextmanager
+def node_main_first() -> Iterator[None]:
+    """Run the block in each node's first process (LOCAL_RANK 0) before the others, so a
+    dataset is downloaded or generated once per node and then read from its cache."""
+    if world_size() == 1:
+        yield
+        return
+    first = _launched("LOCAL_RANK", 0) == 0
+    if not first:
+        dist.barrier()
+    yield
+    if first:
+        dist.barrier()

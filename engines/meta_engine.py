@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import resource
 import signal
@@ -72,7 +73,7 @@ class MetaEngine(Engine):
         if distributed.world_size() > 1:
             distributed.broadcast_module(self.upper.module)
             share = self.upper.gas / run_config.meta_batch_size  # this process's tasks per meta-batch
-            self.upper.gradient_sync = lambda params: distributed.all_reduce_gradients(params, share)
+            self.upper.gradient_sync = functools.partial(distributed.all_reduce_gradients, scale=share)
 
     # -------------------------------------------------------------------- the shared inner loop
     def inner_loop(self, steps: int) -> None:
