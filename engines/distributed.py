@@ -68,7 +68,7 @@ def _check_setup(config: RunConfig, world: int, local_rank: int) -> None:
     """Bad launches as one-line UsageErrors, before any process waits for another."""
     if not dist.is_available():
         raise UsageError("this torch build has no torch.distributed; run a single process (python run.py)")
-    if world > config.meta_batch_size:
+    if world > config.meta_batch_size and not config.eval_only:
         raise UsageError(
             f"--meta-batch-size {config.meta_batch_size} with {world} processes: every process needs at "
             f"least one task of the meta-batch; use --meta-batch-size >= {world} or fewer processes")
