@@ -8,6 +8,7 @@ single-process references run here, in the test process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -24,7 +25,7 @@ import torch.multiprocessing as mp
 from engines import build_engine, distributed
 from imaml.cli import main, run_from_args
 from imaml.config import RunConfig
-from imaml.errors import UsageError
+from imaml.errors import RunStopped, UsageError
 from tests.reference import relative_error
 
 F64 = torch.float64
@@ -56,6 +57,16 @@ def _meta_train(config: RunConfig) -> dict:
             "theta": theta, "record": engine._train_record()}
 
 
+def _diverge(config: RunConfig) -> str:
+    """The message of the first meta-step with an inner learning rate that blows up every task."""
+    engine = build_engine(dataclasses.replace(config, inner_lr=1e6))
+    engine.train()
+    engine.global_step = 1
+    with pytest.raises(RunStopped) as stop:
+        engine.train_step()
+    return str(stop.value)
+
+
 def _cli_args(data_root: str, out: Path, meta_steps: int) -> list:
     return ["--task", "glyphs", "--algo", "imaml", "--ways", "3", "--channels", "4", "--query-shots", "2",
             "--meta-batch-size", "3", "--inner-steps", "2", "--test-inner-steps", "2", "--test-tasks", "5",
@@ -80,6 +91,7 @@ def _worker(rank: int, port: int, configs: list, data_root: str, cli_out: str, r
     with distributed.process_group(configs[0]):
         out["world_size"] = distributed.world_size()
         out["engine"] = [_meta_train(config) for config in configs]
+        out["diverged"] = _diverge(configs[0])
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
             run_from_args(_cli_args(data_root, Path(cli_out), 2))
@@ -100,11 +112,11 @@ def _free_port() -> int:
 def job(tmp_path_factory, data_root):
     """Run the two workers once; return (their outputs by rank, the configs, the CLI dir)."""
     tmp = tmp_path_factory.mktemp("dist")
-    configs = [RunConfig(task=task, algo=algo, ways=3 if task == "glyphs" else None, shots=2 if task == "glyphs" else 5,
-                         query_shots=2 if task == "glyphs" else 5, channels=4, meta_batch_size=batch,
-                         meta_steps=META_STEPS, inner_steps=2, test_inner_steps=2,
-                         inner_lr=0.1 if task == "glyphs" else 0.01, meta_lr=0.01, test_tasks=5,
-                         data_root=data_root, output_dir=str(tmp / "unused")).validate()
+    images = {"ways": 3, "shots": 2, "query_shots": 2, "inner_lr": 0.1}
+    points = {"ways": None, "shots": 5, "query_shots": 5, "inner_lr": 0.01}
+    configs = [RunConfig(task=task, algo=algo, **(images if task == "glyphs" else points), channels=4,
+                         meta_batch_size=batch, meta_steps=META_STEPS, inner_steps=2, test_inner_steps=2,
+                         meta_lr=0.01, test_tasks=5, data_root=data_root, output_dir=str(tmp / "unused")).validate()
                for task, algo, batch in SCENARIOS]
     cli_out = str(tmp / "cli")
     context = mp.spawn(_worker, args=(_free_port(), configs, data_root, cli_out, str(tmp)), nprocs=WORLD,
@@ -121,8 +133,14 @@ def job(tmp_path_factory, data_root):
 
 @pytest.fixture(scope="module")
 def singles(job):
-    """The same scenarios in this (single) process: the references."""
-    return [_meta_train(config) for config in job[1]]
+    """The same scenarios in this (single) process, single-threaded like the workers (module
+    fixtures run before the autouse one that sets this): the references."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [_meta_train(config) for config in job[1]]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_two_processes_equal_one_process_meta_training(job, singles):
@@ -142,6 +160,14 @@ def test_two_processes_equal_one_process_meta_training(job, singles):
         # meta-training really moved θ, so the equality above says something
         theta0 = build_engine(config, dtype=F64).upper.trainable_parameters()
         assert relative_error(single["theta"], theta0) > 1e-4, name
+
+
+def test_processes_agree_on_a_divergence(job):
+    outputs, configs, _ = job
+    single = _diverge(configs[0])
+    assert "diverged at meta-step 1, task 0 of the meta-batch" in single
+    # rank 1 adapted tasks 1 and 3 only: it reports task 0 because the processes agree
+    assert outputs[0]["diverged"] == outputs[1]["diverged"] == single
 
 
 def test_sharded_evaluation_equals_one_process_evaluation(job, singles):
