@@ -14,6 +14,7 @@ from betty.configs import Config
 from betty.logging.logger_base import get_logger as get_betty_logger
 
 from envs import FewShotEnv, build_task_sources
+from engines import distributed
 from engines.meta_engine import MetaEngine
 from imaml.config import RunConfig
 from imaml.errors import UsageError
@@ -25,6 +26,7 @@ __all__ = ["build_engine", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
+    name = distributed.process_device(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return torch.device(name)
@@ -84,7 +86,8 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
 
     ``dtype=torch.float64`` is for exactness tests and diagnostics."""
     device = resolve_device(config.device)
-    sources = build_task_sources(config)
+    with distributed.node_main_first():  # one download / generation per node
+        sources = build_task_sources(config)
     torch.manual_seed(config.seed)
     env = FewShotEnv(sources, config.meta_batch_size, config.seed, device, dtype)
     train = sources["train"]
@@ -93,10 +96,11 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
 
     # The Upper config decides how Betty differentiates through the Lower problem:
     # first_order=True runs the implicit path (our solver); False leaves the gradient to
-    # flow through the unrolled inner steps. gradient_accumulation averages over tasks.
+    # flow through the unrolled inner steps. gradient_accumulation averages over the tasks
+    # this process adapts (all of the meta-batch, or its shard: engines/distributed.py).
     implicit = config.algo == "imaml"
     upper_config = Config(first_order=implicit, retain_graph=implicit,
-                          gradient_accumulation=config.meta_batch_size,
+                          gradient_accumulation=len(distributed.shard(config.meta_batch_size)),
                           gradient_clipping=config.meta_grad_clip)
     upper = MetaInit("upper", upper_config, module=model,
                      optimizer=build_meta_optimizer(config, model.parameters()), device=device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import resource
 import signal
@@ -16,6 +18,7 @@ from betty.engine import Engine
 from betty.configs import EngineConfig
 from tqdm import tqdm
 
+from engines import distributed
 from imaml import checkpoint
 from imaml.config import RunConfig
 from imaml.errors import RunStopped
@@ -37,6 +40,11 @@ class MetaEngine(Engine):
 
     Meta-validation and meta-test run the very same inner loop (``inner_loop``) with the
     problems in eval mode, where Betty never calls the Upper problem, so θ is never touched.
+
+    Under ``torchrun`` each process adapts its shard of every meta-batch and of the
+    evaluation tasks (``engines.distributed``); meta-gradients, logged statistics, evaluation
+    scores and stop decisions are combined across processes, so all processes apply the same
+    meta-update and reach the same results. Only the main process gets a log and checkpoints.
     """
 
     def __init__(self, upper, lower, env, run_config: RunConfig, log: Optional[RunLog] = None,
@@ -63,6 +71,10 @@ class MetaEngine(Engine):
         self._signal: Optional[int] = None
         self.upper.update_guard = self._guard_update
         self.checkpoint_dir = checkpoint_dir  # None: no checkpoints (library use, tests)
+        if distributed.world_size() > 1:
+            distributed.broadcast_module(self.upper.module)
+            share = self.upper.gas / run_config.meta_batch_size  # this process's tasks per meta-batch
+            self.upper.gradient_sync = functools.partial(distributed.all_reduce_gradients, scale=share)
 
     # -------------------------------------------------------------------- the shared inner loop
     def inner_loop(self, steps: int) -> None:
@@ -76,38 +88,48 @@ class MetaEngine(Engine):
         batch = self.env.step()
         self._batch_problem = None
         self._theta_norm = max(float(global_norm(self.upper.trainable_parameters())), 1e-12)
-        for index in range(batch.num_tasks):
+        mine = distributed.shard(batch.num_tasks)  # all tasks, unless sharded across processes
+        for position, index in enumerate(mine):
             self.env.select(index)
             self._task_index = index
             self.inner_loop(self.run_config.inner_steps)  # the last task's ends in the meta-update
             self.lower.finish_task()
-            if index < batch.num_tasks - 1:
+            if position < len(mine) - 1:
                 self._note_problem(self._check_task())
             self.inner_curves.append(self.lower.inner_losses)
             info = getattr(self.lower, "hypergrad_info", None)
             if info is not None:
                 self.solves.append(info)
         self.tasks_seen += batch.num_tasks
+        distributed.average_buffers(self.upper.module)  # running statistics, from every process's tasks
         self.meta_lr = self.upper.optimizer.param_groups[0]["lr"]  # the rate this step used
         if self.upper.lr_schedule is not None:
             self.upper.lr_schedule.step()
 
+    def _drain_task_records(self) -> tuple:
+        """(query stats [tasks, 2], inner curves, solver infos) of every task since the last
+        log, from all processes; hypergradient norms per task (Betty hands the solver
+        ∇φ(L_query / tasks this process runs), so undo that here, where the count is known)."""
+        solves = [dataclasses.replace(i, norm=self.upper.gas * i.norm) for i in self.solves]
+        mine = (self.upper.drain_task_stats().cpu(), self.inner_curves, solves)
+        self.inner_curves, self.solves = [], []
+        parts = distributed.gather_objects(mine)
+        return (torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]],
+                [i for p in parts for i in p[2]])
+
     def _train_record(self) -> Dict[str, float]:
-        stats = self.upper.drain_task_stats()
+        stats, curves, solves = self._drain_task_records()
         kind = self.env.kind
         record = {"train/query_loss": stats[:, 0].mean().item(),
                   f"train/query_{metric_name(kind)}": stats[:, 1].mean().item()}
         if self.upper.meta_grad_norm is not None:
             record["train/meta_grad_norm"] = float(self.upper.meta_grad_norm)
         record["train/meta_lr"] = self.meta_lr
-        curves, self.inner_curves = self.inner_curves, []
         for k, value in enumerate(_mean_curve(curves), start=1):
             record[f"inner/objective_step_{k:02d}"] = value
-        solves, self.solves = self.solves, []
         if solves:
             residuals = [i.residual for i in solves if math.isfinite(i.residual)]
-            # per task: Betty hands the solver ∇φ(L_query / tasks per meta-batch), so undo that
-            record["train/hypergrad_norm"] = self.upper.gas * sum(i.norm for i in solves) / len(solves)
+            record["train/hypergrad_norm"] = sum(i.norm for i in solves) / len(solves)
             record["train/solver_iterations"] = sum(i.iterations for i in solves) / len(solves)
             record["train/solver_converged"] = sum(i.converged for i in solves) / len(solves)
             record["train/solver_truncated"] = sum(i.boundary for i in solves) / len(solves)
@@ -139,6 +161,8 @@ class MetaEngine(Engine):
         self._note_problem(self._check_task())  # the meta-batch's last task, adapted just now
         if meta_grad_norm is not None and not math.isfinite(float(meta_grad_norm)):
             self._note_problem("the meta-gradient is not finite")
+        if distributed.max_over_ranks(self._batch_problem is not None):  # every process decides alike
+            self._batch_problem = min(p for p in distributed.gather_objects(self._batch_problem) if p)
         if self._batch_problem is None:
             return True
         index, problem = self._batch_problem
@@ -173,15 +197,16 @@ class MetaEngine(Engine):
         self._signal = signum
 
     def _stop_if_signalled(self) -> None:
-        """After a SIGTERM/SIGINT: save the checkpoint, then stop with a clear message."""
-        if self._signal is None:
+        """After a SIGTERM/SIGINT (to any process of a job): save the checkpoint, then stop
+        with a clear message."""
+        signum = int(distributed.max_over_ranks(self._signal or 0))
+        if not signum:
             return
         self.save("latest")
-        name = signal.Signals(self._signal).name
+        name = signal.Signals(signum).name
         where = (f"; checkpoint {self.checkpoint_dir / 'latest.pt'}, continue with --resume "
                  f"{self.run_config.output_dir}") if self.checkpoint_dir else ""
-        raise RunStopped(f"{name} after meta-step {self.global_step}{where}",
-                         exit_code=128 + self._signal)
+        raise RunStopped(f"{name} after meta-step {self.global_step}{where}", exit_code=128 + signum)
 
     def _warn_on_residual(self, solves) -> None:
         """Say once, plainly, when the linear solves end above tolerance (then only log it)."""
@@ -200,26 +225,33 @@ class MetaEngine(Engine):
     def evaluate(self, split: str, num_tasks: int) -> Dict[str, float]:
         """Adapt to ``num_tasks`` fixed tasks of ``split`` and score the query sets.
 
-        Returns the mean and 95% CI over tasks of query accuracy (classification) or MSE."""
+        Returns the mean and 95% CI over tasks of query accuracy (classification) or MSE.
+        Sharded across processes, the scores are gathered in task order, so the numbers are
+        those of one process."""
         kind = self.env.kind
-        scores, curves = [], []
+        indices, scores, curves = [], [], []
         self.eval()
-        bar = _progress(num_tasks, f"meta-test ({split})", unit="task")
+        bar = _progress(len(distributed.shard(num_tasks)), f"meta-test ({split})", unit="task")
         try:
+            start = 0
             for batch in self.env.episodes(split, num_tasks):
                 self.env.load(batch)
-                for index in range(batch.num_tasks):
+                for index in distributed.shard(batch.num_tasks, start):
                     task = self.env.select(index)
                     self.inner_loop(self.run_config.test_inner_steps)
                     curves.append(self.lower.inner_losses)
                     with torch.no_grad():
                         scores.append(task_score(kind, self.lower.predict(task.query_x), task.query_y))
+                    indices.append(start + index)
                     bar.update()
-                    self._stop_if_signalled()
+                start += batch.num_tasks
+                self._stop_if_signalled()  # once per batch: the same number of times in every process
         finally:
             bar.close()
             self.train()
-        values = torch.stack(scores).tolist()
+        mine = list(zip(indices, torch.stack(scores).tolist() if scores else [], curves))
+        tasks = sorted((t for part in distributed.gather_objects(mine) for t in part), key=lambda t: t[0])
+        values, curves = [t[1] for t in tasks], [t[2] for t in tasks]
         mean, ci95 = mean_ci95(values)
         return {"metric": metric_name(kind), "mean": mean, "ci95": ci95, "num_tasks": len(values),
                 "inner_curve": _mean_curve(curves)}
@@ -348,7 +380,7 @@ def _mean_curve(curves: list) -> list:
 def _progress(total: int, desc: str, unit: str, initial: int = 0):
     """A tqdm bar with tasks/s and ETA on a terminal; silent when stdout is not one."""
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
-                disable=not sys.stdout.isatty())
+                disable=not sys.stdout.isatty() or not distributed.is_main())
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,27 +14,40 @@ __all__ = ["run_from_args", "main"]
 
 
 def run_from_args(argv: Optional[list] = None) -> dict:
-    """Everything ``python run.py ...`` does; returns the results it wrote."""
+    """Everything ``python run.py ...`` does; returns the results it wrote. Launched by
+    ``torchrun``, every process runs this, sharing the work (docs/distributed.md)."""
     config = parse_args(argv)
-    from engines import build_engine  # heavy imports only once the flags are known good
+    from engines import distributed  # heavy imports only once the flags are known good
+
+    with distributed.process_group(config):
+        return _run(config, main_process=distributed.is_main())
+
+
+def _run(config: RunConfig, main_process: bool) -> dict:
+    """Build, (resume,) run and report; only the main process writes files or prints."""
+    from engines import build_engine, distributed
     from imaml import checkpoint
 
     from imaml.wandb_sink import start_wandb
 
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(output_dir, append=bool(config.resume), sink=start_wandb(config, output_dir))
-    write_json(output_dir / "config.json", config.to_dict())
-    engine = build_engine(config, log=log, checkpoint_dir=output_dir / "checkpoints")
+    log, checkpoint_dir = None, None
+    if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        log = RunLog(output_dir, append=bool(config.resume), sink=start_wandb(config, output_dir))
+        write_json(output_dir / "config.json", config.to_dict())
+        checkpoint_dir = output_dir / "checkpoints"
+    say = log.say if log else (lambda line: None)
+    engine = build_engine(config, log=log, checkpoint_dir=checkpoint_dir)
     start = checkpoint_path(config)
     if start is not None:
-        engine.load_state_dict(checkpoint.load(start))
+        engine.load_state_dict(checkpoint.load(start))  # every process loads the same state
     if config.eval_only:
-        log.say(f"meta-test of {start} (meta-step {engine.global_step}) on {config.test_tasks} tasks ...")
+        say(f"meta-test of {start} (meta-step {engine.global_step}) on {config.test_tasks} tasks ...")
         outcome = {"test": engine.evaluate("test", config.test_tasks), "checkpoint": str(start),
                    "checkpoint_step": engine.global_step}
     else:
-        log.say(_describe(config, engine.env.kind))
+        say(_describe(config, engine.env.kind, distributed.world_size()))
         outcome = engine.run()
     results = {
         "algo": config.algo,
@@ -45,8 +59,11 @@ def run_from_args(argv: Optional[list] = None) -> dict:
         "seed": config.seed,
         **outcome,
         "protocol": _protocol(config, engine.env.kind),
+        "processes": distributed.world_size(),
         "config": config.to_dict(),
     }
+    if not main_process:
+        return results
     write_json(output_dir / "results.json", results)
     if not config.eval_only:
         from imaml.plots import write_plots
@@ -67,27 +84,29 @@ def _protocol(config: RunConfig, kind: str) -> dict:
             "lam": config.lam if config.algo == "imaml" else None, "seed": config.seed}
 
 
-def _describe(config: RunConfig, kind: str) -> str:
+def _describe(config: RunConfig, kind: str, processes: int) -> str:
     ways = f"{config.ways}-way " if kind == "classification" else ""
     bn = f", BatchNorm {config.bn_mode}" if kind == "classification" else ""
     return (f"{config.algo} on {config.task}: {ways}{config.shots}-shot, meta-batch {config.meta_batch_size}, "
             f"{config.meta_steps} meta-steps, {config.inner_steps} inner steps ({config.test_inner_steps} at "
-            f"test){bn}, device {config.device}")
+            f"test){bn}, device {config.device}" + (f", {processes} processes" if processes > 1 else ""))
 
 
 def main(argv: Optional[list] = None) -> int:
     """Console-script entry point (same behaviour as run.py)."""
     from imaml.errors import RunStopped, UsageError
 
+    # every process of a torchrun job meets the same error: only the first (RANK 0) says it
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *args, **kwargs: None)
     try:
         run_from_args(argv)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", file=sys.stderr)
         return 2
     except RunStopped as stop:
-        print(f"{'stopped' if stop.exit_code == 3 else 'interrupted'}: {stop}", file=sys.stderr)
+        say(f"{'stopped' if stop.exit_code == 3 else 'interrupted'}: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted", file=sys.stderr)
         return 130
     return 0

@@ -26,6 +26,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 BN_MODES = ("transductive", "inductive", "episodic")
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("none", "cosine", "step")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -80,6 +81,7 @@ class RunConfig:
     # run
     seed: int = 0
     device: str = "cpu"
+    dist_backend: str = "auto"  # under torchrun: auto (nccl on GPUs, gloo on CPU), nccl or gloo
     output_dir: str = "runs/latest"
     log_every: int = 10
     # robustness: what a diverging meta-batch does, and optional meta-gradient clipping
@@ -117,6 +119,7 @@ class RunConfig:
                 raise UsageError(f"{_flag(name)} {getattr(self, name)}: must be >= 0")
         if not 0 < self.lr_gamma <= 1:
             raise UsageError(f"--lr-gamma {self.lr_gamma}: must be in (0, 1]")
+        _one_of("dist_backend", self.dist_backend, DIST_BACKENDS)
         _positive("divergence_factor", self.divergence_factor)
         if self.meta_grad_clip < 0:
             raise UsageError(f"--meta-grad-clip {self.meta_grad_clip}: must be >= 0 (0 turns clipping off)")
@@ -275,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on_divergence": "when a meta-batch diverges: stop (save a checkpoint, exit 3) or skip it",
         "divergence_factor": "adapted weights with ‖φ‖ > factor·‖θ‖ count as diverged",
         "meta_grad_clip": "clip the meta-gradient to this norm; 0: off",
+        "dist_backend": "torch.distributed backend when launched with torchrun: auto (nccl on GPUs, "
+                        "gloo on CPU), nccl or gloo; see docs/distributed.md",
     }
     defaults = RunConfig()
     for name, f in _FIELDS.items():
@@ -289,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = WANDB_MODES
         if name == "bn_mode":
             kwargs["choices"] = BN_MODES
+        if name == "dist_backend":
+            kwargs["choices"] = DIST_BACKENDS
         parser.add_argument(_flag(name), dest=name, metavar=name.split("_")[-1].upper(), **kwargs)
     return parser
 

@@ -14,8 +14,8 @@ __all__ = ["MetaInit"]
 
 class MetaInit(ImplicitProblem):
     """Holds θ. Its loss for a task is the query loss of the Lower problem after adaptation;
-    Betty averages it over the meta-batch (``gradient_accumulation`` = tasks per meta-batch)
-    and takes one optimizer step per meta-batch.
+    Betty averages it over the meta-batch (``gradient_accumulation`` = tasks per meta-batch,
+    or this process's share of them when sharded) and takes one optimizer step per meta-batch.
 
     ``task_stats`` collects (query loss, query score) per task for the engine's logs, and
     ``meta_grad_norm`` the norm of the averaged meta-gradient at the last meta-update.
@@ -31,6 +31,9 @@ class MetaInit(ImplicitProblem):
         # the meta learning-rate schedule, stepped once per meta-step by the engine (Betty's
         # own ``scheduler`` would step once per task)
         self.lr_schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        # called with the parameters before anything reads their gradients: the all-reduce
+        # that makes them the mean over all processes' tasks (engines/distributed.py)
+        self.gradient_sync = None
 
     @property
     def task_problem(self):
@@ -48,6 +51,8 @@ class MetaInit(ImplicitProblem):
         return loss
 
     def optimizer_step(self, *args, **kwargs):
+        if self.gradient_sync is not None:
+            self.gradient_sync(self.trainable_parameters())
         self.meta_grad_norm = global_norm([p.grad for p in self.trainable_parameters()])
         if self.update_guard is not None and not self.update_guard(self.meta_grad_norm):
             return  # θ and the optimizer state stay as they were; Betty clears the gradients
