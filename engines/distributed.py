@@ -17,7 +17,12 @@ process group and every helper is the identity: one process behaves exactly as b
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterable, Iterator, List
 
 import torch
@@ -26,7 +31,7 @@ import torch.distributed as dist
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 
-__all__ = ["process_group", "world_size", "rank", "is_main", "shard", "all_reduce_gradients",
+__all__ = ["local_processes", "run_local_job", "process_group", "world_size", "rank", "is_main", "shard", "all_reduce_gradients",
            "max_over_ranks", "gather_objects", "process_device", "broadcast_module", "average_buffers",
            "node_main_first"]
 
@@ -88,11 +93,59 @@ def _check_setup(config: RunConfig, world: int, local_rank: int) -> None:
                              f"{torch.cuda.device_count()}); use --nproc_per_node <= {torch.cuda.device_count()}")
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _threads_per_process() -> int:
     """The cores of this node divided among its processes: small tasks run fastest with one
     thread each and as many processes as cores (``OMP_NUM_THREADS``, if set, decides)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // _launched("LOCAL_WORLD_SIZE", 1))
+    return max(1, usable_cores() // _launched("LOCAL_WORLD_SIZE", 1))
+
+
+# ----------------------------------------------------------------------------- local CPU jobs
+def local_processes(config: RunConfig) -> int:
+    """How many processes a plain ``python run.py`` on a CPU starts to share each meta-batch.
+
+    ``--processes N``, or with 0 (auto) one single-thread process per core, at most one per
+    task of a meta-batch: at few-shot batch sizes, parallelism across tasks beats threads
+    inside each operator (docs/performance.md). 1 under torchrun (it already chose) and on GPUs."""
+    if config.device != "cpu" or "WORLD_SIZE" in os.environ:
+        return 1
+    if config.processes:
+        return config.processes
+    return max(1, min(usable_cores(), config.meta_batch_size) if not config.eval_only else usable_cores())
+
+
+def run_local_job(argv: List[str], processes: int) -> int:
+    """Run ``argv`` (run.py's flags) in ``processes`` processes on this machine, wired as
+    torchrun wires its workers (gloo, one thread each unless OMP_NUM_THREADS is set). Ctrl-C
+    and SIGTERM are passed on once, so the job saves its checkpoint and stops; returns the
+    exit status of rank 0 (or the first failure)."""
+    root = str(Path(__file__).resolve().parents[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
+            "LOCAL_WORLD_SIZE": str(processes), "PYTHONPATH": os.pathsep.join(
+                p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    base.setdefault("OMP_NUM_THREADS", "1")
+    workers = [subprocess.Popen([sys.executable, "-m", "imaml.cli", *argv], start_new_session=True,
+                                env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+               for r in range(processes)]
+
+    def forward(signum, frame):
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [worker.wait() for worker in workers]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return codes[0] or next((c for c in codes if c), 0)
 
 
 @contextmanager

@@ -98,7 +98,14 @@ def main(argv: Optional[list] = None) -> int:
 
     # every process of a torchrun job meets the same error: only the first (RANK 0) says it
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *args, **kwargs: None)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        config = parse_args(argv)
+        from engines import distributed
+
+        processes = distributed.local_processes(config)
+        if processes > 1:  # one single-thread process per core, sharing each meta-batch
+            return distributed.run_local_job(argv, processes)
         run_from_args(argv)
     except UsageError as err:
         say(f"error: {err}", file=sys.stderr)
@@ -110,3 +117,7 @@ def main(argv: Optional[list] = None) -> int:
         say("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+if __name__ == "__main__":  # the workers of a local multi-process job (engines.distributed)
+    sys.exit(main())

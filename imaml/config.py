@@ -82,6 +82,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     dist_backend: str = "auto"  # under torchrun: auto (nccl on GPUs, gloo on CPU), nccl or gloo
+    processes: int = 0  # CPU processes sharing each meta-batch; 0: one per core (auto), 1: this process only
     output_dir: str = "runs/latest"
     log_every: int = 10
     # robustness: what a diverging meta-batch does, and optional meta-gradient clipping
@@ -129,6 +130,7 @@ class RunConfig:
             _at_least(name, getattr(self, name), 1)
         if self.ways is not None:
             _at_least("ways", self.ways, 2)
+        _at_least("processes", self.processes, 0)
         _at_least("test_tasks", self.test_tasks, 2)  # a 95% CI needs two tasks
         if self.test_query_shots is not None:
             _at_least("test_query_shots", self.test_query_shots, 1)
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on_divergence": "when a meta-batch diverges: stop (save a checkpoint, exit 3) or skip it",
         "divergence_factor": "adapted weights with ‖φ‖ > factor·‖θ‖ count as diverged",
         "meta_grad_clip": "clip the meta-gradient to this norm; 0: off",
+        "processes": "on CPU, single-thread processes sharing each meta-batch (a local torchrun-style "
+                     "job); 0: one per core, at most one per task; 1: just this process",
         "dist_backend": "torch.distributed backend when launched with torchrun: auto (nccl on GPUs, "
                         "gloo on CPU), nccl or gloo; see docs/distributed.md",
     }

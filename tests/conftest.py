@@ -51,3 +51,12 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_process(monkeypatch):
+    """``main()`` would share each meta-batch among one process per core (--processes 0);
+    tests ask for more processes explicitly (tests/test_distributed.py, test_cli.py)."""
+    from engines import distributed
+
+    monkeypatch.setattr(distributed, "usable_cores", lambda: 1)
