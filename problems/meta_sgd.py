@@ -28,14 +28,14 @@ class MetaSGDInit(MetaInit):
 
     def __init__(self, name, config, module, optimizer, scheduler=None, device=None):
         super().__init__(name, config, module, optimizer, scheduler=scheduler, device=device)
-        self.inner_lrs = nn.ParameterList()  # filled in initialize(), from the Lower's learning rate
+        self.inner_lrs = nn.ParameterList(nn.Parameter(torch.zeros_like(p.detach())) for p in module.parameters())
+        self.optimizer.add_param_group({"params": list(self.inner_lrs)})  # now, before anything reads the groups
 
     def initialize(self, engine_config) -> None:
         super().initialize(engine_config)
-        lr = self.task_problem.optimizer.param_groups[0]["lr"]  # --inner-lr
-        self.inner_lrs = nn.ParameterList(nn.Parameter(torch.full_like(p.detach(), lr))
-                                          for p in self.module.parameters())
-        self.optimizer.add_param_group({"params": list(self.inner_lrs)})
+        with torch.no_grad():  # the start value is the Lower problem's --inner-lr, known once linked
+            for rate in self.inner_lrs:
+                rate.fill_(self.task_problem.optimizer.param_groups[0]["lr"])
 
     def trainable_parameters(self) -> List[torch.Tensor]:
         return list(self.module.parameters()) + list(self.inner_lrs)

@@ -214,4 +214,11 @@ def test_zero_head_test_ways_from_the_command_line(tmp_path, data_root):
                    "--test-inner-steps", "2", "--test-tasks", "4", "--val-every", "100", "--data-root", data_root,
                    "--lower-problem", ZERO_HEAD["fomaml"], "--output-dir", str(out)])
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["test_ways"] == 4 and results["test"]["num_tasks"] == 4
+    assert results["ways"] == 3 and results["test_ways"] == 4 and results["test"]["num_tasks"] == 4
+    # a checkpoint meta-tests at any number of ways afterwards
+    again = run_from_args(["--eval-only", "true", "--checkpoint", str(out / "checkpoints" / "latest.pt"),
+                           "--test-ways", "4", "--output-dir", str(tmp_path / "same")])
+    assert again["test"] == results["test"]
+    wider = run_from_args(["--eval-only", "true", "--checkpoint", str(out / "checkpoints" / "latest.pt"),
+                           "--test-ways", "6", "--output-dir", str(tmp_path / "wider")])
+    assert wider["test_ways"] == 6 and wider["test"]["num_tasks"] == 4
