@@ -7,6 +7,10 @@ inner loop; α starts at ``--inner-lr``. Select with
 first-order variant, where α's meta-gradient treats the inner gradients as constants); the
 Upper problem that holds α comes with it. Not for iMAML: the implicit meta-gradient does
 not depend on the inner path, so α would get none.
+
+α is learned for ``--inner-steps`` steps: meta-test with as many (``--test-inner-steps``;
+the paper uses one step for both). More steps at the learned rates can diverge: on the
+sinusoid preset after 300 meta-steps, 10 test steps give NaN where 1 step gives MSE 0.84.
 """
 
 from __future__ import annotations
