@@ -185,7 +185,7 @@ class UnrolledLower(_TaskAdaptation, IterativeProblem):
         tensors.update(zip(self._buffer_names, buffers))
         return functional_call(self.module, tensors, (x,))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fmodule(self.params, self.buffers, x)
 
     def training_step(self, batch) -> torch.Tensor:
