@@ -7,20 +7,20 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from betty.configs import Config
 from betty.logging.logger_base import get_logger as get_betty_logger
 
-from envs import FewShotEnv, build_task_sources
+from envs import build_task_sources
 from engines import distributed
+from engines.extensions import Parts, choose_parts, make_model
 from engines.meta_engine import MetaEngine
 from imaml.config import RunConfig
 from imaml.errors import UsageError
-from imaml.models import build_model
 from imaml.reporting import RunLog
-from problems import ImplicitLower, LowerConfig, MetaInit, UnrolledLower
+from problems import LowerConfig
 
 __all__ = ["build_engine", "resolve_device"]
 
@@ -32,8 +32,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device):
-    """The Lower problem for ``config.algo``: implicit (iMAML) or unrolled (MAML, FOMAML)."""
+def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device, parts: Optional[Parts] = None):
+    """The Lower problem for ``config.algo``: implicit (iMAML) or unrolled (MAML, FOMAML), or
+    the extension class ``parts`` names (a subclass of the one the algorithm needs)."""
+    parts = parts or choose_parts(config)
     module = copy.deepcopy(model)
     implicit = config.algo == "imaml"
     # iMAML's weight decay is a term of the inner objective (the implicit gradient must see
@@ -42,15 +44,15 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device)
                                 weight_decay=0.0 if implicit else config.inner_weight_decay)
     if implicit:
         lower_config = LowerConfig(
-            type=f"imaml_{config.hypergrad}", unroll_steps=config.inner_steps, lam=config.lam,
+            type=parts.solver, unroll_steps=config.inner_steps, lam=config.lam,
             weight_decay=config.inner_weight_decay,
             cg_iterations=config.cg_steps, cg_tol=config.cg_tol, cg_trust_region=config.cg_trust_region,
             neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
             darts_alpha=config.darts_radius)
-        return ImplicitLower("lower", lower_config, module, optimizer, device=device)
+        return parts.lower("lower", lower_config, module, optimizer, device=device)
     lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",
                                retain_graph=config.algo == "maml")
-    return UnrolledLower("lower", lower_config, module=module, optimizer=optimizer, device=device)
+    return parts.lower("lower", lower_config, module=module, optimizer=optimizer, device=device)
 
 
 def build_meta_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
@@ -81,18 +83,23 @@ def build_lr_schedule(config: RunConfig, optimizer: torch.optim.Optimizer):
 
 
 def build_engine(config: RunConfig, log: Optional[RunLog] = None,
-                 dtype: torch.dtype = torch.float32, checkpoint_dir: Optional[Path] = None) -> MetaEngine:
+                 dtype: torch.dtype = torch.float32, checkpoint_dir: Optional[Path] = None, *,
+                 lower_cls: Optional[type] = None, upper_cls: Optional[type] = None,
+                 env_cls: Optional[type] = None, model: Union[torch.nn.Module, type, None] = None,
+                 solver: Optional[Callable] = None) -> MetaEngine:
     """Env + model + Upper/Lower problems + engine for ``config`` (already validated).
 
-    ``dtype=torch.float64`` is for exactness tests and diagnostics."""
+    ``dtype=torch.float64`` is for exactness tests and diagnostics. The keyword arguments
+    replace built-in parts from Python (classes, a model or model class, a hypergradient
+    solver), as the import paths in ``config`` do from the CLI; see engines/extensions.py."""
+    parts = choose_parts(config, lower_cls, upper_cls, env_cls, model, solver)
     device = resolve_device(config.device)
     with distributed.node_main_first():  # one download / generation per node
         sources = build_task_sources(config)
     torch.manual_seed(config.seed)
-    env = FewShotEnv(sources, config.meta_batch_size, config.seed, device, dtype)
+    env = parts.env(sources, config.meta_batch_size, config.seed, device, dtype)
     train = sources["train"]
-    model = build_model(config.model, train.input_shape, train.num_outputs, config.channels,
-                        config.bn_mode).to(device, dtype)
+    model = make_model(config, parts, train.input_shape, train.num_outputs).to(device, dtype)
 
     # The Upper config decides how Betty differentiates through the Lower problem:
     # first_order=True runs the implicit path (our solver); False leaves the gradient to
@@ -102,10 +109,10 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     upper_config = Config(first_order=implicit, retain_graph=implicit,
                           gradient_accumulation=len(distributed.shard(config.meta_batch_size)),
                           gradient_clipping=config.meta_grad_clip)
-    upper = MetaInit("upper", upper_config, module=model,
-                     optimizer=build_meta_optimizer(config, model.parameters()), device=device)
-    upper.lr_schedule = build_lr_schedule(config, upper.optimizer)
-    lower = build_lower(config, model, device)
+    upper = parts.upper("upper", upper_config, module=model,
+                        optimizer=build_meta_optimizer(config, model.parameters()), device=device)
+    upper.lr_schedule = build_lr_schedule(config, upper.optimizer)  # over every group (Meta-SGD's rates too)
+    lower = build_lower(config, model, device, parts)
 
     get_betty_logger().setLevel(logging.WARNING)  # Betty prints its problem graph at INFO
     return MetaEngine(upper, lower, env, config, log=log, checkpoint_dir=checkpoint_dir)

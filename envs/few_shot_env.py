@@ -27,6 +27,14 @@ class FewShotEnv(Env):
     the train stream; ``episodes(split, n)`` restarts the val/test stream every time, so
     every meta-validation sees the same tasks and the meta-test tasks for a seed are
     identical across algorithms and runs.
+
+    Extensions (``--env module:Class``) are built as ``Class(sources, meta_batch_size, seed,
+    device, dtype)`` and may override: ``step() -> Episodes`` (what the next meta-batch is,
+    e.g. a curriculum; it must ``load`` it), the ``support``/``query`` properties (what each
+    level sees of the current task, e.g. augmentation), ``episodes(split, n)`` (keep it a
+    fixed stream per split, or evaluations stop being comparable) and ``state_dict`` /
+    ``load_state_dict`` (extend them with any new state, or ``--resume`` is not exact).
+    Leave ``load`` and ``select`` alone: the engine drives tasks through them.
     """
 
     def __init__(self, sources: Dict[str, TaskSource], meta_batch_size: int, seed: int,

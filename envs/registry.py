@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -74,4 +75,9 @@ def build_task_sources(config: RunConfig) -> Dict[str, TaskSource]:
         raise UsageError(f"--task {config.task}: unknown task; choose one of {', '.join(TASKS)}")
     if config.ways is None and config.task != "sinusoid":
         raise UsageError(f"--ways none: the {config.task} task is classification and needs --ways N")
-    return TASKS[config.task](config)
+    sources = TASKS[config.task](config)
+    if config.test_ways is not None and config.test_ways != config.ways:
+        # meta-validation and meta-test at another number of ways: the same builder, asked again
+        evaluation = TASKS[config.task](dataclasses.replace(config, ways=config.test_ways))
+        sources = {**sources, "val": evaluation["val"], "test": evaluation["test"]}
+    return sources

@@ -53,6 +53,7 @@ def _run(config: RunConfig, main_process: bool) -> dict:
         "algo": config.algo,
         "task": config.task,
         "ways": config.ways if engine.env.kind == "classification" else None,
+        "test_ways": (config.test_ways or config.ways) if engine.env.kind == "classification" else None,
         "shots": config.shots,
         "query_shots": config.query_shots,
         "meta_steps": config.meta_steps,

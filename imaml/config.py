@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from imaml.errors import UsageError
+from imaml.plugins import is_import_path, split_import_path
 
 __all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "parse_args", "load_preset", "checkpoint_path"]
 
@@ -38,6 +39,7 @@ class RunConfig:
     task: str = "glyphs"
     # episodes: N ways, K shots (support examples per class), Q query examples per class
     ways: Optional[int] = 5
+    test_ways: Optional[int] = None  # ways at meta-validation and meta-test; None: same as ways
     shots: int = 1
     query_shots: int = 5
     # data: --data-root holds the real benchmarks; --download lets learn2learn fetch them
@@ -73,6 +75,10 @@ class RunConfig:
     model: Optional[str] = None  # None: the task's default (conv4 for images, mlp for sinusoid)
     channels: int = 64
     bn_mode: str = "transductive"  # BatchNorm statistics at meta-train/meta-test, see imaml.models
+    # extensions: import paths (module.sub:ClassName) replacing a built-in class; docs/extending.md
+    lower_problem: Optional[str] = None
+    upper_problem: Optional[str] = None
+    env: Optional[str] = None
     # evaluation
     val_every: int = 100
     val_tasks: int = 100
@@ -105,7 +111,12 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Check every value once, before any work; raise UsageError naming the fix."""
         _one_of("algo", self.algo, ALGOS)
-        _one_of("hypergrad", self.hypergrad, HYPERGRADS)
+        if self.hypergrad not in HYPERGRADS and not is_import_path(self.hypergrad):
+            raise UsageError(f"--hypergrad {self.hypergrad}: unknown solver; choose one of "
+                             f"{', '.join(HYPERGRADS)}, or an import path module:function")
+        for name in ("lower_problem", "upper_problem", "env", "model", "hypergrad"):
+            # these three are always import paths; model and hypergrad also take built-in names
+            _import_path_syntax(name, getattr(self, name), always=name in ("lower_problem", "upper_problem", "env"))
         _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
         _one_of("on_divergence", self.on_divergence, ("stop", "skip"))
         _one_of("bn_mode", self.bn_mode, BN_MODES)
@@ -131,6 +142,10 @@ class RunConfig:
         if self.ways is not None:
             _at_least("ways", self.ways, 2)
         _at_least("processes", self.processes, 0)
+        if self.test_ways is not None:
+            if self.ways is None:
+                raise UsageError(f"--test-ways {self.test_ways}: only for classification tasks (with --ways N)")
+            _at_least("test_ways", self.test_ways, 2)
         _at_least("test_tasks", self.test_tasks, 2)  # a 95% CI needs two tasks
         if self.test_query_shots is not None:
             _at_least("test_query_shots", self.test_query_shots, 1)
@@ -160,6 +175,15 @@ def _one_of(name: str, value: Any, choices: tuple) -> None:
 def _at_least(name: str, value: int, low: int) -> None:
     if value < low:
         raise UsageError(f"{_flag(name)} {value}: must be an integer >= {low}")
+
+
+def _import_path_syntax(name: str, value: Optional[str], always: bool) -> None:
+    """Only the form here; whether it imports is checked when the run is built."""
+    if value is not None and (always or is_import_path(value)):
+        try:
+            split_import_path(value)
+        except ValueError as err:
+            raise UsageError(f"{_flag(name)} {err}") from None
 
 
 def _positive(name: str, value: float) -> None:
@@ -258,14 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
         "shots": "support examples per class (K); points per task for sinusoid",
         "query_shots": "query examples per class; points per task for sinusoid",
         "lam": "iMAML proximal strength λ: inner objective L_support(φ) + λ/2·‖φ − θ‖²",
-        "hypergrad": "iMAML hypergradient solver: cg, neumann, darts or exact (dense; tiny models)",
+        "hypergrad": "iMAML hypergradient solver: cg, neumann, darts, exact (dense; tiny models), or "
+                     "an import path module:function to a linear solver (docs/extending.md)",
         "cg_steps": "maximum conjugate-gradient steps per task",
         "cg_tol": "CG stops when ‖residual‖ ≤ tol·‖∇φ L_query‖",
         "cg_trust_region": "truncate CG (Steihaug) at ‖x‖ = ‖v‖/λ and on negative curvature: "
                            "the hypergradient is never longer than ∇φ L_query; true or false",
         "neumann_alpha": "Neumann step size; none: 1/λ_max estimated by power iteration",
         "model": "conv4 (max-pool; mini-ImageNet), conv4-strided (stride-2, average-pooled; "
-                 "MAML's Omniglot), resnet12, or mlp; none: the task's default",
+                 "MAML's Omniglot), resnet12, or mlp; or an import path module:Class to an nn.Module "
+                 "built as Class(input_shape, num_outputs, config); none: the task's default",
+        "test_ways": "classes per task at meta-validation and meta-test; none: --ways (a different "
+                     "value needs a Lower problem that adapts any number of ways, e.g. the zero-init head)",
+        "lower_problem": "import path module:Class to a Lower problem replacing the built-in one "
+                         "(subclass of ImplicitLower for imaml, UnrolledLower for maml/fomaml)",
+        "upper_problem": "import path module:Class to an Upper problem (subclass of MetaInit)",
+        "env": "import path module:Class to an Env (subclass of envs.FewShotEnv)",
         "test_inner_steps": "inner steps at meta-validation and meta-test",
         "test_tasks": "tasks in the final meta-test (mean and 95%% CI over them)",
         "data_root": "where datasets are (the embedded glyphs are generated and cached here)",
@@ -292,8 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["help"] += f" [{getattr(defaults, name)}]"
         if name == "algo":
             kwargs["choices"] = ALGOS
-        if name == "hypergrad":
-            kwargs["choices"] = HYPERGRADS
         if name == "wandb_mode":
             kwargs["choices"] = WANDB_MODES
         if name == "bn_mode":

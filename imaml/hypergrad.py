@@ -42,6 +42,7 @@ __all__ = [
     "dense_solve",
     "SOLVERS",
     "register_with_betty",
+    "register_solver",
 ]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
@@ -220,7 +221,11 @@ def _solve_with(solve: Callable) -> Callable:
             return _flat(torch.autograd.grad(flat_grad, params, grad_outputs=u, retain_graph=True))
 
         with torch.no_grad():
-            x, info = solve(matvec, _flat(vector).detach(), curr.config)
+            out = solve(matvec, _flat(vector).detach(), curr.config)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], SolveInfo)):
+            raise TypeError(f"hypergradient solver {getattr(solve, '__name__', solve)!r} returned "
+                            f"{type(out).__name__}; it must return (x, SolveInfo)")
+        x, info = out
         implicit = _implicit(flat_grad, x, prev)
         info.norm = float(global_norm(implicit))
         curr.hypergrad_info = info
@@ -292,6 +297,22 @@ SOLVERS = {
     "darts": darts,
     "exact": _solve_with(_exact),
 }
+
+
+def register_solver(name: str, solve: Callable) -> str:
+    """Install a user's linear solver in Betty's dispatch table; return the key to put in the
+    Lower problem's ``config.type``.
+
+    ``solve(matvec, b, config) -> (x, SolveInfo)`` approximates x = A⁻¹b for the Lower
+    objective's Hessian A = ∂²g/∂φ² (``matvec(u)`` = A u, flat vectors; ``config`` is the
+    Lower problem's ``LowerConfig``: ``lam``, ``cg_iterations``, ``cg_tol``, ...). The cross
+    term and the bookkeeping are done here, as for the built-in solvers.
+    """
+    from betty import hypergradient
+
+    key = f"imaml_{name}"
+    hypergradient.jvp_fn_mapping[key] = _solve_with(solve)
+    return key
 
 
 def register_with_betty() -> None:

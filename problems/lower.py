@@ -14,13 +14,16 @@ Two Betty problem types, one per way of differentiating through the adaptation:
 Both start each task from θ (``on_inner_loop_start``), read the current task's support set
 from the Env, and serve meta-training, meta-validation and meta-test alike: the engine
 runs the same Betty ``step()`` loop in every phase; only train/eval mode differs.
+
+Extensions subclass one of them (``--lower-problem module:Class``); each class docstring lists
+the hooks to override and the plumbing to leave alone (docs/extending.md walks through one).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional, Type
 
 import torch
 from betty.configs import Config
@@ -30,6 +33,7 @@ from torch.func import functional_call
 from imaml.hypergrad import register_with_betty
 from imaml.metrics import task_loss
 from imaml.models import predict_query
+from problems.upper import MetaInit
 
 __all__ = ["LowerConfig", "ImplicitLower", "UnrolledLower"]
 
@@ -52,7 +56,19 @@ class LowerConfig(Config):
 
 
 class _TaskAdaptation:
-    """What both Lower problems share: the data they read and how a task starts."""
+    """What both Lower problems share: the data they read and how a task starts.
+
+    Class attributes an extension may set:
+
+    - ``upper_class``: the Upper problem this Lower needs (e.g. Meta-SGD's, which holds the
+      learned learning rates); the builder uses it when no ``--upper-problem`` is given and
+      rejects an Upper that is not a subclass of it.
+    - ``variable_ways``: True if the Lower adapts to tasks with any number of classes (a
+      head it creates per task), so ``--test-ways`` may differ from ``--ways``.
+    """
+
+    upper_class: ClassVar[Type[MetaInit]] = MetaInit
+    variable_ways: ClassVar[bool] = False
 
     @property
     def meta_problem(self):
@@ -97,25 +113,50 @@ class _TaskAdaptation:
 
 
 class ImplicitLower(_TaskAdaptation, ImplicitProblem):
-    """iMAML's inner problem: SGD on  L_support(φ) + λ/2·‖φ − θ‖²  from φ = θ."""
+    """iMAML's inner problem: SGD on  L_support(φ) + λ/2·‖φ − θ‖²  from φ = θ.
+
+    φ is ``self.module``'s parameters, updated in place by ``self.optimizer``; the
+    meta-gradient is the implicit one at the adapted φ, for whatever objective
+    ``training_step`` returns: −(∂²g/∂θ∂φ)(∂²g/∂φ²)⁻¹ ∇φ L_query, plus the direct ∂L_query/∂θ
+    if ``forward`` uses θ itself (see ``problems/anil.py``).
+
+    Hooks an extension overrides (call ``super()`` where it extends rather than replaces):
+
+    - ``training_step(batch) -> Tensor``: the inner objective g(φ, θ); default task loss +
+      ``regularizer()``.
+    - ``regularizer() -> Tensor``: the coupling to θ; default λ/2·‖φ − θ‖² over
+      ``trainable_parameters()``. It must be twice differentiable with a non-zero ∂²g/∂θ∂φ,
+      or θ gets no meta-gradient (an L1 term has zero curvature: use it with unrolled MAML).
+    - ``forward(x) -> Tensor``: the adapted model's output (support, query and meta-test).
+    - ``trainable_parameters() -> list``: the part of φ the inner loop adapts and the solver
+      differentiates (default: all of ``self.module``'s parameters).
+    - ``on_inner_loop_start()``: set φ from θ at the start of every task (default: copy θ's
+      parameters and buffers, clear the optimizer state).
+
+    Leave alone: ``__init__``'s signature (the builder calls it as here), ``step``,
+    ``one_step_descent``, ``backward``, ``optimizer_step``, ``begin_task``, ``get_batch``:
+    Betty's plumbing and the engine's inner loop depend on them.
+    """
 
     def __init__(self, name, config: LowerConfig, module, optimizer, device=None):
         register_with_betty()  # the corrected solvers named by config.type
         super().__init__(name, config, module=module, optimizer=optimizer, device=device)
         self.hypergrad_info = None
 
-    def training_step(self, batch):
+    def training_step(self, batch) -> torch.Tensor:
         x, y = batch
-        loss = task_loss(self.env.kind, self.module(x), y)
-        theta = self.meta_problem.trainable_parameters()
-        phis = self.trainable_parameters()
-        proximal = sum((phi - t).pow(2).sum() for phi, t in zip(phis, theta))
-        loss = loss + 0.5 * self.config.lam * proximal
-        if self.config.weight_decay:
-            loss = loss + 0.5 * self.config.weight_decay * sum(phi.pow(2).sum() for phi in phis)
+        loss = task_loss(self.env.kind, self(x), y) + self.regularizer()
+        if self.config.weight_decay:  # inner weight decay is part of the objective the solver sees
+            loss = loss + 0.5 * self.config.weight_decay * sum(phi.pow(2).sum() for phi in self.trainable_parameters())
         return loss
 
-    def on_inner_loop_start(self):
+    def regularizer(self) -> torch.Tensor:
+        """λ/2·‖φ − θ‖², the proximal term of the iMAML paper (eq. 3)."""
+        theta = self.meta_problem.initial_parameters()
+        proximal = sum((phi - t).pow(2).sum() for phi, t in zip(self.trainable_parameters(), theta))
+        return 0.5 * self.config.lam * proximal
+
+    def on_inner_loop_start(self) -> None:
         with torch.no_grad():
             for phi, theta in zip(self.module.parameters(), self.meta_problem.module.parameters()):
                 phi.copy_(theta)
@@ -131,6 +172,25 @@ class UnrolledLower(_TaskAdaptation, IterativeProblem):
     in tests): the Upper config has ``first_order=False``; this config has
     ``unroll_steps=K`` and ``retain_graph=True``; every task starts from clones of θ and an
     empty optimizer state (``load_state_dict`` here would cut the graph to θ).
+
+    φ is the tuple ``self.params`` (ordered as ``self.module.named_parameters()``, names in
+    ``self._param_names``), replaced by a new tuple at every inner step; the meta-gradient is
+    autograd through all of them. Hooks an extension overrides:
+
+    - ``training_step(batch) -> Tensor``: the inner objective; default the support loss.
+    - ``forward(x) -> Tensor``: the model with ``self.params`` (``self.fmodule``).
+    - ``trainable_parameters() -> Sequence[Tensor]``: the entries of ``self.params`` the inner
+      loop differentiates (default all); the others keep their values, e.g. a frozen encoder.
+    - ``custom_optimizer_step() -> tuple``: Betty's hook for the inner update rule; returns
+      the next ``self.params`` from ``self.params`` and their ``.grad`` (default: Betty's
+      differentiable SGD, which drops entries without a gradient, so a Lower that adapts
+      only some parameters must define it). It must be built from differentiable ops.
+    - ``on_inner_loop_start()``: set ``self.params``/``self.buffers`` from θ for a new task;
+      in training they must stay connected to θ's graph (``clone``, not ``detach``).
+
+    Leave alone: ``__init__``'s signature, ``patch_modules`` (extend it with ``super()``),
+    ``step``, ``one_step_descent``, ``backward``, ``optimizer_step``, ``begin_task``,
+    ``get_batch``: the Betty wiring above and the engine's inner loop depend on them.
     """
 
     def initialize(self, engine_config):
@@ -151,7 +211,7 @@ class UnrolledLower(_TaskAdaptation, IterativeProblem):
         tensors.update(zip(self._buffer_names, buffers))
         return functional_call(self.module, tensors, (x,))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.module.training and self.buffers:
             # BatchNorm updates running statistics in place; earlier steps' graphs keep theirs
             self.buffers = tuple(b.clone() for b in self.buffers)
@@ -170,12 +230,12 @@ class UnrolledLower(_TaskAdaptation, IterativeProblem):
         super().eval()
         self.module.eval()
 
-    def training_step(self, batch):
+    def training_step(self, batch) -> torch.Tensor:
         x, y = batch
         return task_loss(self.env.kind, self(x), y)
 
-    def on_inner_loop_start(self):
-        theta = self.meta_problem.trainable_parameters()
+    def on_inner_loop_start(self) -> None:
+        theta = self.meta_problem.initial_parameters()
         if self._training:
             self.params = tuple(t.clone() for t in theta)  # keeps the graph to θ
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from betty.problems import ImplicitProblem
@@ -19,6 +19,19 @@ class MetaInit(ImplicitProblem):
 
     ``task_stats`` collects (query loss, query score) per task for the engine's logs, and
     ``meta_grad_norm`` the norm of the averaged meta-gradient at the last meta-update.
+
+    Hooks an extension overrides (``--upper-problem module:Class``; call ``super()``):
+
+    - ``training_step(batch) -> Tensor``: the meta-objective of one task (default: the query
+      loss of the adapted Lower problem); keep appending to ``task_stats``.
+    - ``initial_parameters() -> list``: θ, what each task's adaptation starts from (the
+      model's parameters).
+    - ``trainable_parameters() -> list``: everything meta-learned: θ plus any extra
+      meta-parameters (Meta-SGD's learning rates). Extras must also be given to
+      ``self.optimizer`` (``add_param_group``) and saved by ``state_dict``/``load_state_dict``.
+
+    Leave alone: ``__init__``'s signature (the builder calls it as here), ``optimizer_step``
+    (the engine's divergence guard), ``drain_task_stats``, ``get_batch``, ``step``.
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, device=None):
@@ -43,7 +56,11 @@ class MetaInit(ImplicitProblem):
     def get_batch(self):
         return self.env.query
 
-    def training_step(self, batch):
+    def initial_parameters(self) -> List[torch.Tensor]:
+        """θ: the parameters every task's adaptation starts from."""
+        return list(self.module.parameters())
+
+    def training_step(self, batch) -> torch.Tensor:
         x, y = batch
         output = self.task_problem.predict(x)
         loss = task_loss(self.env.kind, output, y)

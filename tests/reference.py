@@ -92,6 +92,99 @@ def implicit_maml(model, tasks, inner_lr: float, steps: int, lam: float, kind: s
     return total
 
 
+def _start(names, theta, task, kind, zero_head):
+    """φ₀ = θ, except entries named in ``zero_head``: zeros with the task's classes as rows."""
+    ways = int(task.support_y.max()) + 1 if kind == "classification" else None
+    return [torch.zeros((ways or t.shape[0], *t.shape[1:]), dtype=t.dtype, requires_grad=True)
+            if n in zero_head else t for n, t in zip(names, theta)]
+
+
+def unrolled_general(model, tasks, steps: int, kind: str, lrs, wrt=None, first_order: bool = False,
+                     adapted=None, zero_head=(), lam: float = 0.0) -> List[torch.Tensor]:
+    """Unrolled adaptation by plain autograd, with the extensions' options; returns the mean
+    over tasks of d L_query / d ``wrt`` (default θ; ``None`` gradients as zeros).
+
+    ``lrs``: a float, or one tensor per parameter (Meta-SGD's α, may be in ``wrt``).
+    ``adapted``: names of the parameters the inner steps update (ANIL: the head); the others
+    stay θ's own tensors. ``zero_head``: names that start every task at zeros, as many rows
+    as the task has classes. ``lam``: adds λ/2‖φ_a − φ₀‖² over the adapted entries (the
+    proximal term, anchored at the start: θ, or zero for a zero head)."""
+    names, theta = zip(*model.named_parameters())
+    wrt = list(theta) if wrt is None else list(wrt)
+    step_sizes = list(lrs) if isinstance(lrs, (list, tuple)) else [lrs] * len(theta)
+    total = [torch.zeros_like(t) for t in wrt]
+    for task in tasks:
+        phi = _start(names, theta, task, kind, zero_head)
+        anchor = [p.detach() if n in zero_head else p for n, p in zip(names, phi)]
+        idx = [i for i, n in enumerate(names) if adapted is None or n in adapted]
+        for _ in range(steps):
+            loss = _loss(model, names, phi, task.support_x, task.support_y, kind)
+            if lam:
+                loss = loss + 0.5 * lam * sum((phi[i] - anchor[i]).pow(2).sum() for i in idx)
+            grads = torch.autograd.grad(loss, [phi[i] for i in idx], create_graph=not first_order)
+            for i, g in zip(idx, grads):
+                phi[i] = phi[i] - step_sizes[i] * g
+        query = _loss(model, names, phi, task.query_x, task.query_y, kind)
+        for acc, g in zip(total, torch.autograd.grad(query, wrt, allow_unused=True)):
+            if g is not None:
+                acc.add_(g / len(tasks))
+    return total
+
+
+def implicit_general(model, tasks, inner_lr: float, steps: int, lam: float, kind: str, adapted=None,
+                     zero_head=()) -> List[torch.Tensor]:
+    """The implicit meta-gradient with dense matrices, for a Lower problem over the adapted
+    entries φ_a (the others are θ's own): g(φ_a, θ) = L_support + λ/2‖φ_a − φ₀(θ)‖², φ₀ = θ_a
+    or zero (``zero_head``). At φ_a after ``steps`` proximal SGD steps, the total derivative
+    of L_query(φ_a(θ), θ) by the implicit function theorem:
+
+        dL/dθ = ∂L/∂θ (direct) − Jᵀ A⁻¹ ∇φ_a L,   A = ∂²g/∂φ_a² (dense Hessian),
+        J = ∂(∇φ_a g)/∂θ (dense Jacobian)."""
+    names, theta = zip(*model.named_parameters())
+    theta = [t.detach() for t in theta]
+    shapes, sizes = [t.shape for t in theta], [t.numel() for t in theta]
+    total = [torch.zeros_like(t) for t in theta]
+    for task in tasks:
+        start = [p.detach() for p in _start(names, theta, task, kind, zero_head)]
+        idx = [i for i, n in enumerate(names) if adapted is None or n in adapted]
+        a_shapes = [start[i].shape for i in idx]
+        a_sizes = [start[i].numel() for i in idx]
+
+        def assemble(flat_a, th):
+            phi = list(th)
+            for i, part, shape in zip(idx, flat_a.split(a_sizes), a_shapes):
+                phi[i] = part.view(shape)
+            return phi
+
+        def anchor(th):
+            return torch.cat([(start[i] if names[i] in zero_head else th[i]).reshape(-1) for i in idx])
+
+        def g(flat_a, th):
+            loss = _loss(model, names, assemble(flat_a, th), task.support_x, task.support_y, kind)
+            return loss + 0.5 * lam * (flat_a - anchor(th)).pow(2).sum()
+
+        flat_a = torch.cat([start[i].reshape(-1) for i in idx])
+        for _ in range(steps):  # the same proximal SGD as the engine
+            flat_a = flat_a.detach().requires_grad_()
+            flat_a = flat_a - inner_lr * torch.autograd.grad(g(flat_a, theta), flat_a)[0]
+        flat_a = flat_a.detach().requires_grad_()
+        flat_theta = torch.cat([t.reshape(-1) for t in theta]).requires_grad_()
+
+        def unflat(f):
+            return [c.view(s) for c, s in zip(f.split(sizes), shapes)]
+
+        hessian = torch.autograd.functional.hessian(lambda f: g(f, theta), flat_a)
+        jacobian = torch.autograd.functional.jacobian(
+            lambda th: torch.autograd.grad(g(flat_a, unflat(th)), flat_a, create_graph=True)[0], flat_theta)
+        query = _loss(model, names, assemble(flat_a, unflat(flat_theta)), task.query_x, task.query_y, kind)
+        v, direct = torch.autograd.grad(query, [flat_a, flat_theta], allow_unused=True)
+        direct = torch.zeros_like(flat_theta) if direct is None else direct
+        grad = direct - jacobian.T @ torch.linalg.solve(hessian, v)
+        for acc, part in zip(total, unflat(grad.detach())):
+            acc.add_(part / len(tasks))
+    return total
+
+
 def relative_error(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
     fa = torch.cat([t.reshape(-1) for t in a])
     fb = torch.cat([t.reshape(-1) for t in b])
@@ -104,8 +197,9 @@ def engine_meta_gradient(engine):
     captured = {}
     upper = engine.upper
 
-    def capture(*args, **kwargs):
-        captured["grads"] = [p.grad.detach().clone() for p in upper.trainable_parameters()]
+    def capture(*args, **kwargs):  # a parameter with no meta-gradient (None) counts as zeros
+        captured["grads"] = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                             for p in upper.trainable_parameters()]
 
     upper.optimizer_step = capture
     try:

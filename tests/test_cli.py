@@ -62,7 +62,7 @@ BAD_INPUTS = [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
     (["--device", "cuda"], "--device cuda: CUDA is not available"),
-    (["--hypergrad", "magic"], "argument --hypergrad: invalid choice"),
+    (["--hypergrad", "magic"], "--hypergrad magic: unknown solver"),
 ]
 
 
