@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List
@@ -130,8 +131,11 @@ def run_local_job(argv: List[str], processes: int) -> int:
             "LOCAL_WORLD_SIZE": str(processes), "PYTHONPATH": os.pathsep.join(
                 p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     base.setdefault("OMP_NUM_THREADS", "1")
+    # Rank 0 speaks for the job; the others' stderr is kept aside and shown only if one of
+    # them fails while rank 0 did not (otherwise it only echoes rank 0's error).
+    logs = [None] + [tempfile.TemporaryFile(mode="w+") for _ in range(1, processes)]
     workers = [subprocess.Popen([sys.executable, "-m", "imaml.cli", *argv], start_new_session=True,
-                                env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+                                env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=logs[r])
                for r in range(processes)]
 
     def forward(signum, frame):
@@ -145,7 +149,13 @@ def run_local_job(argv: List[str], processes: int) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return codes[0] or next((c for c in codes if c), 0)
+    failed = next((r for r, c in enumerate(codes) if c), None)
+    if codes[0] == 0 and failed is not None:
+        logs[failed].seek(0)
+        sys.stderr.write(logs[failed].read()[-4000:])
+    for log in logs[1:]:
+        log.close()
+    return codes[0] or (codes[failed] if failed is not None else 0)
 
 
 @contextmanager
@@ -253,6 +263,8 @@ def node_main_first() -> Iterator[None]:
     first = _launched("LOCAL_RANK", 0) == 0
     if not first:
         dist.barrier()
-    yield
-    if first:
-        dist.barrier()
+    try:
+        yield
+    finally:  # also on an error (a missing file): the others then meet it themselves
+        if first:
+            dist.barrier()
