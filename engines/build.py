@@ -18,9 +18,11 @@ from imaml.config import RunConfig
 from imaml.errors import UsageError
 from imaml.models import build_model
 from imaml.reporting import RunLog
-from problems import ImplicitLower, LowerConfig, MetaInit, UnrolledLower
+from imaml.vectorize import why_not_vectorizable
+from problems import (ImplicitLower, LowerConfig, MetaInit, UnrolledLower, VectorizedImplicitLower,
+                      VectorizedUnrolledLower)
 
-__all__ = ["build_engine", "resolve_device"]
+__all__ = ["build_engine", "resolve_device", "use_vectorized"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,8 +31,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device):
-    """The Lower problem for ``config.algo``: implicit (iMAML) or unrolled (MAML, FOMAML)."""
+def use_vectorized(config: RunConfig, model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether to run each meta-batch task-vectorized (``--execution``), or a UsageError if
+    ``vectorized`` was asked for and this run cannot have it. ``auto`` vectorizes where the
+    benchmarks (docs/performance.md) found it faster: on CUDA, and for the MLP on CPU; conv
+    nets on CPU run per task (grouped convolutions are slower there than T separate ones)."""
+    reason = why_not_vectorizable(model)
+    if reason is None and config.algo == "imaml" and config.hypergrad == "darts":
+        reason = "the darts solver perturbs one task's weights at a time"
+    if config.execution == "per-task":
+        return False
+    if config.execution == "vectorized":
+        if reason is not None:
+            raise UsageError(f"--execution vectorized: this run cannot be task-vectorized ({reason}); "
+                             f"use --execution per-task or auto")
+        return True
+    conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    return reason is None and (device.type == "cuda" or not conv)
+
+
+def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device, vectorized: bool = False):
+    """The Lower problem for ``config.algo``: implicit (iMAML) or unrolled (MAML, FOMAML),
+    per task or task-vectorized."""
     module = copy.deepcopy(model)
     optimizer = torch.optim.SGD(module.parameters(), lr=config.inner_lr)
     if config.algo == "imaml":
@@ -39,10 +61,12 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device)
             cg_iterations=config.cg_steps, cg_tol=config.cg_tol, cg_trust_region=config.cg_trust_region,
             neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
             darts_alpha=config.darts_radius)
-        return ImplicitLower("lower", lower_config, module, optimizer, device=device)
+        implicit = VectorizedImplicitLower if vectorized else ImplicitLower
+        return implicit("lower", lower_config, module, optimizer, device=device)
     lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",
-                               retain_graph=config.algo == "maml")
-    return UnrolledLower("lower", lower_config, module=module, optimizer=optimizer, device=device)
+                               retain_graph=config.algo == "maml", grad_checkpoint=config.grad_checkpoint)
+    unrolled = VectorizedUnrolledLower if vectorized else UnrolledLower
+    return unrolled("lower", lower_config, module=module, optimizer=optimizer, device=device)
 
 
 def build_engine(config: RunConfig, log: Optional[RunLog] = None,
@@ -59,14 +83,16 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
 
     # The Upper config decides how Betty differentiates through the Lower problem:
     # first_order=True runs the implicit path (our solver); False leaves the gradient to
-    # flow through the unrolled inner steps. gradient_accumulation averages over tasks.
+    # flow through the unrolled inner steps. gradient_accumulation averages over tasks (a
+    # task-vectorized Lower problem hands over all of them at once, already averaged).
     implicit = config.algo == "imaml"
+    vectorized = use_vectorized(config, model, device)
     upper_config = Config(first_order=implicit, retain_graph=implicit,
-                          gradient_accumulation=config.meta_batch_size,
+                          gradient_accumulation=1 if vectorized else config.meta_batch_size,
                           gradient_clipping=config.meta_grad_clip)
     upper = MetaInit("upper", upper_config, module=model,
                      optimizer=torch.optim.Adam(model.parameters(), lr=config.meta_lr), device=device)
-    lower = build_lower(config, model, device)
+    lower = build_lower(config, model, device, vectorized)
 
     get_betty_logger().setLevel(logging.WARNING)  # Betty prints its problem graph at INFO
     return MetaEngine(upper, lower, env, config, log=log, checkpoint_dir=checkpoint_dir)

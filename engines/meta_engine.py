@@ -19,7 +19,7 @@ from tqdm import tqdm
 from imaml import checkpoint
 from imaml.config import RunConfig
 from imaml.errors import RunStopped
-from imaml.metrics import global_norm, mean_ci95, metric_name, task_score
+from imaml.metrics import global_norm, mean_ci95, metric_name, task_score, task_scores
 from imaml.reporting import RunLog
 
 __all__ = ["MetaEngine"]
@@ -63,6 +63,11 @@ class MetaEngine(Engine):
         self.upper.update_guard = self._guard_update
         self.checkpoint_dir = checkpoint_dir  # None: no checkpoints (library use, tests)
 
+    @property
+    def vectorized(self) -> bool:
+        """Whether the Lower problem adapts a whole meta-batch at once (problems.vectorized)."""
+        return getattr(self.lower, "vectorized", False)
+
     # -------------------------------------------------------------------- the shared inner loop
     def inner_loop(self, steps: int) -> None:
         """Adapt to the Env's current task: reset to θ, then ``steps`` Lower steps."""
@@ -75,6 +80,14 @@ class MetaEngine(Engine):
         batch = self.env.step()
         self._batch_problem = None
         self._theta_norm = max(float(global_norm(self.upper.trainable_parameters())), 1e-12)
+        if self.vectorized:  # the whole meta-batch in one inner loop, ending in the meta-update
+            self.env.select_all()
+            self._task_index = 0
+            self.inner_loop(self.run_config.inner_steps)
+            self.inner_curves.extend([self.lower.inner_losses] * batch.num_tasks)
+            self.solves.extend(self.lower.hypergrad_infos if hasattr(self.lower, "hypergrad_infos") else [])
+            self.tasks_seen += batch.num_tasks
+            return
         for index in range(batch.num_tasks):
             self.env.select(index)
             self._task_index = index
@@ -101,8 +114,8 @@ class MetaEngine(Engine):
         solves, self.solves = self.solves, []
         if solves:
             residuals = [i.residual for i in solves if math.isfinite(i.residual)]
-            # per task: Betty hands the solver ∇φ(L_query / tasks per meta-batch), so undo that
-            record["train/hypergrad_norm"] = self.upper.gas * sum(i.norm for i in solves) / len(solves)
+            # per task: the solver gets ∇φ of the meta-batch mean of query losses, so undo the 1/T
+            record["train/hypergrad_norm"] = self.run_config.meta_batch_size * sum(i.norm for i in solves) / len(solves)
             record["train/solver_iterations"] = sum(i.iterations for i in solves) / len(solves)
             record["train/solver_converged"] = sum(i.converged for i in solves) / len(solves)
             record["train/solver_truncated"] = sum(i.boundary for i in solves) / len(solves)
@@ -114,15 +127,20 @@ class MetaEngine(Engine):
 
     # -------------------------------------------------------------------- divergence guard
     def _check_task(self) -> Optional[str]:
-        """What, if anything, diverged while adapting to the task just adapted."""
+        """What, if anything, diverged while adapting to the task(s) just adapted (when a
+        whole meta-batch was adapted at once, ``_task_index`` is moved to the worst task)."""
         losses = self.lower.inner_losses
         if not all(math.isfinite(v) for v in losses):
             return f"the inner-loop loss became {next(v for v in losses if not math.isfinite(v))}"
-        ratio = float(global_norm(self.lower.trainable_parameters())) / self._theta_norm
+        norms = self.lower.adapted_norms()
+        worst = int(torch.nan_to_num(norms, nan=math.inf).argmax())
+        ratio = float(norms[worst]) / self._theta_norm
         if not ratio <= self.run_config.divergence_factor:
+            self._task_index += worst
             return f"the adapted weights grew to {ratio:.3g}× the norm of θ"
-        if self.upper.task_stats and not torch.isfinite(self.upper.task_stats[-1][0]):
-            return f"the query loss is {self.upper.task_stats[-1][0].item()}"
+        for stats in self.upper.task_stats[-self.lower.num_tasks:]:
+            if not torch.isfinite(stats[0]):
+                return f"the query loss is {stats[0].item()}"
         return None
 
     def _note_problem(self, problem: Optional[str]) -> None:
@@ -203,6 +221,15 @@ class MetaEngine(Engine):
         try:
             for batch in self.env.episodes(split, num_tasks):
                 self.env.load(batch)
+                if self.vectorized:  # all tasks of the batch at once
+                    task = self.env.select_all()
+                    self.inner_loop(self.run_config.test_inner_steps)
+                    curves.extend([self.lower.inner_losses] * batch.num_tasks)
+                    with torch.no_grad():
+                        scores.extend(task_scores(kind, self.lower(task.query_x), task.query_y).unbind())
+                    bar.update(batch.num_tasks)
+                    self._stop_if_signalled()
+                    continue
                 for index in range(batch.num_tasks):
                     task = self.env.select(index)
                     self.inner_loop(self.run_config.test_inner_steps)

@@ -23,6 +23,7 @@ __all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "parse_args", "load
 ALGOS = ("imaml", "maml", "fomaml")
 HYPERGRADS = ("cg", "neumann", "darts", "exact")
 WANDB_MODES = ("online", "offline", "disabled")
+EXECUTIONS = ("auto", "per-task", "vectorized")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -53,6 +54,9 @@ class RunConfig:
     neumann_terms: int = 20
     neumann_alpha: Optional[float] = None  # None: 1/λ_max(A), estimated by power iteration
     darts_radius: float = 0.01
+    # how a meta-batch runs: one task at a time, or all tasks at once (same meta-gradient)
+    execution: str = "auto"
+    grad_checkpoint: bool = False  # MAML: recompute inner steps in the backward pass (flat memory)
     # model
     model: Optional[str] = None  # None: the task's default (conv4 for images, mlp for sinusoid)
     channels: int = 64
@@ -89,6 +93,10 @@ class RunConfig:
         _one_of("hypergrad", self.hypergrad, HYPERGRADS)
         _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
         _one_of("on_divergence", self.on_divergence, ("stop", "skip"))
+        _one_of("execution", self.execution, EXECUTIONS)
+        if self.grad_checkpoint and self.algo != "maml":
+            raise UsageError(f"--grad-checkpoint applies to --algo maml (memory through the unrolled inner loop); "
+                             f"{self.algo}'s memory does not grow with inner steps: drop the flag")
         _positive("divergence_factor", self.divergence_factor)
         if self.meta_grad_clip < 0:
             raise UsageError(f"--meta-grad-clip {self.meta_grad_clip}: must be >= 0 (0 turns clipping off)")
@@ -231,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         "on_divergence": "when a meta-batch diverges: stop (save a checkpoint, exit 3) or skip it",
         "divergence_factor": "adapted weights with ‖φ‖ > factor·‖θ‖ count as diverged",
         "meta_grad_clip": "clip the meta-gradient to this norm; 0: off",
+        "execution": "per-task (one inner loop per task), vectorized (the whole meta-batch as one batched "
+                     "computation; same meta-gradient) or auto (vectorized where it is faster and supported)",
+        "grad_checkpoint": "MAML: keep only each inner step's input and recompute the step in the backward "
+                           "pass, so memory stays near one step's; true or false",
     }
     defaults = RunConfig()
     for name, f in _FIELDS.items():
@@ -243,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = HYPERGRADS
         if name == "wandb_mode":
             kwargs["choices"] = WANDB_MODES
+        if name == "execution":
+            kwargs["choices"] = EXECUTIONS
         parser.add_argument(_flag(name), dest=name, metavar=name.split("_")[-1].upper(), **kwargs)
     return parser
 
