@@ -60,19 +60,22 @@ class PeakMemory:
 
 
 def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> tuple:
-    """(wall seconds of each of ``steps`` calls after ``warmup`` calls, peak MiB over all)."""
+    """(wall seconds and CPU seconds of each of ``steps`` calls after ``warmup`` calls, peak MiB
+    over all). CPU seconds (all threads of this process) are for diagnosing a busy machine:
+    with one thread, a CPU time well below the wall time means the process was waiting."""
     memory = PeakMemory(device)
     memory.start()
     for _ in range(warmup):
         step()
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
         _sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return times, memory.mib()
+        cpu.append(time.process_time() - start_cpu)
+    return times, cpu, memory.mib()
 
 
 def _sync(device: torch.device) -> None:

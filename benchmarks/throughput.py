@@ -77,12 +77,13 @@ def measure_one(spec: dict) -> dict:
         runner = Impl(spec["algo"], model, source, spec["meta_batch_size"], spec["inner_steps"], spec["inner_lr"],
                       spec["meta_lr"], spec["lam"], spec["cg_steps"], spec["seed"], device)
         step = runner.meta_step
-    times, peak = time_steps(step, spec["warmup"], spec["meta_steps"], device)
+    times, cpu, peak = time_steps(step, spec["warmup"], spec["meta_steps"], device)
     if impl.startswith("engine") and spec["algo"] == "imaml":
         iterations = [info.iterations for info in engine.solves]
         extra["cg_iterations"] = sum(iterations) / len(iterations)
     # the median meta-step: robust to a step slowed by other work on the machine
     return {"tasks_per_s": spec["meta_batch_size"] / statistics.median(times), "step_seconds": times,
+            "step_cpu_seconds": cpu,
             "peak_mib": peak, **extra}
 
 
@@ -172,7 +173,8 @@ def _auto_execution(spec: dict) -> str:
     config = _engine_config(spec)
     source = synthetic_source(spec["shape"], spec["ways"], spec["shots"], spec["query_shots"])
     model = build_model("conv4", source.input_shape, spec["ways"], config.channels)
-    return "vectorized" if use_vectorized(config, model, torch.device(spec["device"])) else "per-task"
+    chosen = use_vectorized(config, model, torch.device(spec["device"]), source.input_shape)
+    return "vectorized" if chosen else "per-task"
 
 
 if __name__ == "__main__":

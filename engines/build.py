@@ -31,11 +31,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def use_vectorized(config: RunConfig, model: torch.nn.Module, device: torch.device) -> bool:
+# Task-vectorized conv nets on CPU won only while one task's first-layer activations were
+# small (docs/performance.md: 1.3x at 5-way 1-shot Omniglot, 1.5 M values per task; 0.5-0.7x
+# at 20-way Omniglot and 5-way mini-ImageNet, 6-7 M): beyond that the meta-batch's
+# activations leave the caches and grouped convolutions are slower than T separate ones.
+CPU_VECTORIZE_MAX_ACTIVATIONS = 2_000_000
+
+
+def use_vectorized(config: RunConfig, model: torch.nn.Module, device: torch.device, input_shape: tuple) -> bool:
     """Whether to run each meta-batch task-vectorized (``--execution``), or a UsageError if
     ``vectorized`` was asked for and this run cannot have it. ``auto`` vectorizes where the
-    benchmarks (docs/performance.md) found it faster: on CUDA, and for the MLP on CPU; conv
-    nets on CPU run per task (grouped convolutions are slower there than T separate ones)."""
+    benchmarks found it faster: on CUDA, for MLPs, and for conv nets on CPU while a task's
+    first-layer activations stay below ``CPU_VECTORIZE_MAX_ACTIVATIONS``."""
     reason = why_not_vectorizable(model)
     if reason is None and config.algo == "imaml" and config.hypergrad == "darts":
         reason = "the darts solver perturbs one task's weights at a time"
@@ -46,8 +53,14 @@ def use_vectorized(config: RunConfig, model: torch.nn.Module, device: torch.devi
             raise UsageError(f"--execution vectorized: this run cannot be task-vectorized ({reason}); "
                              f"use --execution per-task or auto")
         return True
-    conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    return reason is None and (device.type == "cuda" or not conv)
+    if reason is not None:
+        return False
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if device.type == "cuda" or conv is None:
+        return True
+    examples = (config.ways or 1) * (config.shots + config.query_shots)
+    activations = examples * conv.out_channels * input_shape[-2] * input_shape[-1]
+    return activations <= CPU_VECTORIZE_MAX_ACTIVATIONS
 
 
 def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device, vectorized: bool = False):
@@ -86,7 +99,7 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     # flow through the unrolled inner steps. gradient_accumulation averages over tasks (a
     # task-vectorized Lower problem hands over all of them at once, already averaged).
     implicit = config.algo == "imaml"
-    vectorized = use_vectorized(config, model, device)
+    vectorized = use_vectorized(config, model, device, train.input_shape)
     upper_config = Config(first_order=implicit, retain_graph=implicit,
                           gradient_accumulation=1 if vectorized else config.meta_batch_size,
                           gradient_clipping=config.meta_grad_clip)

@@ -128,16 +128,16 @@ class MetaEngine(Engine):
     # -------------------------------------------------------------------- divergence guard
     def _check_task(self) -> Optional[str]:
         """What, if anything, diverged while adapting to the task(s) just adapted (when a
-        whole meta-batch was adapted at once, ``_task_index`` is moved to the worst task)."""
+        whole meta-batch was adapted at once, ``_task_index`` is moved to the first such task)."""
         losses = self.lower.inner_losses
         if not all(math.isfinite(v) for v in losses):
             return f"the inner-loop loss became {next(v for v in losses if not math.isfinite(v))}"
-        norms = self.lower.adapted_norms()
-        worst = int(torch.nan_to_num(norms, nan=math.inf).argmax())
-        ratio = float(norms[worst]) / self._theta_norm
-        if not ratio <= self.run_config.divergence_factor:
-            self._task_index += worst
-            return f"the adapted weights grew to {ratio:.3g}× the norm of θ"
+        ratios = self.lower.adapted_norms() / self._theta_norm
+        over = ~(ratios <= self.run_config.divergence_factor)  # NaN counts as over
+        if bool(over.any()):
+            first = int(over.nonzero()[0])
+            self._task_index += first
+            return f"the adapted weights grew to {float(ratios[first]):.3g}× the norm of θ"
         for stats in self.upper.task_stats[-self.lower.num_tasks:]:
             if not torch.isfinite(stats[0]):
                 return f"the query loss is {stats[0].item()}"
