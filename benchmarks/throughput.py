@@ -110,9 +110,11 @@ def main(argv=None) -> int:
     parser.add_argument("--query-shots", type=int, default=5)
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--cg-steps", type=int, default=3)
-    parser.add_argument("--inner-lr", type=float, default=0.1)
+    parser.add_argument("--inner-lr", type=float, default=0.05)
     parser.add_argument("--meta-lr", type=float, default=1e-3)
-    parser.add_argument("--lam", type=float, default=2.0)
+    parser.add_argument("--lam", type=float, default=20.0,
+                        help="proximal λ; with --inner-lr, large enough that H + λI stays positive definite, "
+                             "so no CG stops early and every implementation does the same work")
     parser.add_argument("--warmup", type=int, default=1, help="meta-steps before timing")
     parser.add_argument("--meta-steps", type=int, default=3, help="timed meta-steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
             spec = {**common, **size, "impl": impl}
             if impl.startswith("engine"):
                 spec["execution"] = impl.split("-", 1)[1]
-            results[impl] = run_isolated(MODULE, spec)
+            too_big = impl == "engine-vectorized" and _vectorized_too_big(results.get("engine-per-task"), size, device)
+            results[impl] = {"error": too_big} if too_big else run_isolated(MODULE, spec)
             records.append({**spec, **results[impl]})
         auto = _auto_execution({**common, **size})
         rate = {impl: results[impl].get("tasks_per_s") for impl in results}
@@ -163,6 +166,21 @@ def main(argv=None) -> int:
         with open(args.json, "w") as out:
             json.dump({"machine": machine(device, args.threads), "results": records}, out, indent=1)
     return 0
+
+
+def _vectorized_too_big(per_task: dict, size: dict, device: torch.device):
+    """A reason to skip the vectorized run if T tasks' working memory at once (T × the
+    per-task peak) would take more than half of the memory there is; else None."""
+    if not per_task or "peak_mib" not in per_task:
+        return None
+    need = per_task["peak_mib"] * 2**20 * size["meta_batch_size"]
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    else:
+        have = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    if need > have / 2:
+        return f"skipped: needs about {need / 2**30:.1f} GiB (T × the per-task peak), {have / 2**30:.1f} GiB available"
+    return None
 
 
 def _auto_execution(spec: dict) -> str:
