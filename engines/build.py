@@ -20,9 +20,10 @@ from engines.meta_engine import MetaEngine
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 from imaml.reporting import RunLog
-from problems import LowerConfig
+from imaml.vectorize import why_not_vectorizable
+from problems import LowerConfig, VectorizedImplicitLower, VectorizedUnrolledLower
 
-__all__ = ["build_engine", "resolve_device"]
+__all__ = ["build_engine", "resolve_device", "use_vectorized"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,9 +33,50 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device, parts: Optional[Parts] = None):
+# Task-vectorized conv nets on CPU won only while one task's first-layer activations were
+# small (docs/performance.md: 1.3x at 5-way 1-shot Omniglot, 1.5 M values per task; 0.5-0.7x
+# at 20-way Omniglot and 5-way mini-ImageNet, 6-7 M): beyond that the meta-batch's
+# activations leave the caches and grouped convolutions are slower than T separate ones.
+CPU_VECTORIZE_MAX_ACTIVATIONS = 2_000_000
+
+
+def use_vectorized(config: RunConfig, model: torch.nn.Module, device: torch.device, input_shape: tuple,
+                   parts: Optional[Parts] = None) -> bool:
+    """Whether to run each meta-batch task-vectorized (``--execution``), or a UsageError if
+    ``vectorized`` was asked for and this run cannot have it. ``auto`` vectorizes where the
+    benchmarks found it faster: on CUDA, for MLPs, and for conv nets on CPU while a task's
+    first-layer activations stay below ``CPU_VECTORIZE_MAX_ACTIVATIONS``."""
+    reason = why_not_vectorizable(model)
+    if reason is None and config.algo == "imaml" and config.hypergrad == "darts":
+        reason = "the darts solver perturbs one task's weights at a time"
+    if reason is None and config.bn_mode != "transductive":
+        reason = f"--bn-mode {config.bn_mode} keeps statistics across tasks or needs the support set at prediction"
+    if reason is None and parts is not None and not parts.built_in:
+        reason = "an extension class replaces a built-in problem or solver"
+    if reason is None and distributed.world_size() > 1:
+        reason = "the meta-batch is sharded across processes, which adapt their tasks one at a time"
+    if config.execution == "per-task":
+        return False
+    if config.execution == "vectorized":
+        if reason is not None:
+            raise UsageError(f"--execution vectorized: this run cannot be task-vectorized ({reason}); "
+                             f"use --execution per-task or auto")
+        return True
+    if reason is not None:
+        return False
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if device.type == "cuda" or conv is None:
+        return True
+    examples = (config.ways or 1) * (config.shots + config.query_shots)
+    activations = examples * conv.out_channels * input_shape[-2] * input_shape[-1]
+    return activations <= CPU_VECTORIZE_MAX_ACTIVATIONS
+
+
+def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device, parts: Optional[Parts] = None,
+                vectorized: bool = False):
     """The Lower problem for ``config.algo``: implicit (iMAML) or unrolled (MAML, FOMAML), or
-    the extension class ``parts`` names (a subclass of the one the algorithm needs)."""
+    the extension class ``parts`` names (a subclass of the one the algorithm needs); per task
+    or task-vectorized."""
     parts = parts or choose_parts(config)
     module = copy.deepcopy(model)
     implicit = config.algo == "imaml"
@@ -49,10 +91,12 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device,
             cg_iterations=config.cg_steps, cg_tol=config.cg_tol, cg_trust_region=config.cg_trust_region,
             neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
             darts_alpha=config.darts_radius)
-        return parts.lower("lower", lower_config, module, optimizer, device=device)
+        lower_cls = VectorizedImplicitLower if vectorized else parts.lower
+        return lower_cls("lower", lower_config, module, optimizer, device=device)
     lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",
-                               retain_graph=config.algo == "maml")
-    return parts.lower("lower", lower_config, module=module, optimizer=optimizer, device=device)
+                               retain_graph=config.algo == "maml", grad_checkpoint=config.grad_checkpoint)
+    lower_cls = VectorizedUnrolledLower if vectorized else parts.lower
+    return lower_cls("lower", lower_config, module=module, optimizer=optimizer, device=device)
 
 
 def build_meta_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
@@ -104,15 +148,17 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     # The Upper config decides how Betty differentiates through the Lower problem:
     # first_order=True runs the implicit path (our solver); False leaves the gradient to
     # flow through the unrolled inner steps. gradient_accumulation averages over the tasks
-    # this process adapts (all of the meta-batch, or its shard: engines/distributed.py).
+    # this process adapts (all of the meta-batch, or its shard: engines/distributed.py; a
+    # task-vectorized Lower problem hands over all of them at once, already averaged).
     implicit = config.algo == "imaml"
+    vectorized = use_vectorized(config, model, device, train.input_shape, parts)
     upper_config = Config(first_order=implicit, retain_graph=implicit,
-                          gradient_accumulation=len(distributed.shard(config.meta_batch_size)),
+                          gradient_accumulation=1 if vectorized else len(distributed.shard(config.meta_batch_size)),
                           gradient_clipping=config.meta_grad_clip)
     upper = parts.upper("upper", upper_config, module=model,
                         optimizer=build_meta_optimizer(config, model.parameters()), device=device)
     upper.lr_schedule = build_lr_schedule(config, upper.optimizer)  # over every group (Meta-SGD's rates too)
-    lower = build_lower(config, model, device, parts)
+    lower = build_lower(config, model, device, parts, vectorized)
 
     get_betty_logger().setLevel(logging.WARNING)  # Betty prints its problem graph at INFO
     return MetaEngine(upper, lower, env, config, log=log, checkpoint_dir=checkpoint_dir)

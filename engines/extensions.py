@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 from torch import nn
 
 from envs import FewShotEnv
-from imaml.config import RunConfig
+from imaml.config import HYPERGRADS, RunConfig
 from imaml.errors import UsageError
 from imaml.hypergrad import register_solver
 from imaml.models import build_model
@@ -37,6 +37,13 @@ class Parts:
     env: type
     model: ModelChoice  # an nn.Module, an nn.Module class, or None for build_model(config.model)
     solver: Optional[str]  # Betty's dispatch key for the iMAML hypergradient; None for unrolled
+
+    @property
+    def built_in(self) -> bool:
+        """No extension replaces a problem class or the solver (so the task-vectorized path,
+        which has its own problem classes, computes the same thing)."""
+        return (self.lower in (ImplicitLower, UnrolledLower) and self.upper is MetaInit
+                and (self.solver is None or self.solver in {f"imaml_{name}" for name in HYPERGRADS}))
 
 
 def choose_parts(config: RunConfig, lower_cls: Optional[type] = None, upper_cls: Optional[type] = None,

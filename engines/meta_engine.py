@@ -22,7 +22,7 @@ from engines import distributed
 from imaml import checkpoint
 from imaml.config import RunConfig
 from imaml.errors import RunStopped
-from imaml.metrics import global_norm, mean_ci95, metric_name, task_score
+from imaml.metrics import global_norm, mean_ci95, metric_name, task_score, task_scores
 from imaml.reporting import RunLog
 
 __all__ = ["MetaEngine"]
@@ -76,6 +76,11 @@ class MetaEngine(Engine):
             share = self.upper.gas / run_config.meta_batch_size  # this process's tasks per meta-batch
             self.upper.gradient_sync = functools.partial(distributed.all_reduce_gradients, scale=share)
 
+    @property
+    def vectorized(self) -> bool:
+        """Whether the Lower problem adapts a whole meta-batch at once (problems.vectorized)."""
+        return getattr(self.lower, "vectorized", False)
+
     # -------------------------------------------------------------------- the shared inner loop
     def inner_loop(self, steps: int) -> None:
         """Adapt to the Env's current task: reset to θ, then ``steps`` Lower steps."""
@@ -88,11 +93,28 @@ class MetaEngine(Engine):
         batch = self.env.step()
         self._batch_problem = None
         self._theta_norm = max(float(global_norm(self.upper.trainable_parameters())), 1e-12)
-        mine = distributed.shard(batch.num_tasks)  # all tasks, unless sharded across processes
+        if self.vectorized:  # the whole meta-batch in one inner loop, ending in the meta-update
+            self.env.select_all()
+            self._task_index = 0
+            self.inner_loop(self.run_config.inner_steps)
+            self.lower.finish_task()
+            self.inner_curves.extend([self.lower.inner_losses] * batch.num_tasks)
+            self.solves.extend(getattr(self.lower, "hypergrad_infos", []))
+        else:
+            self._adapt_tasks(distributed.shard(batch.num_tasks))  # all, unless sharded across processes
+        self.tasks_seen += batch.num_tasks
+        distributed.average_buffers(self.upper.module)  # running statistics, from every process's tasks
+        self.meta_lr = self.upper.optimizer.param_groups[0]["lr"]  # the rate this step used
+        if self.upper.lr_schedule is not None:
+            self.upper.lr_schedule.step()
+
+    def _adapt_tasks(self, mine: range) -> None:
+        """Adapt to tasks ``mine`` of the meta-batch one at a time; the last one's inner loop
+        ends in the meta-update (Betty's gradient accumulation)."""
         for position, index in enumerate(mine):
             self.env.select(index)
             self._task_index = index
-            self.inner_loop(self.run_config.inner_steps)  # the last task's ends in the meta-update
+            self.inner_loop(self.run_config.inner_steps)
             self.lower.finish_task()
             if position < len(mine) - 1:
                 self._note_problem(self._check_task())
@@ -100,17 +122,13 @@ class MetaEngine(Engine):
             info = getattr(self.lower, "hypergrad_info", None)
             if info is not None:
                 self.solves.append(info)
-        self.tasks_seen += batch.num_tasks
-        distributed.average_buffers(self.upper.module)  # running statistics, from every process's tasks
-        self.meta_lr = self.upper.optimizer.param_groups[0]["lr"]  # the rate this step used
-        if self.upper.lr_schedule is not None:
-            self.upper.lr_schedule.step()
 
     def _drain_task_records(self) -> tuple:
         """(query stats [tasks, 2], inner curves, solver infos) of every task since the last
         log, from all processes; hypergradient norms per task (Betty hands the solver
         ∇φ(L_query / tasks this process runs), so undo that here, where the count is known)."""
-        solves = [dataclasses.replace(i, norm=self.upper.gas * i.norm) for i in self.solves]
+        per_loss = self.run_config.meta_batch_size if self.vectorized else self.upper.gas  # tasks in the mean
+        solves = [dataclasses.replace(i, norm=per_loss * i.norm) for i in self.solves]
         mine = (self.upper.drain_task_stats().cpu(), self.inner_curves, solves)
         self.inner_curves, self.solves = [], []
         parts = distributed.gather_objects(mine)
@@ -141,15 +159,20 @@ class MetaEngine(Engine):
 
     # -------------------------------------------------------------------- divergence guard
     def _check_task(self) -> Optional[str]:
-        """What, if anything, diverged while adapting to the task just adapted."""
+        """What, if anything, diverged while adapting to the task(s) just adapted (when a
+        whole meta-batch was adapted at once, ``_task_index`` is moved to the first such task)."""
         losses = self.lower.inner_losses
         if not all(math.isfinite(v) for v in losses):
             return f"the inner-loop loss became {next(v for v in losses if not math.isfinite(v))}"
-        ratio = float(global_norm(self.lower.trainable_parameters())) / self._theta_norm
-        if not ratio <= self.run_config.divergence_factor:
-            return f"the adapted weights grew to {ratio:.3g}× the norm of θ"
-        if self.upper.task_stats and not torch.isfinite(self.upper.task_stats[-1][0]):
-            return f"the query loss is {self.upper.task_stats[-1][0].item()}"
+        ratios = self.lower.adapted_norms() / self._theta_norm
+        over = ~(ratios <= self.run_config.divergence_factor)  # NaN counts as over
+        if bool(over.any()):
+            first = int(over.nonzero()[0])
+            self._task_index += first
+            return f"the adapted weights grew to {float(ratios[first]):.3g}× the norm of θ"
+        for stats in self.upper.task_stats[-self.lower.num_tasks:]:
+            if not torch.isfinite(stats[0]):
+                return f"the query loss is {stats[0].item()}"
         return None
 
     def _note_problem(self, problem: Optional[str]) -> None:
@@ -236,7 +259,15 @@ class MetaEngine(Engine):
             start = 0
             for batch in self.env.episodes(split, num_tasks):
                 self.env.load(batch)
-                for index in distributed.shard(batch.num_tasks, start):
+                if self.vectorized:  # all tasks of the batch at once (one process: never sharded)
+                    task = self.env.select_all()
+                    self.inner_loop(self.run_config.test_inner_steps)
+                    curves.extend([self.lower.inner_losses] * batch.num_tasks)
+                    with torch.no_grad():
+                        scores.extend(task_scores(kind, self.lower.predict(task.query_x), task.query_y).unbind())
+                    indices.extend(range(start, start + batch.num_tasks))
+                    bar.update(batch.num_tasks)
+                for index in ([] if self.vectorized else distributed.shard(batch.num_tasks, start)):
                     task = self.env.select(index)
                     self.inner_loop(self.run_config.test_inner_steps)
                     curves.append(self.lower.inner_losses)

@@ -69,6 +69,12 @@ class FewShotEnv(Env):
         self.current = self.batch.task(index)
         return self.current
 
+    def select_all(self) -> Task:
+        """Make the whole meta-batch current (task dimension first), for task-vectorized problems."""
+        batch = self.batch
+        self.current = Task(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        return self.current
+
     @property
     def support(self) -> tuple:
         return self.current.support_x, self.current.support_y

@@ -28,6 +28,7 @@ BN_MODES = ("transductive", "inductive", "episodic")
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("none", "cosine", "step")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
+EXECUTIONS = ("auto", "per-task", "vectorized")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -71,6 +72,9 @@ class RunConfig:
     neumann_terms: int = 20
     neumann_alpha: Optional[float] = None  # None: 1/λ_max(A), estimated by power iteration
     darts_radius: float = 0.01
+    # how a meta-batch runs: one task at a time, or all tasks at once (same meta-gradient)
+    execution: str = "auto"
+    grad_checkpoint: bool = False  # MAML: recompute inner steps in the backward pass (flat memory)
     # model
     model: Optional[str] = None  # None: the task's default (conv4 for images, mlp for sinusoid)
     channels: int = 64
@@ -132,6 +136,10 @@ class RunConfig:
         if not 0 < self.lr_gamma <= 1:
             raise UsageError(f"--lr-gamma {self.lr_gamma}: must be in (0, 1]")
         _one_of("dist_backend", self.dist_backend, DIST_BACKENDS)
+        _one_of("execution", self.execution, EXECUTIONS)
+        if self.grad_checkpoint and self.algo != "maml":
+            raise UsageError(f"--grad-checkpoint applies to --algo maml (memory through the unrolled inner loop); "
+                             f"{self.algo}'s memory does not grow with inner steps: drop the flag")
         _positive("divergence_factor", self.divergence_factor)
         if self.meta_grad_clip < 0:
             raise UsageError(f"--meta-grad-clip {self.meta_grad_clip}: must be >= 0 (0 turns clipping off)")
@@ -316,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "job); 0: one per core, at most one per task; 1: just this process",
         "dist_backend": "torch.distributed backend when launched with torchrun: auto (nccl on GPUs, "
                         "gloo on CPU), nccl or gloo; see docs/distributed.md",
+        "execution": "per-task (one inner loop per task), vectorized (the whole meta-batch as one batched "
+                     "computation; same meta-gradient) or auto (vectorized where it is faster and supported)",
+        "grad_checkpoint": "MAML: keep only each inner step's input and recompute the step in the backward "
+                           "pass, so memory stays near one step's; true or false",
     }
     defaults = RunConfig()
     for name, f in _FIELDS.items():
@@ -330,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = BN_MODES
         if name == "dist_backend":
             kwargs["choices"] = DIST_BACKENDS
+        if name == "execution":
+            kwargs["choices"] = EXECUTIONS
         parser.add_argument(_flag(name), dest=name, metavar=name.split("_")[-1].upper(), **kwargs)
     return parser
 

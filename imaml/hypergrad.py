@@ -20,7 +20,9 @@ non-in-place ``add`` and so leaves them shifted after every call. ``register_wit
 installs these solvers in Betty's dispatch table, under Betty's names and ours.
 
 The core works on flat vectors (one ``torch.cat``), so there is no Python loop over
-parameters inside the solver iterations.
+parameters inside the solver iterations; a task-vectorized meta-batch passes one row per task
+([T, n]) and every step size and stopping decision stays per task, so it gets what T separate
+solves give.
 """
 
 from __future__ import annotations
@@ -62,10 +64,15 @@ class SolveInfo:
 
 
 # ----------------------------------------------------------------------------- core solvers
+#
+# Every solver takes b as [n] (one system) or [T, n] (T independent systems, one per task of a
+# task-vectorized meta-batch, whose matrix is block-diagonal), with ``matvec`` mapping the same
+# shape to itself. All scalars (step sizes, stopping decisions) are per system, so solving T
+# systems at once gives what T separate solves give, with one host sync per iteration.
 
 
 def conjugate_gradient(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: float,
-                       radius: Optional[float] = None) -> tuple:
+                       radius=None) -> tuple:
     """Solve A x = b for symmetric A by conjugate gradients, truncated Steihaug-style.
 
     Stops after ``max_steps`` or when ‖r‖ ≤ tol·‖b‖. If A shows non-positive curvature along
@@ -73,108 +80,156 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: flo
     next iterate would leave the ball ‖x‖ ≤ radius, it stops there; with a radius it first
     moves along the current direction to the boundary (Steihaug, 1983). For symmetric
     positive-definite A the CG iterates grow in norm monotonically towards A⁻¹b, so a radius
-    that bounds ‖A⁻¹b‖ never changes the result.
+    that bounds ‖A⁻¹b‖ never changes the result. ``radius``: None, a number, or one per system.
     """
+    matvec, b, single = _batched(matvec, b)
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
-    rs = torch.dot(r, r)
-    b_norm = math.sqrt(rs.item())
-    if b_norm == 0.0:
-        return x, SolveInfo("cg", 0, 0.0, True)
-    steps = 0
-    for steps in range(1, max_steps + 1):
-        ap = matvec(p)
-        pap = torch.dot(p, ap)
-        if pap.item() <= 0.0:
-            if radius is not None:
-                x = x + _to_boundary(x, p, radius) * p
-            return x, SolveInfo("cg", steps, _residual(matvec, x, b, b_norm), False, boundary=True)
-        alpha = rs / pap
-        step = alpha * p
-        if radius is not None and (x + step).norm().item() >= radius:
-            x = x + _to_boundary(x, p, radius) * p
-            return x, SolveInfo("cg", steps, _residual(matvec, x, b, b_norm), False, boundary=True)
-        x.add_(step)
-        r.sub_(alpha * ap)
-        rs_new = torch.dot(r, r)
-        if math.sqrt(rs_new.item()) <= tol * b_norm:
-            rs = rs_new
+    rs = _dot(r, r)
+    b_norm = rs.sqrt()
+    radius = None if radius is None else torch.as_tensor(radius, dtype=b.dtype, device=b.device).expand_as(rs)
+    active = b_norm > 0  # a zero right-hand side is solved by x = 0
+    steps = torch.zeros_like(rs, dtype=torch.long)
+    boundary = torch.zeros_like(active)
+    converged = ~active
+    for _ in range(max_steps):
+        if not bool(active.any()):
             break
-        p = r + (rs_new / rs) * p  # the *new* residual (betty-ml 0.1.1 uses the old one)
-        rs = rs_new
-    residual = math.sqrt(rs.item()) / b_norm
-    return x, SolveInfo("cg", steps, residual, residual <= tol)
+        ap = matvec(p)
+        pap = _dot(p, ap)
+        steps += active.long()
+        alpha = rs / torch.where(pap == 0, torch.ones_like(pap), pap)
+        step = alpha[:, None] * p
+        stop = active & (pap <= 0)  # negative curvature
+        if radius is not None:
+            stop = stop | (active & ((x + step).norm(dim=1) >= radius))  # would leave the ball
+            tau = _to_boundary(x, p, radius)
+            x = x + torch.where(stop, tau, torch.zeros_like(tau))[:, None] * p
+        boundary |= stop
+        active &= ~stop
+        alpha = torch.where(active, alpha, torch.zeros_like(alpha))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        rs_new = _dot(r, r)
+        done = active & (rs_new.sqrt() <= tol * b_norm)
+        converged |= done
+        beta = rs_new / torch.where(rs == 0, torch.ones_like(rs), rs)
+        # the *new* residual (betty-ml 0.1.1 uses the old one)
+        p = torch.where((active & ~done)[:, None], r + beta[:, None] * p, p)
+        rs = torch.where(active, rs_new, rs)
+        active &= ~done
+    safe_norm = torch.where(b_norm == 0, torch.ones_like(b_norm), b_norm)
+    residual = rs.sqrt() / safe_norm
+    if bool(boundary.any()):  # these stopped early: measure ‖Ax − b‖ (one extra product)
+        residual = torch.where(boundary, (matvec(x) - b).norm(dim=1) / safe_norm, residual)
+    infos = [SolveInfo("cg", int(n), float(res), bool(ok) or (not edge and float(res) <= tol), boundary=bool(edge))
+             for n, res, ok, edge in zip(steps.tolist(), residual.tolist(), converged.tolist(), boundary.tolist())]
+    return _unbatched(x, infos, single)
 
 
-def _to_boundary(x: torch.Tensor, p: torch.Tensor, radius: float) -> float:
-    """The τ ≥ 0 with ‖x + τp‖ = radius (x inside the ball)."""
-    pp, xp, xx = torch.dot(p, p).item(), torch.dot(x, p).item(), torch.dot(x, x).item()
-    return (-xp + math.sqrt(max(xp * xp + pp * (radius * radius - xx), 0.0))) / pp
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of [T, n] tensors: [T]."""
+    return (a * b).sum(dim=1)
 
 
-def _residual(matvec: MatVec, x: torch.Tensor, b: torch.Tensor, b_norm: float) -> float:
-    """‖A x − b‖/‖b‖, one extra product (only on the early-exit paths)."""
-    return (matvec(x) - b).norm().item() / b_norm
+def _batched(matvec: MatVec, b: torch.Tensor) -> tuple:
+    """(matvec on [T, n], b as [T, n], whether b was one system [n])."""
+    if b.dim() == 2:
+        return matvec, b, False
+    return (lambda u: matvec(u[0]).unsqueeze(0)), b.unsqueeze(0), True
 
 
-def largest_eigenvalue(matvec: MatVec, like: torch.Tensor, iterations: int = 20) -> float:
-    """λ_max of symmetric PSD A by power iteration from a fixed start (no global RNG use)."""
+def _unbatched(x: torch.Tensor, infos: list, single: bool) -> tuple:
+    return (x[0], infos[0]) if single else (x, infos)
+
+
+def _to_boundary(x: torch.Tensor, p: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Per system, the τ ≥ 0 with ‖x + τp‖ = radius (x inside the ball)."""
+    pp, xp, xx = _dot(p, p), _dot(x, p), _dot(x, x)
+    disc = (xp * xp + pp * (radius * radius - xx)).clamp_min(0.0)
+    return (-xp + disc.sqrt()) / torch.where(pp == 0, torch.ones_like(pp), pp)
+
+
+def largest_eigenvalue(matvec: MatVec, like: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """λ_max of symmetric PSD A by power iteration from a fixed start (no global RNG use);
+    ``like`` is [n] or [T, n], and the result has one estimate per system ([] or [T])."""
+    matvec, like, single = _batched(matvec, like)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(like.numel(), generator=gen, dtype=like.dtype).to(like.device)
-    v /= v.norm()
-    estimate = 0.0
+    start = torch.randn(like.shape[1], generator=gen, dtype=like.dtype).to(like.device)
+    v = (start / start.norm()).expand_as(like).clone()
+    estimate = torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
+    live = torch.ones_like(estimate, dtype=torch.bool)
     for _ in range(iterations):
         av = matvec(v)
-        estimate = torch.dot(v, av).item()
-        norm = av.norm()
-        if norm.item() == 0.0:
+        estimate = torch.where(live, _dot(v, av), estimate)
+        norm = av.norm(dim=1)
+        live = live & (norm != 0)
+        if not bool(live.any()):
             break
-        v = av / norm
-    return estimate
+        v = torch.where(live[:, None], av / torch.where(norm == 0, torch.ones_like(norm), norm)[:, None], v)
+    return estimate[0] if single else estimate
 
 
 def neumann_series(matvec: MatVec, b: torch.Tensor, terms: int, alpha: Optional[float] = None) -> tuple:
     """x ≈ A⁻¹ b = α Σ_{k<terms} (I − αA)^k b, which converges for 0 < α < 2/λ_max(A).
 
     With ``alpha=None`` the step is 1/λ_max, λ_max estimated by power iteration (the
-    estimate approaches λ_max from below, so the margin to 2/λ_max is kept).
+    estimate approaches λ_max from below, so the margin to 2/λ_max is kept), per system.
     """
+    matvec, b, single = _batched(matvec, b)
     if alpha is None:
         top = largest_eigenvalue(matvec, b)
-        alpha = 1.0 / top if top > 0 else 1.0
+        step = torch.where(top > 0, 1.0 / torch.where(top > 0, top, torch.ones_like(top)), torch.ones_like(top))
+    else:
+        step = torch.full((b.shape[0],), float(alpha), dtype=b.dtype, device=b.device)
     term = b.clone()
     total = b.clone()
     for _ in range(terms - 1):
-        term = term - alpha * matvec(term)
+        term = term - step[:, None] * matvec(term)
         total.add_(term)
-    x = alpha * total
-    b_norm = b.norm().item()
-    residual = (matvec(x) - b).norm().item() / b_norm if b_norm > 0 else 0.0
-    return x, SolveInfo("neumann", terms, residual, math.isfinite(residual) and residual < 1.0)
+    x = step[:, None] * total
+    b_norm = b.norm(dim=1)
+    residual = torch.where(b_norm > 0, (matvec(x) - b).norm(dim=1) / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm)),
+                           torch.zeros_like(b_norm))
+    infos = [SolveInfo("neumann", terms, res, math.isfinite(res) and res < 1.0) for res in residual.tolist()]
+    return _unbatched(x, infos, single)
 
 
 def dense_solve(matvec: MatVec, b: torch.Tensor) -> tuple:
     """Exact A⁻¹ b from the dense matrix (n Hessian-vector products); tiny models only."""
-    n = b.numel()
+    matvec, b, single = _batched(matvec, b)
+    n = b.shape[1]
     if n > EXACT_MAX_PARAMS:
         from imaml.errors import UsageError
 
         raise UsageError(f"--hypergrad exact: the model has {n} parameters; the dense solve is for "
                          f"<= {EXACT_MAX_PARAMS} (tests, diagnostics); use --hypergrad cg")
     eye = torch.eye(n, dtype=b.dtype, device=b.device)
-    a = torch.stack([matvec(e) for e in eye], dim=1)
-    a = 0.5 * (a + a.T)  # symmetric up to rounding
+    a = torch.stack([matvec(e.expand_as(b)) for e in eye], dim=2)  # [T, n, n], column i = A e_i
+    a = 0.5 * (a + a.transpose(1, 2))  # symmetric up to rounding
     x = torch.linalg.solve(a, b)
-    residual = ((a @ x - b).norm() / b.norm()).item() if b.norm() > 0 else 0.0
-    return x, SolveInfo("exact", 1, residual, True)
+    b_norm = b.norm(dim=1)
+    residual = torch.where(b_norm > 0, (a @ x[:, :, None])[:, :, 0].sub(b).norm(dim=1) / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm)),
+                           torch.zeros_like(b_norm))
+    infos = [SolveInfo("exact", 1, res, True) for res in residual.tolist()]
+    return _unbatched(x, infos, single)
 
 
 # ----------------------------------------------------------------------------- Betty adapters
 
 
-def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+def _flat(tensors: Sequence[torch.Tensor], tasks: Optional[int] = None) -> torch.Tensor:
+    """One flat vector, or with ``tasks`` one row per task ([T, n]) of task-stacked tensors."""
+    if tasks is None:
+        return torch.cat([t.reshape(-1) for t in tensors])
+    return torch.cat([t.reshape(tasks, -1) for t in tensors], dim=1)
+
+
+def _num_tasks(curr) -> int:
+    """Tasks stacked along dim 0 of the lower parameters (a task-vectorized Lower problem says
+    how many; otherwise one task, unstacked)."""
+    return getattr(curr, "num_tasks", 1)
 
 
 def _objective(curr) -> torch.Tensor:
@@ -195,40 +250,52 @@ def _objective(curr) -> torch.Tensor:
 
 
 def _lower_grad(curr) -> tuple:
-    """∇φ g at the current lower parameters, with its graph (for HVPs and the cross term)."""
+    """∇φ g at the current lower parameters, with its graph (for HVPs and the cross term), as
+    [T, n]: the lower objective of T stacked tasks is the sum of theirs, so row t is ∇φ_t g_t."""
     loss = _objective(curr)
     params = list(curr.trainable_parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         grads = torch.autograd.grad(loss, params, create_graph=True)
-    return _flat(grads), params
+    return _flat(grads, _num_tasks(curr)), params
 
 
-def _implicit(flat_grad: torch.Tensor, x: torch.Tensor, prev) -> List[Optional[torch.Tensor]]:
-    """−(∂/∂θ)(∇φ g · x): the cross term applied to the solve's result."""
-    grads = torch.autograd.grad(flat_grad, list(prev.trainable_parameters()), grad_outputs=x,
-                                allow_unused=True)
-    return [None if g is None else -g for g in grads]
+def _implicit(flat_grad: torch.Tensor, x: torch.Tensor, curr, prev) -> tuple:
+    """−(∂/∂θ)(∇φ g · x): the cross term applied to the solve's result, summed over tasks,
+    and each task's norm. A task-vectorized Lower problem exposes the per-task views of θ its
+    objective used (``task_meta_parameters``, [T, ...]), which give the per-task terms in the
+    same single backward pass."""
+    per_task = getattr(curr, "task_meta_parameters", None)
+    inputs = list(per_task) if per_task is not None else list(prev.trainable_parameters())
+    grads = torch.autograd.grad(flat_grad, inputs, grad_outputs=x, allow_unused=True)
+    grads = [None if g is None else -g for g in grads]
+    if per_task is None:
+        return grads, [float(global_norm(grads))]
+    norms = torch.stack([g.reshape(len(x), -1).norm(dim=1) for g in grads if g is not None]).norm(dim=0)
+    return [None if g is None else g.sum(0) for g in grads], norms.tolist()
 
 
 def _solve_with(solve: Callable) -> Callable:
-    """Turn ``solve(matvec, b, config) -> (x, info)`` into a Betty jvp function."""
+    """Turn ``solve(matvec, b, config) -> (x, infos)`` (b, x: [T, n]) into a Betty jvp function."""
 
     def jvp(vector, curr, prev):
         flat_grad, params = _lower_grad(curr)
+        tasks = _num_tasks(curr)
 
         def matvec(u: torch.Tensor) -> torch.Tensor:
-            return _flat(torch.autograd.grad(flat_grad, params, grad_outputs=u, retain_graph=True))
+            return _flat(torch.autograd.grad(flat_grad, params, grad_outputs=u, retain_graph=True), tasks)
 
         with torch.no_grad():
-            out = solve(matvec, _flat(vector).detach(), curr.config)
-        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], SolveInfo)):
+            out = solve(matvec, _flat(vector, tasks).detach(), curr.config)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list)):
             raise TypeError(f"hypergradient solver {getattr(solve, '__name__', solve)!r} returned "
-                            f"{type(out).__name__}; it must return (x, SolveInfo)")
-        x, info = out
-        implicit = _implicit(flat_grad, x, prev)
-        info.norm = float(global_norm(implicit))
-        curr.hypergrad_info = info
+                            f"{type(out).__name__}; it must return (x, infos)")
+        x, infos = out
+        implicit, norms = _implicit(flat_grad, x, curr, prev)
+        for info, norm in zip(infos, norms):
+            info.norm = norm
+        curr.hypergrad_infos = infos  # one per task
+        curr.hypergrad_info = infos[-1]
         return implicit
 
     jvp.__name__ = solve.__name__
@@ -240,7 +307,7 @@ def _cg(matvec, b, config):
                               radius=trust_radius(b, config))
 
 
-def trust_radius(b: torch.Tensor, config) -> Optional[float]:
+def trust_radius(b: torch.Tensor, config) -> Optional[torch.Tensor]:
     """‖b‖/λ for the proximal (iMAML) objective, where A = H + λI: the bound on ‖A⁻¹b‖ that
     holds whenever H ⪰ 0, i.e. whenever the inner solution is a minimizer of a locally convex
     support loss. Keeps the hypergradient λ·x no longer than ∇φ L_query when the system is
@@ -248,7 +315,7 @@ def trust_radius(b: torch.Tensor, config) -> Optional[float]:
     lam = getattr(config, "lam", None)
     if not getattr(config, "cg_trust_region", False) or not lam:
         return None
-    return b.norm().item() / lam
+    return b.norm(dim=-1) / lam  # one radius per system
 
 
 def _neumann(matvec, b, config):
@@ -288,6 +355,7 @@ def darts(vector, curr, prev):
                 p.data.copy_(s)
     implicit = [None if gp is None else (gm - gp) / (2 * eps) for gp, gm in zip(grad_plus, grad_minus)]
     curr.hypergrad_info = SolveInfo("darts", 1, float("nan"), True, float(global_norm(implicit)))
+    curr.hypergrad_infos = [curr.hypergrad_info]
     return implicit
 
 
@@ -311,8 +379,32 @@ def register_solver(name: str, solve: Callable) -> str:
     from betty import hypergradient
 
     key = f"imaml_{name}"
-    hypergradient.jvp_fn_mapping[key] = _solve_with(solve)
+    hypergradient.jvp_fn_mapping[key] = _solve_with(_per_system(solve))
     return key
+
+
+def _per_system(solve: Callable) -> Callable:
+    """A user's solver for one system (b: [n]) applied to each of the stacked systems [T, n]
+    (one per task; T = 1 when tasks run one at a time), checking what it returns."""
+
+    def batched(matvec, b, config):
+        xs, infos = [], []
+        for t in range(b.shape[0]):
+            def one(u: torch.Tensor, t: int = t) -> torch.Tensor:
+                stacked = torch.zeros_like(b)
+                stacked[t] = u
+                return matvec(stacked)[t]
+
+            out = solve(one, b[t], config)
+            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], SolveInfo)):
+                raise TypeError(f"hypergradient solver {getattr(solve, '__name__', solve)!r} returned "
+                                f"{type(out).__name__}; it must return (x, SolveInfo)")
+            xs.append(out[0])
+            infos.append(out[1])
+        return torch.stack(xs), infos
+
+    batched.__name__ = getattr(solve, "__name__", "solver")
+    return batched
 
 
 def register_with_betty() -> None:

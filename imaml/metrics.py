@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["task_loss", "task_score", "metric_name", "mean_ci95", "global_norm"]
+__all__ = ["task_loss", "task_score", "task_losses", "task_scores", "metric_name", "mean_ci95", "global_norm"]
 
 
 def task_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -23,6 +23,21 @@ def task_score(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.T
     if kind == "classification":
         return (output.argmax(-1) == target).float().mean()
     return F.mse_loss(output, target)
+
+
+def task_losses(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``task_loss`` of each task of a task-stacked batch (output [T, B, ...]): shape [T]."""
+    if kind == "classification":
+        per_example = F.cross_entropy(output.flatten(0, 1), target.flatten(0, 1), reduction="none")
+        return per_example.view(target.shape[:2]).mean(1)
+    return (output - target).pow(2).flatten(1).mean(1)
+
+
+def task_scores(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``task_score`` of each task of a task-stacked batch (output [T, B, ...]): shape [T]."""
+    if kind == "classification":
+        return (output.argmax(-1) == target).float().mean(1)
+    return (output - target).pow(2).flatten(1).mean(1)
 
 
 def metric_name(kind: str) -> str:

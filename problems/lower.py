@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Type
+from typing import ClassVar, List, Optional, Type
 
 import torch
 from betty.configs import Config
@@ -31,8 +31,9 @@ from betty.problems import ImplicitProblem, IterativeProblem
 from torch.func import functional_call
 
 from imaml.hypergrad import register_with_betty
-from imaml.metrics import task_loss
+from imaml.metrics import global_norm, task_loss
 from imaml.models import predict_query
+from imaml.recompute import recompute_in_backward
 from problems.upper import MetaInit
 
 __all__ = ["LowerConfig", "ImplicitLower", "UnrolledLower"]
@@ -53,6 +54,7 @@ class LowerConfig(Config):
     cg_tol: float = 1e-5
     cg_trust_region: bool = True  # ‖x‖ ≤ ‖v‖/λ, see imaml.hypergrad.trust_radius
     neumann_alpha: Optional[float] = None  # None: 1/λ_max by power iteration
+    grad_checkpoint: bool = False  # UnrolledLower: recompute each inner step in the backward pass
 
 
 class _TaskAdaptation:
@@ -70,6 +72,8 @@ class _TaskAdaptation:
     upper_class: ClassVar[Type[MetaInit]] = MetaInit
     variable_ways: ClassVar[bool] = False
 
+    num_tasks = 1  # tasks adapted at once (stacked along dim 0 by problems.vectorized)
+
     @property
     def meta_problem(self):
         """The Upper problem holding θ (Betty's parent in the dependency graph)."""
@@ -77,6 +81,14 @@ class _TaskAdaptation:
 
     def get_batch(self):
         return self.env.support
+
+    def support_loss(self, x, y):
+        """The task loss on the support set (summed over tasks when they are stacked)."""
+        return task_loss(self.env.kind, self(x), y)
+
+    def adapted_norms(self) -> torch.Tensor:
+        """‖φ‖ of each task being adapted ([1] here; one per task when tasks are stacked)."""
+        return global_norm(self.trainable_parameters()).reshape(1)
 
     def begin_task(self) -> None:
         """Make the next ``step()`` start a fresh inner loop from θ, in any mode. (Betty only
@@ -87,7 +99,7 @@ class _TaskAdaptation:
     def one_step_descent(self, batch=None):
         """Betty's inner step, keeping the objective it minimized (for the inner-loop curves)."""
         loss_dict = super().one_step_descent(batch)
-        self.inner_losses.append(loss_dict["loss"])
+        self.inner_losses.append(loss_dict["loss"] / self.num_tasks)  # per task
         return loss_dict
 
     def predict(self, query_x: torch.Tensor) -> torch.Tensor:
@@ -145,15 +157,18 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
 
     def training_step(self, batch) -> torch.Tensor:
         x, y = batch
-        loss = task_loss(self.env.kind, self(x), y) + self.regularizer()
+        loss = self.support_loss(x, y) + self.regularizer()
         if self.config.weight_decay:  # inner weight decay is part of the objective the solver sees
             loss = loss + 0.5 * self.config.weight_decay * sum(phi.pow(2).sum() for phi in self.trainable_parameters())
         return loss
 
+    def anchor(self) -> List[torch.Tensor]:
+        """θ as the proximal term sees it (a task-vectorized problem stacks it per task)."""
+        return self.meta_problem.initial_parameters()
+
     def regularizer(self) -> torch.Tensor:
         """λ/2·‖φ − θ‖², the proximal term of the iMAML paper (eq. 3)."""
-        theta = self.meta_problem.initial_parameters()
-        proximal = sum((phi - t).pow(2).sum() for phi, t in zip(self.trainable_parameters(), theta))
+        proximal = sum((phi - t).pow(2).sum() for phi, t in zip(self.trainable_parameters(), self.anchor()))
         return 0.5 * self.config.lam * proximal
 
     def on_inner_loop_start(self) -> None:
@@ -165,7 +180,35 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
         self.optimizer.state.clear()  # no momentum carried over from the previous task
 
 
-class UnrolledLower(_TaskAdaptation, IterativeProblem):
+class _RecomputedSteps:
+    """With ``config.grad_checkpoint``, each differentiable inner step keeps only its input φ_k
+    for the backward pass and recomputes its own graph there, so memory holds K copies of φ
+    plus one step's graph instead of K steps' graphs. Plain SGD steps only (the inner
+    optimizer built by ``engines.build``); the meta-gradient is unchanged."""
+
+    def one_step_descent(self, batch=None):
+        if not (self.config.grad_checkpoint and self._training and not self._first_order):
+            return super().one_step_descent(batch)
+        self.cur_batch = batch = self.get_batch() if batch is None else batch
+        (group,) = self.optimizer.param_groups
+        if group.get("momentum") or group.get("weight_decay"):
+            raise ValueError("grad_checkpoint: the inner optimizer must be plain SGD")
+        lr = group["lr"]
+
+        def sgd_step(params):  # runs again in the backward pass: leaves self.params as it was
+            saved, self.params = self.params, params
+            try:
+                loss = self.training_step_exec(batch)
+            finally:
+                self.params = saved
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            return tuple(p - lr * g for p, g in zip(params, grads)), loss
+
+        self.params, loss = recompute_in_backward(sgd_step, self.params)
+        return {"loss": loss.item()}
+
+
+class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
     """MAML's inner problem: differentiable SGD steps from φ₀ = θ (a graph-connected clone).
 
     Betty wiring that makes this exactly second-order MAML (verified against plain autograd
@@ -232,7 +275,7 @@ class UnrolledLower(_TaskAdaptation, IterativeProblem):
 
     def training_step(self, batch) -> torch.Tensor:
         x, y = batch
-        return task_loss(self.env.kind, self(x), y)
+        return self.support_loss(x, y)
 
     def on_inner_loop_start(self) -> None:
         theta = self.meta_problem.initial_parameters()

@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 from betty.problems import ImplicitProblem
 
-from imaml.metrics import global_norm, task_loss, task_score
+from imaml.metrics import global_norm, task_loss, task_losses, task_score, task_scores
 
 __all__ = ["MetaInit"]
 
@@ -63,6 +63,11 @@ class MetaInit(ImplicitProblem):
     def training_step(self, batch) -> torch.Tensor:
         x, y = batch
         output = self.task_problem.predict(x)
+        if getattr(self.task_problem, "vectorized", False):  # all tasks at once: [T, B, ...]
+            losses = task_losses(self.env.kind, output, y)
+            scores = task_scores(self.env.kind, output.detach(), y)
+            self.task_stats.extend(torch.stack([losses.detach(), scores], dim=1).unbind(0))
+            return losses.mean()  # the meta-batch mean, as gradient accumulation gives per task
         loss = task_loss(self.env.kind, output, y)
         self.task_stats.append(torch.stack([loss.detach(), task_score(self.env.kind, output.detach(), y)]))
         return loss

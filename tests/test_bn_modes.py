@@ -11,7 +11,8 @@ F64 = torch.float64
 
 
 def _trained_engine(make_config, bn_mode, algo, steps=2):
-    engine = build_engine(make_config(task="glyphs", algo=algo, bn_mode=bn_mode, query_shots=3), dtype=F64)
+    engine = build_engine(make_config(task="glyphs", algo=algo, bn_mode=bn_mode, query_shots=3,
+                                      execution="per-task"), dtype=F64)  # one task adapted and probed
     engine.train()
     for _ in range(steps):
         engine.train_step()

@@ -116,7 +116,8 @@ def job(tmp_path_factory, data_root):
     points = {"ways": None, "shots": 5, "query_shots": 5, "inner_lr": 0.01}
     configs = [RunConfig(task=task, algo=algo, **(images if task == "glyphs" else points), channels=4,
                          meta_batch_size=batch, meta_steps=META_STEPS, inner_steps=2, test_inner_steps=2,
-                         meta_lr=0.01, test_tasks=5, data_root=data_root, output_dir=str(tmp / "unused")).validate()
+                         meta_lr=0.01, test_tasks=5, data_root=data_root, output_dir=str(tmp / "unused"),
+                         execution="per-task").validate()  # as the sharded processes run
                for task, algo, batch in SCENARIOS]
     cli_out = str(tmp / "cli")
     context = mp.spawn(_worker, args=(_free_port(), configs, data_root, cli_out, str(tmp)), nprocs=WORLD,

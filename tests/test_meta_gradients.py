@@ -65,7 +65,7 @@ def test_imaml_equals_dense_hessian_solve(make_config, task, solver, options):
     # λ large enough that H + λI is positive definite after 4 inner steps (CG needs it;
     # the tiny BatchNorm conv net has Hessian eigenvalues down to about −30 here)
     engine = _engine(make_config, task=task, algo="imaml", hypergrad=solver, inner_steps=4,
-                     lam=20.0 if task == "sinusoid" else 50.0,
+                     lam=20.0 if task == "sinusoid" else 50.0, execution="per-task",
                      meta_batch_size=2, inner_lr=0.05 if task == "sinusoid" else 0.3, **options)
     if task == "sinusoid":  # keep the dense reference small: a 1-16-1 regressor
         _shrink_mlp(engine)
@@ -81,7 +81,7 @@ def test_imaml_is_the_derivative_of_the_query_loss_at_the_proximal_solution(make
     whole (long) unrolled inner optimization: the λ convention and the sign are right."""
     lam, lr, steps = 10.0, 0.01, 400  # lr < 2/(λ + λ_max(H)): proximal GD converges linearly
     engine = _engine(make_config, task="sinusoid", algo="imaml", hypergrad="exact", lam=lam,
-                     inner_lr=lr, inner_steps=steps, meta_batch_size=1)
+                     inner_lr=lr, inner_steps=steps, meta_batch_size=1, execution="per-task")
     _shrink_mlp(engine)
     got, tasks = engine_meta_gradient(engine)
     model = engine.upper.module
@@ -139,7 +139,8 @@ def test_meta_test_leaves_parameters_and_buffers_bit_identical(make_config, bn_m
 
 def test_proximal_reference_matches_engine_adaptation(make_config):
     """The engine's iMAML inner loop is the proximal SGD the references assume."""
-    engine = _engine(make_config, task="glyphs", algo="imaml", lam=2.0, inner_steps=3, inner_lr=0.3)
+    engine = _engine(make_config, task="glyphs", algo="imaml", lam=2.0, inner_steps=3, inner_lr=0.3,
+                     execution="per-task")  # its adapted φ is the last task's
     engine_meta_gradient(engine)
     task = engine.env.current
     phi = proximal_adapt(engine.upper.module, task, 0.3, 3, 2.0, "classification")
@@ -147,7 +148,9 @@ def test_proximal_reference_matches_engine_adaptation(make_config):
 
 
 def _shrink_mlp(engine):
-    """Swap the sinusoid MLP for a 1-16-1 one (same class), re-wiring the Lower copy."""
+    """Swap the sinusoid MLP for a 1-16-1 one (same class), re-wiring the Lower copy (per-task
+    path only; tests/test_vectorized.py ties the task-vectorized path to it)."""
+    assert not engine.vectorized
     from imaml.models import MLP
 
     small = MLP(1, 1, hidden=(16,)).to(F64)

@@ -42,9 +42,11 @@ def _glyph_args(data_root, out, *extra):
             "--val-every", "100", "--data-root", data_root, "--output-dir", str(out), *extra]
 
 
+@pytest.mark.parametrize("execution", ["per-task", "vectorized"])
 @pytest.mark.parametrize("algo", ["maml", "imaml"])
-def test_divergence_stops_with_a_message_and_a_loadable_checkpoint(tmp_path, data_root, capsys, algo):
-    code = main(_glyph_args(data_root, tmp_path / "out", "--algo", algo, "--inner-lr", "1e6", "--meta-steps", "5"))
+def test_divergence_stops_with_a_message_and_a_loadable_checkpoint(tmp_path, data_root, capsys, algo, execution):
+    code = main(_glyph_args(data_root, tmp_path / "out", "--algo", algo, "--inner-lr", "1e6", "--meta-steps", "5",
+                            "--execution", execution))
     err = capsys.readouterr().err.strip()
     assert code == 3 and len(err.splitlines()) == 1, err
     assert "diverged at meta-step 1, task 0" in err and "--inner-lr" in err and "Traceback" not in err

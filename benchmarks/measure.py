@@ -1,0 +1,110 @@
+"""How the benchmarks measure: one fresh process per configuration, wall-clock tasks/s, and
+the peak memory of the measured meta-steps.
+
+Peak memory on CPU is the growth of the resident set over the measured steps: the kernel's
+high-water mark (VmHWM) is reset to the current resident set (``/proc/self/clear_refs``)
+just before them, so imports, data and model, which are the same for every implementation,
+are not counted, and every configuration runs in its own process so one cannot inherit
+another's peak. On CUDA it is ``torch.cuda.max_memory_allocated`` above what was allocated
+before the steps, after ``reset_peak_memory_stats``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["PeakMemory", "time_steps", "run_isolated", "machine"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """``start()`` before the steps, ``mib()`` after: peak memory they added, in MiB."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # reset VmHWM to the current resident set (Linux >= 4.0)
+            self.base = _status_kib("VmRSS") * 1024
+
+    def mib(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        return (_status_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> tuple:
+    """(wall seconds and CPU seconds of each of ``steps`` calls after ``warmup`` calls, peak MiB
+    over all). CPU seconds (all threads of this process) are for diagnosing a busy machine:
+    with one thread, a CPU time well below the wall time means the process was waiting."""
+    memory = PeakMemory(device)
+    memory.start()
+    for _ in range(warmup):
+        step()
+    times, cpu = [], []
+    for _ in range(steps):
+        _sync(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return times, cpu, memory.mib()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_isolated(module: str, spec: dict, timeout: Optional[float] = None) -> dict:
+    """Run ``python -m module --one '<spec>'`` in a fresh process; its last stdout line is a
+    JSON result. A failure comes back as {"error": ...} so one bad configuration does not
+    stop a table."""
+    command = [sys.executable, "-m", module, "--one", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def machine(device: torch.device, threads: int) -> str:
+    """One line saying where the numbers came from."""
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                      if line.startswith("model name")), platform.processor() or "unknown CPU")
+        where = f"{model}, {os.cpu_count()} cores, {threads} torch thread(s)"
+    return f"{where}; torch {torch.__version__}, Python {platform.python_version()}"

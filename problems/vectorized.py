@@ -1,0 +1,97 @@
+"""Task-vectorized Lower problems: a whole meta-batch adapts as one Betty problem.
+
+The lower parameters carry a leading task dimension (φ is [T, ...], row t = task t's copy,
+all starting from θ), the forward pass runs every task at once with its own parameters and
+its own BatchNorm statistics (``imaml.vectorize.TaskGroupedModel``), and the objective is
+the *sum* of the per-task objectives. Tasks are independent, so the gradient of that sum
+with respect to φ_t is task t's own gradient: every task takes exactly the SGD steps it
+would take alone. The Hessian of the sum is block-diagonal, so the iMAML solvers run with
+per-task scalars (``imaml.hypergrad``: one row per task), and the Upper problem averages the
+per-task query losses, giving the same meta-gradient as the per-task path.
+
+The engine hands these problems the whole meta-batch (``FewShotEnv.select_all``) and runs
+one inner loop per meta-batch instead of one per task.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from imaml.metrics import task_losses
+from imaml.vectorize import TaskGroupedModel, stack_for_tasks
+from problems.lower import ImplicitLower, UnrolledLower
+
+__all__ = ["VectorizedImplicitLower", "VectorizedUnrolledLower"]
+
+
+class _TaskStacked:
+    """What both task-vectorized Lower problems share."""
+
+    vectorized = True
+
+    def support_loss(self, x, y):
+        """Σ_t L_support,t(φ_t): x is [T, B, ...]; the sum gives each φ_t its own gradient."""
+        return task_losses(self.env.kind, self(x), y).sum()
+
+    def adapted_norms(self) -> torch.Tensor:
+        """‖φ_t‖ for each task t: [T]."""
+        with torch.no_grad():
+            rows = [p.reshape(self.num_tasks, -1).norm(dim=1) for p in self.trainable_parameters()]
+            return torch.stack(rows).norm(dim=0)
+
+    def _count_tasks(self) -> int:
+        self.num_tasks = self.env.support[0].shape[0]
+        return self.num_tasks
+
+
+class VectorizedImplicitLower(_TaskStacked, ImplicitLower):
+    """iMAML's inner problem for T tasks at once: SGD on Σ_t L_support,t(φ_t) + λ/2·‖φ_t − θ‖²
+    from φ_t = θ. ``task_meta_parameters`` are the per-task views of θ the proximal term used
+    last, from which the solver reads each task's hypergradient."""
+
+    def __init__(self, name, config, module, optimizer, device=None):
+        super().__init__(name, config, module, optimizer, device=device)
+        self.grouped = TaskGroupedModel(module)
+        self.phi: list = []
+        self.task_meta_parameters = None
+
+    def trainable_parameters(self):
+        return self.phi
+
+    def parameters(self):
+        return self.phi
+
+    def forward(self, x):
+        return self.grouped(self.phi, x)
+
+    def anchor(self):
+        self.task_meta_parameters = stack_for_tasks(self.meta_problem.trainable_parameters(), self.num_tasks)
+        return self.task_meta_parameters
+
+    def on_inner_loop_start(self):
+        tasks = self._count_tasks()
+        theta = self.meta_problem.trainable_parameters()
+        self.phi = [t.detach().clone().requires_grad_() for t in stack_for_tasks(theta, tasks)]
+        self.optimizer.param_groups[0]["params"] = self.phi  # the inner SGD steps these tensors
+        self.optimizer.state.clear()
+
+
+class VectorizedUnrolledLower(_TaskStacked, UnrolledLower):
+    """MAML's inner problem for T tasks at once: differentiable SGD steps from φ_t = θ."""
+
+    def patch_modules(self):
+        super().patch_modules()
+        self.grouped = TaskGroupedModel(self.module)
+
+    def forward(self, x):
+        return self.grouped(self.params, x)
+
+    def on_inner_loop_start(self):
+        stacked = stack_for_tasks(self.meta_problem.trainable_parameters(), self._count_tasks())
+        if self._training:
+            self.params = tuple(t.clone() for t in stacked)  # keeps the graph to θ
+        else:
+            self.params = tuple(t.detach().clone().requires_grad_() for t in stacked)
+        self.buffers = ()  # vectorizable models have none
+        for state in self.optimizer.state:
+            state.clear()
