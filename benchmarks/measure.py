@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["PeakMemory", "time_steps", "run_isolated", "machine"]
+__all__ = ["PeakMemory", "SavedTensorPeak", "time_steps", "run_isolated", "machine"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,40 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
         return (_status_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+class SavedTensorPeak:
+    """Peak bytes of the tensors autograd graphs hold for their backward passes, while active
+    (a ``with`` block). Independent of the allocator and the device: it counts exactly what
+    differentiating through an unrolled inner loop keeps, which is what grows with inner steps.
+    Shared storage saved twice is counted twice (an upper bound)."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+
+    def __enter__(self):
+        tracker = self
+
+        class Held:
+            __slots__ = ("tensor", "size")
+
+            def __init__(self, tensor):
+                # detached: a saved output holding itself would form a cycle the graph never frees
+                self.tensor, self.size = tensor.detach(), tensor.numel() * tensor.element_size()
+                tracker.live += self.size
+                tracker.peak = max(tracker.peak, tracker.live)
+
+            def __del__(self):
+                tracker.live -= self.size
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
 
 
 def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> tuple:

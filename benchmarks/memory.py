@@ -11,7 +11,8 @@ and recomputes the step in the backward pass. Each configuration runs in a fresh
 (``benchmarks.measure``), after a warm-up forward/backward pass at the run's shapes
 (one-time allocations such as convolution primitives are not counted). On CPU, allocations
 of 64 KiB and more are returned to the system when freed (``MALLOC_MMAP_THRESHOLD_``), so
-the resident set tracks live tensors.
+the resident set tracks live tensors. A second column counts exactly the bytes autograd
+graphs hold at their peak (``benchmarks.measure.SavedTensorPeak``), whatever the allocator does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 
 import torch
 
-from benchmarks.measure import PeakMemory, machine
+from benchmarks.measure import PeakMemory, SavedTensorPeak, machine
 from benchmarks.synthetic import SHAPES
 from benchmarks.throughput import _engine_config
 
@@ -57,7 +58,10 @@ def measure_one(spec: dict) -> dict:
     engine.train_step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"peak_mib": memory.mib(), "seconds": time.perf_counter() - start,
+    seconds, peak = time.perf_counter() - start, memory.mib()
+    with SavedTensorPeak() as saved:  # a second meta-step, counting what the graphs hold
+        engine.train_step()
+    return {"peak_mib": peak, "graph_mib": saved.peak / 2**20, "seconds": seconds,
             "execution": "vectorized" if engine.vectorized else "per-task"}
 
 
@@ -103,16 +107,19 @@ def main(argv=None) -> int:
     common = dict(device=args.device, threads=args.threads, shape=args.shape, ways=args.ways, shots=args.shots,
                   query_shots=args.query_shots, meta_batch_size=args.meta_batch_size, inner_lr=args.inner_lr,
                   meta_lr=1e-3, lam=args.lam, cg_steps=args.cg_steps, seed=0, execution=args.execution)
-    print(f"# peak memory of one meta-step (MiB above the state before it) on {machine(device, args.threads)}")
+    print(f"# peak memory of one meta-step, MiB above the state before it "
+          f"({'CUDA allocations' if device.type == 'cuda' else 'resident set'}) / MiB held by autograd graphs "
+          f"at their peak; seconds per meta-step; on {machine(device, args.threads)}")
     print(f"# {args.shape}-shaped {args.ways}-way {args.shots}-shot, {args.query_shots} query examples per class, "
-          f"meta-batch {args.meta_batch_size}, execution {args.execution}; seconds per meta-step in brackets")
+          f"meta-batch {args.meta_batch_size}, execution {args.execution}")
     print("| inner steps | " + " | ".join(VARIANTS) + " |")
     print("|---|" + "---|" * len(VARIANTS))
     table = {}
     for steps in args.inner_steps:
         row = {name: _run({**common, **settings, "inner_steps": steps}) for name, settings in VARIANTS.items()}
         table[steps] = row
-        cells = [f"{r['peak_mib']:.0f} ({r['seconds']:.1f} s)" if "peak_mib" in r else f"error: {r['error']}"
+        cells = [f"{r['peak_mib']:.0f} / {r['graph_mib']:.1f} ({r['seconds']:.1f} s)" if "peak_mib" in r
+                 else f"error: {r['error']}"
                  for r in row.values()]
         print(f"| {steps} | " + " | ".join(cells) + " |", flush=True)
     _print_ratios(table, args.inner_steps)
