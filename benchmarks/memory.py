@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 
-from benchmarks.measure import PeakMemory, SavedTensorPeak, machine
+from benchmarks.measure import PeakMemory, SavedTensorPeak, machine, run_isolated
 from benchmarks.synthetic import SHAPES
 from benchmarks.throughput import _engine_config
 
@@ -65,20 +64,6 @@ def measure_one(spec: dict) -> dict:
             "execution": "vectorized" if engine.vectorized else "per-task"}
 
 
-def _run(spec: dict) -> dict:
-    import subprocess
-
-    from benchmarks.measure import ROOT
-
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run([sys.executable, "-m", MODULE, "--one", json.dumps(spec)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -116,7 +101,8 @@ def main(argv=None) -> int:
     print("|---|" + "---|" * len(VARIANTS))
     table = {}
     for steps in args.inner_steps:
-        row = {name: _run({**common, **settings, "inner_steps": steps}) for name, settings in VARIANTS.items()}
+        row = {name: run_isolated(MODULE, {**common, **settings, "inner_steps": steps},
+                                  env={"MALLOC_MMAP_THRESHOLD_": "65536"}) for name, settings in VARIANTS.items()}
         table[steps] = row
         cells = [f"{r['peak_mib']:.0f} / {r['graph_mib']:.1f} ({r['seconds']:.1f} s)" if "peak_mib" in r
                  else f"error: {r['error']}"
