@@ -54,3 +54,40 @@ def test_betty_reference_computes_the_engine_meta_gradient(algo, cg_steps):
 def test_betty_reference_cg_is_betty_0_1_1s():
     """From the second CG iteration on, betty-ml 0.1.1's CG gives other numbers (its defect)."""
     assert relative_error(_runner_gradient("betty", "imaml", 3), _engine_gradient("imaml", 3)) > 1e-6
+
+
+def test_channels_last_loop_computes_the_plain_loop_meta_gradient():
+    """benchmarks.variants compares layouts of the same math."""
+    from benchmarks.variants import ChannelsLastLoop
+
+    source = synthetic_source("omniglot", SIZE["ways"], SIZE["shots"], SIZE["query_shots"], SIZE["seed"])
+    settings = {k: v for k, v in SIZE.items() if k not in ("ways", "shots", "query_shots")}
+    grads = []
+    for cls, layout in ((PlainLoop, torch.contiguous_format), (ChannelsLastLoop, torch.channels_last)):
+        torch.manual_seed(SIZE["seed"])
+        model = build_model("conv4", source.input_shape, SIZE["ways"], channels=4).to(F64, memory_format=layout)
+        runner = cls("maml", model, source, **settings, device="cpu", dtype=F64)
+        runner.optimizer.step = lambda: grads.append([p.grad.clone() for p in model.parameters()])
+        runner.meta_step()
+    assert relative_error(grads[1], grads[0]) < 1e-10
+
+
+TINY = dict(device="cpu", threads=1, shape="omniglot", ways=2, shots=1, query_shots=1, meta_batch_size=2,
+            inner_steps=2, cg_steps=2, inner_lr=0.05, meta_lr=1e-3, lam=20.0, warmup=0, meta_steps=1, seed=0)
+
+
+@pytest.mark.parametrize("module,extra", [
+    ("throughput", dict(impl="engine-per-task", execution="per-task", algo="imaml")),
+    ("throughput", dict(impl="engine-vectorized", execution="vectorized", algo="maml")),
+    ("throughput", dict(impl="betty", algo="imaml")),
+    ("throughput", dict(impl="plain", algo="maml")),
+    ("memory", dict(algo="maml", grad_checkpoint=True, execution="per-task")),
+    ("variants", dict(variant="channels-last", algo="imaml")),
+])
+def test_benchmark_scripts_measure(module, extra):
+    """What each benchmark process does for one configuration runs and reports numbers."""
+    import importlib
+
+    result = importlib.import_module(f"benchmarks.{module}").measure_one({**TINY, **extra})
+    assert "error" not in result, result
+    assert result["peak_mib"] >= 0 and (result.get("tasks_per_s", 1) > 0) and result.get("seconds", 1) > 0
