@@ -43,10 +43,11 @@ class ANILUnrolled(UnrolledLower):
         return [self.params[i] for i in self._adapted]
 
     def custom_optimizer_step(self, *args, **kwargs) -> tuple:
-        """φ_h ← φ_h − α ∇φ_h L_support; the encoder entries pass through unchanged."""
-        lr = self.optimizer.param_groups[0]["lr"]
+        """Betty's differentiable SGD (with the run's inner momentum and weight decay) on the
+        head, the only entries with gradients; the encoder entries pass through unchanged."""
+        stepped = iter(self.optimizer.step(self.params))  # the updated head, in order
         adapted = set(self._adapted)
-        return tuple(p - lr * p.grad if i in adapted else p for i, p in enumerate(self.params))
+        return tuple(next(stepped) if i in adapted else p for i, p in enumerate(self.params))
 
 
 class ANILImplicit(ImplicitLower):

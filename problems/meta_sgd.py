@@ -20,6 +20,7 @@ from typing import List
 import torch
 from torch import nn
 
+from imaml.errors import UsageError
 from problems.lower import UnrolledLower
 from problems.upper import MetaInit
 
@@ -56,6 +57,13 @@ class MetaSGDLower(UnrolledLower):
     """Unrolled inner loop with the Upper problem's per-entry learning rates."""
 
     upper_class = MetaSGDInit
+
+    def __init__(self, name, config, module, optimizer, device=None):
+        (group,) = optimizer.param_groups
+        if group.get("momentum") or group.get("weight_decay"):
+            raise UsageError("Meta-SGD's inner update is φ − α⊙∇L_support, with no momentum or weight decay: "
+                             "drop --inner-momentum/--inner-weight-decay")
+        super().__init__(name, config, module=module, optimizer=optimizer, device=device)
 
     def custom_optimizer_step(self, *args, **kwargs) -> tuple:
         lrs = self.meta_problem.inner_lrs

@@ -100,7 +100,8 @@ def _start(names, theta, task, kind, zero_head):
 
 
 def unrolled_general(model, tasks, steps: int, kind: str, lrs, wrt=None, first_order: bool = False,
-                     adapted=None, zero_head=(), lam: float = 0.0) -> List[torch.Tensor]:
+                     adapted=None, zero_head=(), lam: float = 0.0, momentum: float = 0.0,
+                     weight_decay: float = 0.0) -> List[torch.Tensor]:
     """Unrolled adaptation by plain autograd, with the extensions' options; returns the mean
     over tasks of d L_query / d ``wrt`` (default θ; ``None`` gradients as zeros).
 
@@ -108,7 +109,8 @@ def unrolled_general(model, tasks, steps: int, kind: str, lrs, wrt=None, first_o
     ``adapted``: names of the parameters the inner steps update (ANIL: the head); the others
     stay θ's own tensors. ``zero_head``: names that start every task at zeros, as many rows
     as the task has classes. ``lam``: adds λ/2‖φ_a − φ₀‖² over the adapted entries (the
-    proximal term, anchored at the start: θ, or zero for a zero head)."""
+    proximal term, anchored at the start: θ, or zero for a zero head). ``momentum``,
+    ``weight_decay``: as torch's SGD (first velocity = first gradient), per task."""
     names, theta = zip(*model.named_parameters())
     wrt = list(theta) if wrt is None else list(wrt)
     step_sizes = list(lrs) if isinstance(lrs, (list, tuple)) else [lrs] * len(theta)
@@ -117,12 +119,16 @@ def unrolled_general(model, tasks, steps: int, kind: str, lrs, wrt=None, first_o
         phi = _start(names, theta, task, kind, zero_head)
         anchor = [p.detach() if n in zero_head else p for n, p in zip(names, phi)]
         idx = [i for i, n in enumerate(names) if adapted is None or n in adapted]
+        velocity = {}
         for _ in range(steps):
             loss = _loss(model, names, phi, task.support_x, task.support_y, kind)
             if lam:
                 loss = loss + 0.5 * lam * sum((phi[i] - anchor[i]).pow(2).sum() for i in idx)
             grads = torch.autograd.grad(loss, [phi[i] for i in idx], create_graph=not first_order)
             for i, g in zip(idx, grads):
+                g = g + weight_decay * phi[i]
+                if momentum:
+                    g = velocity[i] = g if i not in velocity else momentum * velocity[i] + g
                 phi[i] = phi[i] - step_sizes[i] * g
         query = _loss(model, names, phi, task.query_x, task.query_y, kind)
         for acc, g in zip(total, torch.autograd.grad(query, wrt, allow_unused=True)):

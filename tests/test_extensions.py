@@ -9,6 +9,7 @@ import torch
 from engines import build_engine
 from imaml import checkpoint
 from imaml.cli import run_from_args
+from imaml.errors import UsageError
 from imaml.models import MLP
 from problems.head import head_names
 from tests.reference import engine_meta_gradient, implicit_general, relative_error, unrolled_general
@@ -45,6 +46,23 @@ def test_anil_unrolled_meta_gradient_equals_plain_autograd(make_config, task, al
     if algo == "maml":
         assert relative_error(unrolled_general(model, tasks, 3, kind, lr, first_order=True, adapted=head),
                               reference) > 1e-3
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml"])
+def test_anil_unrolled_takes_inner_momentum_and_weight_decay(make_config, algo):
+    engine = _engine(make_config, "sinusoid", algo=algo, lower_problem=ANIL[algo], inner_momentum=0.9,
+                     inner_weight_decay=0.1)
+    got, tasks = engine_meta_gradient(engine)
+    model, kind, lr = engine.upper.module, engine.env.kind, engine.run_config.inner_lr
+    options = dict(first_order=algo == "fomaml", adapted=head_names(model))
+    reference = unrolled_general(model, tasks, 3, kind, lr, momentum=0.9, weight_decay=0.1, **options)
+    assert relative_error(got, reference) < 1e-10
+    assert relative_error(unrolled_general(model, tasks, 3, kind, lr, **options), reference) > 1e-3
+
+
+def test_meta_sgd_refuses_inner_momentum(make_config):
+    with pytest.raises(UsageError, match="inner-momentum"):
+        _engine(make_config, "sinusoid", algo="maml", lower_problem=META_SGD, inner_momentum=0.9)
 
 
 @pytest.mark.parametrize("task", ["sinusoid", "glyphs"])
