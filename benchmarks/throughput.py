@@ -7,17 +7,20 @@
 For every size (input shape × ways × meta-batch) and algorithm (iMAML with CG, MAML) it runs,
 each in a fresh process, on the same synthetic tasks with the same θ₀ and task stream:
 
-- ``engine``: this project's engine (``engines.build_engine``), per task and task-vectorized;
-  the ``auto`` column is the execution ``--execution auto`` picks for that run;
+- ``engine``: this project's engine (``engines.build_engine``) in one process, per task and
+  task-vectorized, and as ``python run.py`` runs it on a CPU by default: one single-thread
+  process per core sharing each meta-batch (``engine processes``, CPU only); the
+  ``run.py default`` column repeats the one ``run.py`` would use;
 - ``betty``: ``benchmarks.betty_reference``, a meta-learner written as Betty's examples are;
 - ``plain``: ``benchmarks.plain_loop``, the same math as a hand-written PyTorch loop;
 
 and prints tasks/s (meta-batch size / the fastest wall-clock meta-step after warm-up: every
 step does the same work on same-shaped tasks, and other work on the machine only ever slows
-one down) and peak memory, with the ratios engine(auto)/betty and engine(auto)/plain from
-this one invocation. The CG runs without the
-trust region and with a tolerance it cannot reach, so every implementation does exactly
-``--cg-steps`` Hessian-vector products per task (the engine's count is checked and shown).
+one down), peak memory (summed over processes), and two ratios from this one invocation:
+run.py default / Betty reference, and engine per-task / plain loop (the engine's overhead on
+the same math in one process). The CG runs without the trust region and with a tolerance it
+cannot reach, so every implementation does exactly ``--cg-steps`` Hessian-vector products per
+task (the engine's count is checked and shown).
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import subprocess
 import sys
 from typing import Dict, List
 
 import torch
 
-from benchmarks.measure import machine, run_isolated, time_steps
+from benchmarks.measure import ROOT, machine, run_isolated, time_steps
 from benchmarks.synthetic import SHAPES, register_synthetic_tasks, synthetic_source
 
-IMPLS = ("engine-per-task", "engine-vectorized", "betty", "plain")
+IMPLS = ("engine-per-task", "engine-vectorized", "engine-processes", "betty", "plain")
 MODULE = "benchmarks.throughput"
 
 
@@ -53,6 +57,8 @@ def _engine_config(spec: dict):
 
 def measure_one(spec: dict) -> dict:
     """Build one implementation for ``spec`` and time it (runs inside the fresh process)."""
+    if spec["impl"] == "engine-processes":
+        return _measure_processes(spec) if "rank" not in spec else _measure_worker(spec)
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     impl = spec["impl"]
@@ -84,6 +90,39 @@ def measure_one(spec: dict) -> dict:
     return {"tasks_per_s": spec["meta_batch_size"] / min(times), "step_seconds": times,
             "step_cpu_seconds": cpu,
             "peak_mib": peak, **extra}
+
+
+def _measure_processes(spec: dict) -> dict:
+    """The engine as ``python run.py`` runs on a CPU by default: one single-thread process per
+    core (at most one per task), sharing each meta-batch (``engines.distributed``). Rank 0's
+    step times (every step ends in the all-reduce that waits for all of them); peak memory
+    summed over the processes."""
+    from engines.distributed import local_job_environment, local_processes
+
+    processes = local_processes(_engine_config(spec))
+    env = local_job_environment(processes)
+    workers = [subprocess.Popen([sys.executable, "-m", MODULE, "--one", json.dumps({**spec, "rank": rank})],
+                                cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for rank in range(processes)]
+    outputs = [worker.communicate() for worker in workers]
+    if any(worker.returncode for worker in workers):
+        failed = next(err for worker, (_, err) in zip(workers, outputs) if worker.returncode)
+        raise RuntimeError((failed.strip().splitlines() or ["a worker failed"])[-1])
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    return {**results[0], "peak_mib": sum(r["peak_mib"] for r in results), "processes": processes}
+
+
+def _measure_worker(spec: dict) -> dict:
+    from engines import build_engine, distributed
+
+    config = _engine_config(spec)
+    with distributed.process_group(config):
+        engine = build_engine(config)
+        engine.train()
+        times, cpu, peak = time_steps(engine.train_step, spec["warmup"], spec["meta_steps"], torch.device("cpu"))
+    return {"tasks_per_s": spec["meta_batch_size"] / min(times), "step_seconds": times, "step_cpu_seconds": cpu,
+            "peak_mib": peak, "execution": "vectorized" if engine.vectorized else "per-task"}
 
 
 def _sizes(args) -> List[dict]:
@@ -138,34 +177,39 @@ def main(argv=None) -> int:
     print(f"# {args.shots}-shot, {args.query_shots} query examples per class, {args.inner_steps} inner steps, "
           f"CG {args.cg_steps} steps (iMAML), {args.warmup} warm-up + {args.meta_steps} timed meta-steps, "
           f"best of {args.rounds} interleaved round(s)")
-    print("| input | ways | meta-batch | algo | engine (auto) | engine per-task | engine vectorized | Betty ref. "
-          "| plain loop | engine/Betty | engine/plain | peak MiB: engine per-task / vectorized / Betty / plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = {"engine-per-task": "engine per-task", "engine-vectorized": "engine vectorized",
+               "engine-processes": "engine processes", "betty": "Betty ref.", "plain": "plain loop"}
+    print("| input | ways | meta-batch | algo | engine, run.py default | " + " | ".join(columns.values())
+          + " | default / Betty | per-task / plain | peak MiB: " + " / ".join(columns.values()) + " |")
+    print("|---" * (9 + len(columns)) + "|")
     records = []
     for size in _sizes(args):
         runs: Dict[str, List[dict]] = {impl: [] for impl in args.impls}
         for _ in range(args.rounds):
             for impl in args.impls:
                 spec = {**common, **size, "impl": impl}
-                if impl.startswith("engine"):
+                if impl in ("engine-per-task", "engine-vectorized"):
                     spec["execution"] = impl.split("-", 1)[1]
                 per_task = _best(runs.get("engine-per-task", []))
-                too_big = impl == "engine-vectorized" and _vectorized_too_big(per_task, size, device)
-                result = {"error": too_big} if too_big else run_isolated(MODULE, spec)
+                skip = (_vectorized_too_big(per_task, size, device) if impl == "engine-vectorized" else
+                        "skipped: one process is the default on a GPU" if impl == "engine-processes"
+                        and device.type != "cpu" else None)
+                result = {"error": skip} if skip else run_isolated(MODULE, spec)
                 records.append({**spec, **result})
                 runs[impl].append(result)
         results = {impl: _best(rounds) for impl, rounds in runs.items()}
-        auto = _auto_execution({**common, **size})
+        default = _default_impl({**common, **size})
         rate = {impl: results[impl].get("tasks_per_s") for impl in results}
-        engine = rate.get(f"engine-{auto}")
-        ratio = {ref: engine / rate[ref] if engine and rate.get(ref) else None for ref in ("betty", "plain")}
-        peaks = " / ".join(_fmt(results[i].get("peak_mib"), 0) if i in results else "—" for i in IMPLS)
+        versus_betty = _ratio(rate.get(default), rate.get("betty"))
+        overhead = _ratio(rate.get("engine-per-task"), rate.get("plain"))
+        peaks = " / ".join(_fmt(results.get(i, {}).get("peak_mib"), 0) for i in columns)
         cg = [results[i].get("cg_iterations") for i in results if results[i].get("cg_iterations") is not None]
         note = f" (CG iterations {min(cg):.2f})" if cg and min(cg) < args.cg_steps else ""
         shape = "×".join(map(str, SHAPES[size["shape"]].input_shape))
-        print(f"| {shape} | {size['ways']} | {size['meta_batch_size']} | {size['algo']} | {_fmt(engine)} ({auto}) "
-              f"| {_fmt(rate.get('engine-per-task'))} | {_fmt(rate.get('engine-vectorized'))} | {_fmt(rate.get('betty'))} "
-              f"| {_fmt(rate.get('plain'))} | {_fmt(ratio['betty'])} | {_fmt(ratio['plain'])} | {peaks} |{note}", flush=True)
+        print(f"| {shape} | {size['ways']} | {size['meta_batch_size']} | {size['algo']} "
+              f"| {_fmt(rate.get(default))} ({columns[default].split(' ', 1)[1]}) | "
+              + " | ".join(_fmt(rate.get(i)) for i in columns)
+              + f" | {_fmt(versus_betty)} | {_fmt(overhead)} | {peaks} |{note}", flush=True)
         for impl, result in results.items():
             if "error" in result:
                 print(f"#   {impl}: {result['error']}", file=sys.stderr)
@@ -198,16 +242,24 @@ def _vectorized_too_big(per_task: dict, size: dict, device: torch.device):
     return None
 
 
-def _auto_execution(spec: dict) -> str:
-    """The execution ``--execution auto`` chooses for this run."""
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def _default_impl(spec: dict) -> str:
+    """What ``python run.py`` does for this run: several processes on a CPU with more than
+    one core, else one process with the execution ``--execution auto`` chooses."""
     from engines.build import use_vectorized
+    from engines.distributed import local_processes
     from imaml.models import build_model
 
     config = _engine_config(spec)
+    if local_processes(config) > 1:
+        return "engine-processes"
     source = synthetic_source(spec["shape"], spec["ways"], spec["shots"], spec["query_shots"])
     model = build_model("conv4", source.input_shape, spec["ways"], config.channels)
     chosen = use_vectorized(config, model, torch.device(spec["device"]), source.input_shape)
-    return "vectorized" if chosen else "per-task"
+    return "engine-vectorized" if chosen else "engine-per-task"
 
 
 if __name__ == "__main__":

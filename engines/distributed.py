@@ -34,7 +34,7 @@ from imaml.errors import UsageError
 
 __all__ = ["local_processes", "run_local_job", "process_group", "world_size", "rank", "is_main", "shard", "all_reduce_gradients",
            "max_over_ranks", "gather_objects", "process_device", "broadcast_module", "average_buffers",
-           "node_main_first"]
+           "node_main_first", "local_job_environment"]
 
 
 def _launched(name: str, default: int) -> int:
@@ -118,19 +118,27 @@ def local_processes(config: RunConfig) -> int:
     return max(1, min(usable_cores(), config.meta_batch_size) if not config.eval_only else usable_cores())
 
 
+def local_job_environment(processes: int) -> dict:
+    """The environment (without RANK/LOCAL_RANK) for ``processes`` workers on this machine,
+    as torchrun sets it: a free port, this project importable, one thread each unless
+    OMP_NUM_THREADS says otherwise."""
+    root = str(Path(__file__).resolve().parents[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
+           "LOCAL_WORLD_SIZE": str(processes), "PYTHONPATH": os.pathsep.join(
+               p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 def run_local_job(argv: List[str], processes: int) -> int:
     """Run ``argv`` (run.py's flags) in ``processes`` processes on this machine, wired as
     torchrun wires its workers (gloo, one thread each unless OMP_NUM_THREADS is set). Ctrl-C
     and SIGTERM are passed on once, so the job saves its checkpoint and stops; returns the
     exit status of rank 0 (or the first failure)."""
-    root = str(Path(__file__).resolve().parents[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
-            "LOCAL_WORLD_SIZE": str(processes), "PYTHONPATH": os.pathsep.join(
-                p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    base.setdefault("OMP_NUM_THREADS", "1")
+    base = local_job_environment(processes)
     # Rank 0 speaks for the job; the others' stderr is kept aside and shown only if one of
     # them fails while rank 0 did not (otherwise it only echoes rank 0's error).
     logs = [None] + [tempfile.TemporaryFile(mode="w+") for _ in range(1, processes)]
