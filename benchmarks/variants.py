@@ -1,5 +1,5 @@
 """Speed-ups tried on the same math before building them into the engine: a channels-last
-memory layout for the convolutions, and ``torch.compile``.
+memory layout for the convolutions, ``torch.compile``, and a malloc that keeps freed memory.
 
     python -m benchmarks.variants                     # CPU: the table in docs/performance.md
     python -m benchmarks.variants --device cuda
@@ -9,7 +9,9 @@ on the synthetic tasks of ``benchmarks.throughput``, each in a fresh process, an
 tasks/s and the ratio to the plain eager loop from this one invocation. The engine takes a
 variant only where it wins here: a variant that fails (``torch.compile`` cannot differentiate
 its compiled graphs twice, which MAML's meta-gradient and iMAML's Hessian-vector products
-need) prints its one-line error instead.
+need) prints its one-line error instead. ``keep-freed-memory`` sets glibc's malloc to serve
+every block from its heap and never give memory back (``mallopt``: no mmap, no trimming), so
+the activations every inner step frees are not faulted in again by the next one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from benchmarks.plain_loop import PlainLoop
 from benchmarks.synthetic import SHAPES, synthetic_source
 
 MODULE = "benchmarks.variants"
-VARIANTS = ("eager", "channels-last", "compile")
+VARIANTS = ("eager", "channels-last", "compile", "keep-freed-memory")
 
 
 class ChannelsLastLoop(PlainLoop):
@@ -34,6 +36,17 @@ class ChannelsLastLoop(PlainLoop):
 
     def loss(self, params, x, y):
         return super().loss(params, x.contiguous(memory_format=torch.channels_last), y)
+
+
+def _keep_freed_memory() -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # glibc's malloc.h
+    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)
+            and libc.mallopt(m_top_pad, 256 << 20)):
+        raise RuntimeError("mallopt refused the settings (not glibc?)")
 
 
 def measure_one(spec: dict) -> dict:
@@ -49,6 +62,8 @@ def measure_one(spec: dict) -> dict:
         model, loop = model.to(memory_format=torch.channels_last), ChannelsLastLoop
     elif spec["variant"] == "compile":
         model = torch.compile(model)
+    elif spec["variant"] == "keep-freed-memory":
+        _keep_freed_memory()
     runner = loop(spec["algo"], model, source, spec["meta_batch_size"], spec["inner_steps"], spec["inner_lr"],
                   spec["meta_lr"], spec["lam"], spec["cg_steps"], spec["seed"], device)
     try:
@@ -65,7 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [all cores]")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--ways", nargs="+", type=int, default=[5, 20])
-    parser.add_argument("--meta-batch-size", type=int, default=16)
+    parser.add_argument("--meta-batch-size", type=int, default=8,
+                        help="tasks per meta-step (per-task math: its size does not change the comparison)")
     parser.add_argument("--algos", nargs="+", default=["imaml", "maml"], choices=["imaml", "maml"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--warmup", type=int, default=1, help="meta-steps before timing (compilation happens here)")
