@@ -117,11 +117,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_isolated(module: str, spec: dict, timeout: Optional[float] = None, env: Optional[dict] = None) -> dict:
-    """Run ``python -m module --one '<spec>'`` in a fresh process (with ``env`` added to the
-    environment); its last stdout line is a JSON result. A failure comes back as
-    {"error": ...} so one bad configuration does not stop a table."""
-    command = [sys.executable, "-m", module, "--one", json.dumps(spec)]
+def run_isolated(module: str, spec: dict, timeout: Optional[float] = None, env: Optional[dict] = None,
+                 flag: str = "--one") -> dict:
+    """Run ``python -m module --one '<spec>'`` (or another ``flag``) in a fresh process (with
+    ``env`` added to the environment); its last stdout line is a JSON result. A failure comes
+    back as {"error": ...} so one bad configuration does not stop a table."""
+    command = [sys.executable, "-m", module, flag, json.dumps(spec)]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **(env or {})})

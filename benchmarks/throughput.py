@@ -1,26 +1,31 @@
 """Meta-training throughput: this project's engine against a Betty reference and a plain loop.
 
     python -m benchmarks.throughput                      # the full table (docs/performance.md)
-    python -m benchmarks.throughput --quick              # a tiny smoke run (seconds)
+    python -m benchmarks.throughput --quick              # a tiny smoke run
     python -m benchmarks.throughput --device cuda
 
-For every size (input shape × ways × meta-batch) and algorithm (iMAML with CG, MAML) it runs,
-each in a fresh process, on the same synthetic tasks with the same θ₀ and task stream:
+For every size (input shape × ways × meta-batch) and algorithm (iMAML with CG, MAML), one
+fresh process builds every implementation on the same synthetic tasks, θ₀ and task stream:
 
-- ``engine``: this project's engine (``engines.build_engine``) in one process, per task and
-  task-vectorized, and as ``python run.py`` runs it on a CPU by default: one single-thread
-  process per core sharing each meta-batch (``engine processes``, CPU only); the
-  ``run.py default`` column repeats the one ``run.py`` would use;
+- ``engine``: this project's engine (``engines.build_engine``), per task and task-vectorized,
+  and as ``python run.py`` runs it on a CPU by default: one single-thread process per core
+  sharing each meta-batch (``engine processes``: worker processes this one steps in lockstep;
+  CPU only); the ``run.py default`` column repeats the one ``run.py`` would use;
 - ``betty``: ``benchmarks.betty_reference``, a meta-learner written as Betty's examples are;
 - ``plain``: ``benchmarks.plain_loop``, the same math as a hand-written PyTorch loop;
 
-and prints tasks/s (meta-batch size / the fastest wall-clock meta-step after warm-up: every
-step does the same work on same-shaped tasks, and other work on the machine only ever slows
-one down), peak memory (summed over processes), and two ratios from this one invocation:
-run.py default / Betty reference, and engine per-task / plain loop (the engine's overhead on
-the same math in one process). The CG runs without the trust region and with a tolerance it
-cannot reach, so every implementation does exactly ``--cg-steps`` Hessian-vector products per
-task (the engine's count is checked and shown).
+warms each up with ``--warmup`` meta-steps (one-time costs), then times ``--rounds`` meta-steps
+of each, interleaved (A B C … A B C …), so a slow spell of the machine falls on all of them
+alike: tasks/s = meta-batch size / the fastest of an implementation's timed steps (every step
+does the same work on same-shaped tasks, and other work on the machine only ever slows one
+down). Peak memory is what the first meta-step adds, measured for each implementation in a
+fresh process of its own (``benchmarks.measure.PeakMemory``; summed over the processes of
+``engine processes``, over all their steps); the per-task implementations hold one task at a
+time, so theirs is measured at the first meta-batch size and shown for every one.
+Two ratios: run.py default / Betty reference, and engine per-task / plain loop (the engine's
+overhead on the same math in one process). The CG runs without the trust region and with a
+tolerance it cannot reach, so every implementation does exactly ``--cg-steps`` Hessian-vector
+products per task (the engine's count is checked and shown).
 """
 
 from __future__ import annotations
@@ -30,18 +35,21 @@ import itertools
 import json
 import subprocess
 import sys
-from typing import Dict, List
+import tempfile
+import time
+from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.measure import ROOT, machine, run_isolated, time_steps
+from benchmarks.measure import ROOT, PeakMemory, machine, run_isolated
 from benchmarks.synthetic import SHAPES, register_synthetic_tasks, synthetic_source
 
 IMPLS = ("engine-per-task", "engine-vectorized", "engine-processes", "betty", "plain")
 MODULE = "benchmarks.throughput"
+REPLY = "@@ "  # marks a worker's answers on its stdout
 
 
-def _engine_config(spec: dict):
+def _engine_config(spec: dict, execution: str = "auto"):
     from imaml.config import RunConfig
 
     register_synthetic_tasks()
@@ -50,79 +58,175 @@ def _engine_config(spec: dict):
         query_shots=spec["query_shots"], channels=SHAPES[spec["shape"]].channels,
         meta_batch_size=spec["meta_batch_size"], inner_steps=spec["inner_steps"], inner_lr=spec["inner_lr"],
         meta_lr=spec["meta_lr"], lam=spec["lam"], hypergrad="cg", cg_steps=spec["cg_steps"], cg_tol=1e-30,
-        cg_trust_region=False, device=spec["device"], seed=spec["seed"],
-        execution=spec.get("execution", "auto"), grad_checkpoint=spec.get("grad_checkpoint", False),
+        cg_trust_region=False, device=spec["device"], seed=spec["seed"], execution=execution,
+        grad_checkpoint=spec.get("grad_checkpoint", False), processes=spec.get("processes", 0),
     ).validate()
 
 
-def measure_one(spec: dict) -> dict:
-    """Build one implementation for ``spec`` and time it (runs inside the fresh process)."""
-    if spec["impl"] == "engine-processes":
-        return _measure_processes(spec) if "rank" not in spec else _measure_worker(spec)
-    torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    impl = spec["impl"]
-    extra: Dict[str, object] = {}
-    if impl.startswith("engine"):
-        from engines import build_engine
+class _InProcess:
+    """One implementation built in this process: ``step()`` runs a meta-step and says how
+    much memory it added."""
 
-        engine = build_engine(_engine_config(spec))
-        engine.train()
-        step = engine.train_step
-        extra["execution"] = "vectorized" if engine.vectorized else "per-task"
-    else:
-        from imaml.models import build_model
+    def __init__(self, impl: str, spec: dict):
+        self.device = torch.device(spec["device"])
+        self.engine = None
+        if impl.startswith("engine"):
+            from engines import build_engine
 
-        source = synthetic_source(spec["shape"], spec["ways"], spec["shots"], spec["query_shots"], spec["seed"])
-        torch.manual_seed(spec["seed"])  # the engine's θ₀
-        model = build_model("conv4", source.input_shape, spec["ways"], SHAPES[spec["shape"]].channels).to(device)
-        if impl == "betty":
-            from benchmarks.betty_reference import BettyReference as Impl
+            self.engine = build_engine(_engine_config(spec, execution=impl.split("-", 1)[1]))
+            self.engine.train()
+            self._step = self.engine.train_step
         else:
-            from benchmarks.plain_loop import PlainLoop as Impl
-        runner = Impl(spec["algo"], model, source, spec["meta_batch_size"], spec["inner_steps"], spec["inner_lr"],
-                      spec["meta_lr"], spec["lam"], spec["cg_steps"], spec["seed"], device)
-        step = runner.meta_step
-    times, cpu, peak = time_steps(step, spec["warmup"], spec["meta_steps"], device)
-    if impl.startswith("engine") and spec["algo"] == "imaml":
-        iterations = [info.iterations for info in engine.solves]
-        extra["cg_iterations"] = sum(iterations) / len(iterations)
-    return {"tasks_per_s": spec["meta_batch_size"] / min(times), "step_seconds": times,
-            "step_cpu_seconds": cpu,
-            "peak_mib": peak, **extra}
+            from imaml.models import build_model
+
+            source = synthetic_source(spec["shape"], spec["ways"], spec["shots"], spec["query_shots"], spec["seed"])
+            torch.manual_seed(spec["seed"])  # the engine's θ₀
+            model = build_model("conv4", source.input_shape, spec["ways"], SHAPES[spec["shape"]].channels)
+            if impl == "betty":
+                from benchmarks.betty_reference import BettyReference as Impl
+            else:
+                from benchmarks.plain_loop import PlainLoop as Impl
+            self._step = Impl(spec["algo"], model.to(self.device), source, spec["meta_batch_size"],
+                              spec["inner_steps"], spec["inner_lr"], spec["meta_lr"], spec["lam"], spec["cg_steps"],
+                              spec["seed"], self.device).meta_step
+
+    def step(self) -> float:
+        """A meta-step; returns the memory it added."""
+        memory = PeakMemory(self.device)
+        memory.start()
+        self._step()
+        return memory.mib()
+
+    def extra(self) -> dict:
+        if self.engine is None:
+            return {}
+        out = {"execution": "vectorized" if self.engine.vectorized else "per-task"}
+        if self.engine.solves:
+            out["cg_iterations"] = sum(i.iterations for i in self.engine.solves) / len(self.engine.solves)
+        return out
+
+    def close(self) -> None:
+        pass
 
 
-def _measure_processes(spec: dict) -> dict:
+class _Processes:
     """The engine as ``python run.py`` runs on a CPU by default: one single-thread process per
-    core (at most one per task), sharing each meta-batch (``engines.distributed``). Rank 0's
-    step times (every step ends in the all-reduce that waits for all of them); peak memory
-    summed over the processes."""
-    from engines.distributed import local_job_environment, local_processes
+    core (at most one per task) sharing each meta-batch (``engines.distributed``), started as
+    run.py starts them; ``step()`` has every worker take one meta-step (they end it together,
+    in the all-reduce) and sums the memory each added."""
 
-    processes = local_processes(_engine_config(spec))
-    env = local_job_environment(processes)
-    workers = [subprocess.Popen([sys.executable, "-m", MODULE, "--one", json.dumps({**spec, "rank": rank})],
-                                cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for rank in range(processes)]
-    outputs = [worker.communicate() for worker in workers]
-    if any(worker.returncode for worker in workers):
-        failed = next(err for worker, (_, err) in zip(workers, outputs) if worker.returncode)
-        raise RuntimeError((failed.strip().splitlines() or ["a worker failed"])[-1])
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-    return {**results[0], "peak_mib": sum(r["peak_mib"] for r in results), "processes": processes}
+    def __init__(self, spec: dict):
+        from engines.distributed import local_job_environment, local_processes
+
+        self.processes = local_processes(_engine_config(spec))
+        if self.processes < 2:
+            raise RuntimeError("skipped: run.py uses one process here (one core, or a GPU)")
+        env = local_job_environment(self.processes)
+        self.logs = [tempfile.TemporaryFile(mode="w+") for _ in range(self.processes)]
+        self.workers = [subprocess.Popen([sys.executable, "-m", MODULE, "--worker", json.dumps(spec)], cwd=ROOT,
+                                         env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.logs[rank])
+                        for rank in range(self.processes)]
+
+    def step(self) -> float:
+        """A meta-step; returns the peak memory the workers' steps have added so far (summed)."""
+        for worker in self.workers:
+            worker.stdin.write("step\n")
+            worker.stdin.flush()
+        return sum(self._reply(rank)["peak_mib"] for rank in range(self.processes))
+
+    def _reply(self, rank: int) -> dict:
+        for line in self.workers[rank].stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        self.logs[rank].seek(0)
+        raise RuntimeError(f"worker {rank} stopped: " + (self.logs[rank].read().strip().splitlines() or ["?"])[-1])
+
+    def extra(self) -> dict:
+        return {"processes": self.processes}
+
+    def close(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.stdin.close()
+        for worker, log in zip(self.workers, self.logs):
+            worker.wait()
+            log.close()
 
 
-def _measure_worker(spec: dict) -> dict:
+def serve_worker(spec: dict) -> None:
+    """One process of ``_Processes``: a meta-step for every line on stdin, answering with the
+    peak memory its meta-steps added so far."""
     from engines import build_engine, distributed
 
     config = _engine_config(spec)
     with distributed.process_group(config):
         engine = build_engine(config)
         engine.train()
-        times, cpu, peak = time_steps(engine.train_step, spec["warmup"], spec["meta_steps"], torch.device("cpu"))
-    return {"tasks_per_s": spec["meta_batch_size"] / min(times), "step_seconds": times, "step_cpu_seconds": cpu,
-            "peak_mib": peak, "execution": "vectorized" if engine.vectorized else "per-task"}
+        memory = PeakMemory(torch.device("cpu"))
+        memory.start()
+        for _ in sys.stdin:
+            engine.train_step()
+            print(REPLY + json.dumps({"peak_mib": memory.mib()}), flush=True)
+
+
+def measure_memory(spec: dict) -> dict:
+    """The memory one meta-step of ``spec["impl"]`` adds (in a fresh process of its own)."""
+    torch.set_num_threads(spec["threads"])
+    return {"peak_mib": _InProcess(spec["impl"], spec).step()}
+
+
+def measure_size(spec: dict) -> Dict[str, dict]:
+    """Every implementation in ``spec["impls"]`` at one size (in this fresh process): built and
+    warmed up in turn, then ``spec["rounds"]`` timed meta-steps each, interleaved. Peak memory only for
+    ``engine processes`` (its workers are fresh processes); the others' comes from
+    ``measure_memory``."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    runners: Dict[str, object] = {}
+    results: Dict[str, dict] = {}
+    times: Dict[str, List[float]] = {}
+    peaks: Dict[str, float] = {}
+
+    def run(impl: str, timed: bool) -> None:
+        try:
+            _sync(device)
+            start = time.perf_counter()
+            peaks[impl] = max(peaks.get(impl, 0.0), runners[impl].step())
+            _sync(device)
+            if timed:
+                times[impl].append(time.perf_counter() - start)
+        except Exception as error:  # one failing implementation does not stop the others
+            results[impl] = {"error": _one_line(error)}
+            runners.pop(impl).close()
+
+    for impl in spec["impls"]:
+        try:
+            runners[impl] = _Processes(spec) if impl == "engine-processes" else _InProcess(impl, spec)
+            times[impl] = []
+        except Exception as error:
+            results[impl] = {"error": _one_line(error)}
+    for _ in range(spec["warmup"]):
+        for impl in list(runners):
+            run(impl, timed=False)
+    for _ in range(spec["rounds"]):
+        for impl in list(runners):
+            run(impl, timed=True)
+    for impl, runner in runners.items():
+        results[impl] = {"tasks_per_s": spec["meta_batch_size"] / min(times[impl]), "step_seconds": times[impl],
+                         **({"peak_mib": peaks[impl]} if impl == "engine-processes" else {}), **runner.extra()}
+        runner.close()
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text and text[0].startswith("skipped") else f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def _sizes(args) -> List[dict]:
@@ -136,9 +240,12 @@ def _fmt(value, digits=2) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one spec (JSON)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: time one size (JSON)
+    parser.add_argument("--memory", help=argparse.SUPPRESS)  # internal: one implementation's memory
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one process of "engine processes"
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [all cores]")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads of the one-process implementations [all cores]")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--ways", nargs="+", type=int, default=[5, 20])
     parser.add_argument("--meta-batch-sizes", nargs="+", type=int, default=[16, 32])
@@ -153,62 +260,75 @@ def main(argv=None) -> int:
     parser.add_argument("--lam", type=float, default=20.0,
                         help="proximal λ; with --inner-lr, large enough that H + λI stays positive definite, "
                              "so no CG stops early and every implementation does the same work")
-    parser.add_argument("--warmup", type=int, default=1, help="meta-steps before timing")
-    parser.add_argument("--meta-steps", type=int, default=3, help="timed meta-steps")
+    parser.add_argument("--warmup", type=int, default=1, help="meta-steps of each implementation before timing")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="run every implementation this many times, interleaved, and keep each one's best "
-                             "(other work on the machine only ever slows a run down)")
+                        help="timed meta-steps of each implementation, interleaved; tasks/s from the fastest")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="one tiny size, one timed step: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="one tiny size, one timed round: a smoke run")
     parser.add_argument("--json", help="also write all results to this file")
     args = parser.parse_args(argv)
+    if args.worker:
+        serve_worker(json.loads(args.worker))
+        return 0
     if args.one:
-        print(json.dumps(measure_one(json.loads(args.one))))
+        print(json.dumps(measure_size(json.loads(args.one))))
+        return 0
+    if args.memory:
+        print(json.dumps(measure_memory(json.loads(args.memory))))
         return 0
     if args.quick:
-        args.shapes, args.ways, args.meta_batch_sizes, args.meta_steps = ["omniglot"], [5], [4], 1
+        args.shapes, args.ways, args.meta_batch_sizes, args.rounds = ["omniglot"], [5], [4], 1
 
     device = torch.device(args.device)
     common = dict(device=args.device, threads=args.threads, shots=args.shots, query_shots=args.query_shots,
                   inner_steps=args.inner_steps, cg_steps=args.cg_steps, inner_lr=args.inner_lr,
-                  meta_lr=args.meta_lr, lam=args.lam, warmup=args.warmup, meta_steps=args.meta_steps,
-                  seed=args.seed)
+                  meta_lr=args.meta_lr, lam=args.lam, warmup=args.warmup, rounds=args.rounds, seed=args.seed)
+    impls = [i for i in IMPLS if i in args.impls and not (i == "engine-processes" and device.type != "cpu")]
     print(f"# meta-training throughput on {machine(device, args.threads)}")
     print(f"# {args.shots}-shot, {args.query_shots} query examples per class, {args.inner_steps} inner steps, "
-          f"CG {args.cg_steps} steps (iMAML), {args.warmup} warm-up + {args.meta_steps} timed meta-steps, "
-          f"best of {args.rounds} interleaved round(s)")
+          f"CG {args.cg_steps} steps (iMAML); per size, in one process, {args.warmup} warm-up + {args.rounds} "
+          f"timed meta-step(s) of each implementation, interleaved")
     columns = {"engine-per-task": "engine per-task", "engine-vectorized": "engine vectorized",
                "engine-processes": "engine processes", "betty": "Betty ref.", "plain": "plain loop"}
     print("| input | ways | meta-batch | algo | engine, run.py default | " + " | ".join(columns.values())
           + " | default / Betty | per-task / plain | peak MiB: " + " / ".join(columns.values()) + " |")
     print("|---" * (9 + len(columns)) + "|")
     records = []
+    per_task_memory: Dict[tuple, dict] = {}  # one task at a time: the same at every meta-batch size
     for size in _sizes(args):
-        runs: Dict[str, List[dict]] = {impl: [] for impl in args.impls}
-        for _ in range(args.rounds):
-            for impl in args.impls:
-                spec = {**common, **size, "impl": impl}
-                if impl in ("engine-per-task", "engine-vectorized"):
-                    spec["execution"] = impl.split("-", 1)[1]
-                per_task = _best(runs.get("engine-per-task", []))
-                skip = (_vectorized_too_big(per_task, size, device) if impl == "engine-vectorized" else
-                        "skipped: one process is the default on a GPU" if impl == "engine-processes"
-                        and device.type != "cpu" else None)
-                result = {"error": skip} if skip else run_isolated(MODULE, spec)
-                records.append({**spec, **result})
-                runs[impl].append(result)
-        results = {impl: _best(rounds) for impl, rounds in runs.items()}
-        default = _default_impl({**common, **size})
-        rate = {impl: results[impl].get("tasks_per_s") for impl in results}
-        versus_betty = _ratio(rate.get(default), rate.get("betty"))
-        overhead = _ratio(rate.get("engine-per-task"), rate.get("plain"))
+        spec = {**common, **size}
+        memory, skipped = {}, {}
+        for impl in impls:
+            if impl == "engine-processes":
+                continue
+            per_task = memory.get("engine-per-task", {}).get("peak_mib")
+            skip = _vectorized_too_big(per_task, size, device) if impl == "engine-vectorized" else None
+            if skip:
+                skipped[impl] = {"error": skip}
+            elif impl == "engine-vectorized":
+                memory[impl] = run_isolated(MODULE, {**spec, "impl": impl}, flag="--memory")
+            else:
+                key = (size["shape"], size["ways"], size["algo"], impl)
+                if key not in per_task_memory:
+                    per_task_memory[key] = run_isolated(MODULE, {**spec, "impl": impl}, flag="--memory")
+                memory[impl] = per_task_memory[key]
+        timed = [impl for impl in impls if impl not in skipped]
+        results = run_isolated(MODULE, {**spec, "impls": timed})
+        if "error" in results:  # the measuring process itself failed
+            results = {impl: results for impl in timed}
+        results = {**skipped, **{impl: {**memory.get(impl, {}), **result} for impl, result in results.items()}}
+        records.append({**spec, "results": results})
+        default = _default_impl(spec)
+        rate = {impl: results.get(impl, {}).get("tasks_per_s") for impl in columns}
+        versus_betty = _ratio(rate[default], rate["betty"])
+        overhead = _ratio(rate["engine-per-task"], rate["plain"])
         peaks = " / ".join(_fmt(results.get(i, {}).get("peak_mib"), 0) for i in columns)
-        cg = [results[i].get("cg_iterations") for i in results if results[i].get("cg_iterations") is not None]
+        cg = [r["cg_iterations"] for r in results.values() if "cg_iterations" in r]
         note = f" (CG iterations {min(cg):.2f})" if cg and min(cg) < args.cg_steps else ""
         shape = "×".join(map(str, SHAPES[size["shape"]].input_shape))
         print(f"| {shape} | {size['ways']} | {size['meta_batch_size']} | {size['algo']} "
-              f"| {_fmt(rate.get(default))} ({columns[default].split(' ', 1)[1]}) | "
-              + " | ".join(_fmt(rate.get(i)) for i in columns)
+              f"| {_fmt(rate[default])} ({columns[default].split(' ', 1)[1]}) | "
+              + " | ".join(_fmt(rate[i]) for i in columns)
               + f" | {_fmt(versus_betty)} | {_fmt(overhead)} | {peaks} |{note}", flush=True)
         for impl, result in results.items():
             if "error" in result:
@@ -219,20 +339,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _best(rounds: List[dict]) -> dict:
-    """The fastest round (with the largest peak memory of all rounds), or the last error."""
-    done = [r for r in rounds if "tasks_per_s" in r]
-    if not done:
-        return rounds[-1] if rounds else {}
-    return {**max(done, key=lambda r: r["tasks_per_s"]), "peak_mib": max(r["peak_mib"] for r in done)}
-
-
-def _vectorized_too_big(per_task: dict, size: dict, device: torch.device):
+def _vectorized_too_big(per_task_mib: Optional[float], size: dict, device: torch.device):
     """A reason to skip the vectorized run if T tasks' working memory at once (T × the
     per-task peak) would take more than half of the memory there is; else None."""
-    if not per_task or "peak_mib" not in per_task:
+    if per_task_mib is None:
         return None
-    need = per_task["peak_mib"] * 2**20 * size["meta_batch_size"]
+    need = per_task_mib * 2**20 * size["meta_batch_size"]
     if device.type == "cuda":
         have = torch.cuda.mem_get_info(device)[1]
     else:

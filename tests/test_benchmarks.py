@@ -77,10 +77,6 @@ TINY = dict(device="cpu", threads=1, shape="omniglot", ways=2, shots=1, query_sh
 
 
 @pytest.mark.parametrize("module,extra", [
-    ("throughput", dict(impl="engine-per-task", execution="per-task", algo="imaml")),
-    ("throughput", dict(impl="engine-vectorized", execution="vectorized", algo="maml")),
-    ("throughput", dict(impl="betty", algo="imaml")),
-    ("throughput", dict(impl="plain", algo="maml")),
     ("memory", dict(algo="maml", grad_checkpoint=True, execution="per-task")),
     ("variants", dict(variant="channels-last", algo="imaml")),
 ])
@@ -91,3 +87,17 @@ def test_benchmark_scripts_measure(module, extra):
     result = importlib.import_module(f"benchmarks.{module}").measure_one({**TINY, **extra})
     assert "error" not in result, result
     assert result["peak_mib"] >= 0 and (result.get("tasks_per_s", 1) > 0) and result.get("seconds", 1) > 0
+
+
+def test_throughput_times_every_implementation_interleaved():
+    from benchmarks.throughput import IMPLS, measure_memory, measure_size
+
+    results = measure_size({**TINY, "algo": "imaml", "impls": list(IMPLS), "warmup": 1, "rounds": 2, "processes": 2})
+    assert set(results) == set(IMPLS)
+    for impl, result in results.items():
+        assert "error" not in result, (impl, result)
+        assert len(result["step_seconds"]) == 2 and result["tasks_per_s"] > 0
+    assert results["engine-processes"]["processes"] == 2 and results["engine-processes"]["peak_mib"] >= 0
+    assert results["engine-vectorized"]["execution"] == "vectorized"
+    assert results["engine-per-task"]["cg_iterations"] == TINY["cg_steps"]  # every CG ran all its iterations
+    assert measure_memory({**TINY, "algo": "maml", "impl": "betty"})["peak_mib"] >= 0
