@@ -333,10 +333,22 @@ def main(argv=None) -> int:
         for impl, result in results.items():
             if "error" in result:
                 print(f"#   {impl}: {result['error']}", file=sys.stderr)
+    spread = step_spread(records)
+    if spread:
+        print(f"# the timed steps of one implementation differed by {spread[0]:.0%} (median), up to {spread[1]:.0%}: "
+              f"the machine's noise; ratios closer to 1 than that are ties")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"machine": machine(device, args.threads), "results": records}, out, indent=1)
     return 0
+
+
+def step_spread(records: List[dict]) -> Optional[tuple]:
+    """(median, max) over implementations and sizes of (slowest − fastest) / fastest timed
+    step: how much the same work's time varied within one measurement."""
+    spreads = sorted(max(r["step_seconds"]) / min(r["step_seconds"]) - 1 for record in records
+                     for r in record["results"].values() if len(r.get("step_seconds", [])) > 1)
+    return (spreads[len(spreads) // 2], spreads[-1]) if spreads else None
 
 
 def _vectorized_too_big(per_task_mib: Optional[float], size: dict, device: torch.device):
