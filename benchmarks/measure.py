@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["PeakMemory", "SavedTensorPeak", "time_steps", "run_isolated", "machine"]
+__all__ = ["PeakMemory", "SavedTensorPeak", "time_steps", "synchronize", "describe_error", "run_isolated",
+           "machine"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,18 +104,25 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
         step()
     times, cpu = [], []
     for _ in range(steps):
-        _sync(device)
+        synchronize(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         step()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return times, cpu, memory.mib()
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock time covers it (nothing on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def describe_error(error: Exception) -> str:
+    """One line for a table: the error's type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def run_isolated(module: str, spec: dict, timeout: Optional[float] = None, env: Optional[dict] = None,

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.measure import ROOT, PeakMemory, machine, run_isolated
+from benchmarks.measure import ROOT, PeakMemory, describe_error, machine, run_isolated, synchronize
 from benchmarks.synthetic import SHAPES, register_synthetic_tasks, synthetic_source
 
 IMPLS = ("engine-per-task", "engine-vectorized", "engine-processes", "betty", "plain")
@@ -63,39 +63,43 @@ def _engine_config(spec: dict, execution: str = "auto"):
     ).validate()
 
 
+def build_reference(loop_class, spec: dict, prepare_model=lambda model: model):
+    """A reference meta-learner (``loop_class``: BettyReference, PlainLoop or a variant) on the
+    synthetic tasks of ``spec``, from the engine's θ₀; ``prepare_model`` may change the
+    network first (layout, compilation)."""
+    from imaml.models import build_model
+
+    device = torch.device(spec["device"])
+    source = synthetic_source(spec["shape"], spec["ways"], spec["shots"], spec["query_shots"], spec["seed"])
+    torch.manual_seed(spec["seed"])  # the engine's θ₀
+    model = build_model("conv4", source.input_shape, spec["ways"], SHAPES[spec["shape"]].channels).to(device)
+    return loop_class(spec["algo"], prepare_model(model), source, spec["meta_batch_size"], spec["inner_steps"],
+                      spec["inner_lr"], spec["meta_lr"], spec["lam"], spec["cg_steps"], spec["seed"], device)
+
+
+class _Skipped(Exception):
+    """An implementation that does not apply here (its message says why)."""
+
+
 class _InProcess:
-    """One implementation built in this process: ``step()`` runs a meta-step and says how
-    much memory it added."""
+    """One implementation built in this process; ``step()`` runs one meta-step."""
 
     def __init__(self, impl: str, spec: dict):
-        self.device = torch.device(spec["device"])
         self.engine = None
         if impl.startswith("engine"):
             from engines import build_engine
 
             self.engine = build_engine(_engine_config(spec, execution=impl.split("-", 1)[1]))
             self.engine.train()
-            self._step = self.engine.train_step
+            self.step = self.engine.train_step
+        elif impl == "betty":
+            from benchmarks.betty_reference import BettyReference
+
+            self.step = build_reference(BettyReference, spec).meta_step
         else:
-            from imaml.models import build_model
+            from benchmarks.plain_loop import PlainLoop
 
-            source = synthetic_source(spec["shape"], spec["ways"], spec["shots"], spec["query_shots"], spec["seed"])
-            torch.manual_seed(spec["seed"])  # the engine's θ₀
-            model = build_model("conv4", source.input_shape, spec["ways"], SHAPES[spec["shape"]].channels)
-            if impl == "betty":
-                from benchmarks.betty_reference import BettyReference as Impl
-            else:
-                from benchmarks.plain_loop import PlainLoop as Impl
-            self._step = Impl(spec["algo"], model.to(self.device), source, spec["meta_batch_size"],
-                              spec["inner_steps"], spec["inner_lr"], spec["meta_lr"], spec["lam"], spec["cg_steps"],
-                              spec["seed"], self.device).meta_step
-
-    def step(self) -> float:
-        """A meta-step; returns the memory it added."""
-        memory = PeakMemory(self.device)
-        memory.start()
-        self._step()
-        return memory.mib()
+            self.step = build_reference(PlainLoop, spec).meta_step
 
     def extra(self) -> dict:
         if self.engine is None:
@@ -113,27 +117,27 @@ class _Processes:
     """The engine as ``python run.py`` runs on a CPU by default: one single-thread process per
     core (at most one per task) sharing each meta-batch (``engines.distributed``), started as
     run.py starts them; ``step()`` has every worker take one meta-step (they end it together,
-    in the all-reduce) and sums the memory each added."""
+    in the all-reduce); ``peak_mib`` is the memory their steps have added so far, summed."""
 
     def __init__(self, spec: dict):
         from engines.distributed import local_job_environment, local_processes
 
         self.processes = local_processes(_engine_config(spec))
         if self.processes < 2:
-            raise RuntimeError("skipped: run.py uses one process here (one core, or a GPU)")
+            raise _Skipped("skipped: run.py uses one process here (one core, or a GPU)")
         env = local_job_environment(self.processes)
         self.logs = [tempfile.TemporaryFile(mode="w+") for _ in range(self.processes)]
         self.workers = [subprocess.Popen([sys.executable, "-m", MODULE, "--worker", json.dumps(spec)], cwd=ROOT,
                                          env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, text=True,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.logs[rank])
                         for rank in range(self.processes)]
+        self.peak_mib = 0.0
 
-    def step(self) -> float:
-        """A meta-step; returns the peak memory the workers' steps have added so far (summed)."""
+    def step(self) -> None:
         for worker in self.workers:
             worker.stdin.write("step\n")
             worker.stdin.flush()
-        return sum(self._reply(rank)["peak_mib"] for rank in range(self.processes))
+        self.peak_mib = sum(self._reply(rank)["peak_mib"] for rank in range(self.processes))
 
     def _reply(self, rank: int) -> dict:
         for line in self.workers[rank].stdout:
@@ -143,7 +147,7 @@ class _Processes:
         raise RuntimeError(f"worker {rank} stopped: " + (self.logs[rank].read().strip().splitlines() or ["?"])[-1])
 
     def extra(self) -> dict:
-        return {"processes": self.processes}
+        return {"processes": self.processes, "peak_mib": self.peak_mib}
 
     def close(self) -> None:
         for worker in self.workers:
@@ -173,7 +177,11 @@ def serve_worker(spec: dict) -> None:
 def measure_memory(spec: dict) -> dict:
     """The memory one meta-step of ``spec["impl"]`` adds (in a fresh process of its own)."""
     torch.set_num_threads(spec["threads"])
-    return {"peak_mib": _InProcess(spec["impl"], spec).step()}
+    runner = _InProcess(spec["impl"], spec)
+    memory = PeakMemory(torch.device(spec["device"]))
+    memory.start()
+    runner.step()
+    return {"peak_mib": memory.mib()}
 
 
 def measure_size(spec: dict) -> Dict[str, dict]:
@@ -186,26 +194,27 @@ def measure_size(spec: dict) -> Dict[str, dict]:
     runners: Dict[str, object] = {}
     results: Dict[str, dict] = {}
     times: Dict[str, List[float]] = {}
-    peaks: Dict[str, float] = {}
 
     def run(impl: str, timed: bool) -> None:
         try:
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
-            peaks[impl] = max(peaks.get(impl, 0.0), runners[impl].step())
-            _sync(device)
+            runners[impl].step()
+            synchronize(device)
             if timed:
                 times[impl].append(time.perf_counter() - start)
         except Exception as error:  # one failing implementation does not stop the others
-            results[impl] = {"error": _one_line(error)}
+            results[impl] = {"error": describe_error(error)}
             runners.pop(impl).close()
 
     for impl in spec["impls"]:
         try:
             runners[impl] = _Processes(spec) if impl == "engine-processes" else _InProcess(impl, spec)
             times[impl] = []
+        except _Skipped as skipped:
+            results[impl] = {"error": str(skipped)}
         except Exception as error:
-            results[impl] = {"error": _one_line(error)}
+            results[impl] = {"error": describe_error(error)}
     for _ in range(spec["warmup"]):
         for impl in list(runners):
             run(impl, timed=False)
@@ -214,19 +223,9 @@ def measure_size(spec: dict) -> Dict[str, dict]:
             run(impl, timed=True)
     for impl, runner in runners.items():
         results[impl] = {"tasks_per_s": spec["meta_batch_size"] / min(times[impl]), "step_seconds": times[impl],
-                         **({"peak_mib": peaks[impl]} if impl == "engine-processes" else {}), **runner.extra()}
+                         **runner.extra()}
         runner.close()
     return results
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text and text[0].startswith("skipped") else f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def _sizes(args) -> List[dict]:

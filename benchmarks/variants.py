@@ -23,9 +23,10 @@ import sys
 
 import torch
 
-from benchmarks.measure import machine, run_isolated, time_steps
+from benchmarks.measure import describe_error, machine, run_isolated, time_steps
 from benchmarks.plain_loop import PlainLoop
-from benchmarks.synthetic import SHAPES, synthetic_source
+from benchmarks.synthetic import SHAPES
+from benchmarks.throughput import build_reference
 
 MODULE = "benchmarks.variants"
 VARIANTS = ("eager", "channels-last", "compile", "keep-freed-memory")
@@ -50,26 +51,20 @@ def _keep_freed_memory() -> None:
 
 
 def measure_one(spec: dict) -> dict:
-    from imaml.models import build_model
-
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    source = synthetic_source(spec["shape"], spec["ways"], spec["shots"], spec["query_shots"], spec["seed"])
-    torch.manual_seed(spec["seed"])
-    model = build_model("conv4", source.input_shape, spec["ways"], SHAPES[spec["shape"]].channels).to(device)
-    loop = PlainLoop
     if spec["variant"] == "channels-last":
-        model, loop = model.to(memory_format=torch.channels_last), ChannelsLastLoop
+        runner = build_reference(ChannelsLastLoop, spec, lambda model: model.to(memory_format=torch.channels_last))
     elif spec["variant"] == "compile":
-        model = torch.compile(model)
-    elif spec["variant"] == "keep-freed-memory":
-        _keep_freed_memory()
-    runner = loop(spec["algo"], model, source, spec["meta_batch_size"], spec["inner_steps"], spec["inner_lr"],
-                  spec["meta_lr"], spec["lam"], spec["cg_steps"], spec["seed"], device)
+        runner = build_reference(PlainLoop, spec, torch.compile)
+    else:
+        if spec["variant"] == "keep-freed-memory":
+            _keep_freed_memory()
+        runner = build_reference(PlainLoop, spec)
     try:
         times, _, peak = time_steps(runner.meta_step, spec["warmup"], spec["meta_steps"], device)
     except Exception as error:  # a variant that cannot run this math is a result, not a crash
-        return {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"}
+        return {"error": describe_error(error)}
     return {"tasks_per_s": spec["meta_batch_size"] / min(times), "peak_mib": peak}
 
 
