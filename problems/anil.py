@@ -40,14 +40,8 @@ class ANILUnrolled(UnrolledLower):
         self._adapted = [i for i, name in enumerate(self._param_names) if name in head]
 
     def trainable_parameters(self) -> List[torch.Tensor]:
+        """The head: the only entries that get gradients, so the only ones the inner SGD steps."""
         return [self.params[i] for i in self._adapted]
-
-    def custom_optimizer_step(self, *args, **kwargs) -> tuple:
-        """Betty's differentiable SGD (with the run's inner momentum and weight decay) on the
-        head, the only entries with gradients; the encoder entries pass through unchanged."""
-        stepped = iter(self.optimizer.step(self.params))  # the updated head, in order
-        adapted = set(self._adapted)
-        return tuple(next(stepped) if i in adapted else p for i, p in enumerate(self.params))
 
 
 class ANILImplicit(ImplicitLower):

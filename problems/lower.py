@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Type
+from typing import ClassVar, List, Optional, Sequence, Type
 
 import torch
 from betty.configs import Config
@@ -36,7 +36,7 @@ from imaml.models import predict_query
 from imaml.recompute import recompute_in_backward
 from problems.upper import MetaInit
 
-__all__ = ["LowerConfig", "ImplicitLower", "UnrolledLower"]
+__all__ = ["LowerConfig", "ImplicitLower", "UnrolledLower", "differentiable_sgd"]
 
 
 @dataclass
@@ -225,9 +225,9 @@ class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
     - ``trainable_parameters() -> Sequence[Tensor]``: the entries of ``self.params`` the inner
       loop differentiates (default all); the others keep their values, e.g. a frozen encoder.
     - ``custom_optimizer_step() -> tuple``: Betty's hook for the inner update rule; returns
-      the next ``self.params`` from ``self.params`` and their ``.grad`` (default: Betty's
-      differentiable SGD, which drops entries without a gradient, so a Lower that adapts
-      only some parameters must define it). It must be built from differentiable ops.
+      the next ``self.params`` from ``self.params`` and their ``.grad`` (default:
+      ``differentiable_sgd``, the run's inner SGD; entries without a gradient pass through
+      unchanged). It must be built from differentiable ops.
     - ``on_inner_loop_start()``: set ``self.params``/``self.buffers`` from θ for a new task;
       in training they must stay connected to θ's graph (``clone``, not ``detach``).
 
@@ -299,7 +299,39 @@ class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
         super().backward(loss, params, paths, create_graph=create_graph and self._training,
                          retain_graph=retain_graph and self._training, allow_unused=allow_unused)
 
+    def custom_optimizer_step(self, *args, **kwargs) -> tuple:
+        return differentiable_sgd(self.params, self.optimizer)
+
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if not self._training:
             self.params = tuple(p.detach().requires_grad_() for p in self.params)
+
+
+def differentiable_sgd(params: Sequence[torch.Tensor], optimizer) -> tuple:
+    """``torch.optim.SGD``'s update (weight decay, momentum, dampening, Nesterov) of the entries
+    of ``params`` that have a ``.grad``, from differentiable ops; the others pass through.
+
+    ``optimizer`` is Betty's patched inner optimizer (``param_groups``, ``param_mappings`` into
+    ``params``, a ``state`` dict per entry for the momentum buffer). Betty's own
+    DifferentiableSGD computes 0·buf + 1·∇ at momentum 0 — two more products per parameter and
+    step, kept in the graph the meta-gradient backpropagates through — and drops entries
+    without a gradient from the tuple it returns.
+    """
+    new = list(params)
+    for group, mapping in zip(optimizer.param_groups, optimizer.param_mappings):
+        lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        for i in mapping:
+            grad = params[i].grad
+            if grad is None:
+                continue
+            if weight_decay:
+                grad = grad + weight_decay * params[i]
+            if momentum:
+                state = optimizer.state[i]
+                buf = state.get("momentum_buffer")
+                buf = grad if buf is None else momentum * buf + (1 - group["dampening"]) * grad
+                state["momentum_buffer"] = buf
+                grad = grad + momentum * buf if group["nesterov"] else buf
+            new[i] = params[i] - lr * grad
+    return tuple(new)
