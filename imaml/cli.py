@@ -10,7 +10,7 @@ from typing import Optional
 from imaml.config import RunConfig, checkpoint_path, parse_args
 from imaml.reporting import RunLog, write_json
 
-__all__ = ["run_from_args", "main"]
+__all__ = ["run_from_args", "configure_process", "main"]
 
 
 def run_from_args(argv: Optional[list] = None) -> dict:
@@ -19,8 +19,17 @@ def run_from_args(argv: Optional[list] = None) -> dict:
     config = parse_args(argv)
     from engines import distributed  # heavy imports only once the flags are known good
 
+    configure_process(config)
     with distributed.process_group(config):
         return _run(config, main_process=distributed.is_main())
+
+
+def configure_process(config: RunConfig) -> None:
+    """Process-wide settings a run applies before any work (every process of a job)."""
+    if config.device == "cpu" and config.keep_freed_memory:
+        from imaml.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
 
 def _run(config: RunConfig, main_process: bool) -> dict:

@@ -93,6 +93,7 @@ class RunConfig:
     device: str = "cpu"
     dist_backend: str = "auto"  # under torchrun: auto (nccl on GPUs, gloo on CPU), nccl or gloo
     processes: int = 0  # CPU processes sharing each meta-batch; 0: one per core (auto), 1: this process only
+    keep_freed_memory: bool = True  # CPU: glibc malloc reuses freed blocks (imaml.allocator)
     output_dir: str = "runs/latest"
     log_every: int = 10
     # robustness: what a diverging meta-batch does, and optional meta-gradient clipping
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         "meta_grad_clip": "clip the meta-gradient to this norm; 0: off",
         "processes": "on CPU, single-thread processes sharing each meta-batch (a local torchrun-style "
                      "job); 0: one per core, at most one per task; 1: just this process",
+        "keep_freed_memory": "on CPU, malloc keeps freed memory for the next inner step instead of returning "
+                             "it to the system (faster; memory stays at its peak until exit); true or false",
         "dist_backend": "torch.distributed backend when launched with torchrun: auto (nccl on GPUs, "
                         "gloo on CPU), nccl or gloo; see docs/distributed.md",
         "execution": "per-task (one inner loop per task), vectorized (the whole meta-batch as one batched "

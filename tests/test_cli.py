@@ -1,5 +1,6 @@
 """The command line: results.json, reproducibility, and one-line errors for bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -130,3 +131,40 @@ def test_auto_processes_is_one_per_core_up_to_the_meta_batch(monkeypatch, make_c
     assert distributed.local_processes(make_config(meta_batch_size=8, processes=1)) == 1
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: it already decided
     assert distributed.local_processes(make_config(meta_batch_size=8)) == 1
+
+
+KEEPS_FREED = """
+import sys, torch
+from imaml.allocator import keep_freed_memory
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) >> 10
+applied = sys.argv[1] == "keep" and keep_freed_memory()
+before = rss()
+block = torch.empty(64 << 18).fill_(1.0)  # 64 MiB, touched
+del block
+print(applied, rss() - before)
+"""
+
+
+@pytest.mark.parametrize("setting", ["keep", "system"])
+def test_keep_freed_memory_keeps_a_freed_block_for_reuse(setting):
+    """glibc hands a large freed block back to the system at once by default; with the
+    setting run.py applies on CPU, the process keeps it for the next inner step."""
+    out = subprocess.run([sys.executable, "-c", KEEPS_FREED, setting], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
+    kept_mib = int(out[1])
+    if setting == "keep":
+        assert out[0] == "True" and kept_mib >= 60
+    else:
+        assert kept_mib < 8
+
+
+@pytest.mark.parametrize("device,flag,applied", [("cpu", True, True), ("cpu", False, False), ("cuda", True, False)])
+def test_run_applies_the_allocator_setting_on_cpu_unless_told_not_to(monkeypatch, make_config, device, flag, applied):
+    import imaml.allocator
+    from imaml.cli import configure_process
+
+    calls = []
+    monkeypatch.setattr(imaml.allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    configure_process(dataclasses.replace(make_config(keep_freed_memory=flag), device=device))
+    assert bool(calls) == applied
