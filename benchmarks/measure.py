@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["PeakMemory", "SavedTensorPeak", "time_steps", "synchronize", "describe_error", "run_isolated",
-           "machine"]
+           "StepWorker", "serve_steps", "machine"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,6 +142,52 @@ def run_isolated(module: str, spec: dict, timeout: Optional[float] = None, env: 
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"exit {done.returncode}: {tail}"}
     return json.loads(lines[-1])
+
+
+REPLY = "@@ "  # marks a worker's answers on its stdout
+
+
+class StepWorker:
+    """A fresh process (``python -m module --worker '<spec>'``, ``env`` added to the
+    environment) that takes one meta-step per ``request()``; ``reply()`` waits for its answer
+    (a dict). Requests to several workers before their replies run them side by side; one at a
+    time, they take turns on an otherwise idle machine."""
+
+    def __init__(self, module: str, spec: dict, env: Optional[dict] = None):
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen([sys.executable, "-m", module, "--worker", json.dumps(spec)], cwd=ROOT,
+                                        env={**os.environ, **(env or {})}, text=True, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.log)
+
+    def request(self) -> None:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+
+    def reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        self.log.seek(0)
+        raise RuntimeError("worker stopped: " + (self.log.read().strip().splitlines() or ["?"])[-1])
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+        self.process.wait()
+        self.log.close()
+
+
+def serve_steps(step: Callable[[], None], device: torch.device) -> None:
+    """The worker side of ``StepWorker``: a meta-step for every line on stdin, answered with its
+    wall seconds and the peak memory the steps have added so far."""
+    memory = PeakMemory(device)
+    memory.start()
+    for _ in sys.stdin:
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        print(REPLY + json.dumps({"seconds": time.perf_counter() - start, "peak_mib": memory.mib()}), flush=True)
 
 
 def machine(device: torch.device, threads: int) -> str:

@@ -33,20 +33,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.measure import ROOT, PeakMemory, describe_error, machine, run_isolated, synchronize
+from benchmarks.measure import PeakMemory, StepWorker, describe_error, machine, run_isolated, serve_steps, synchronize
 from benchmarks.synthetic import SHAPES, register_synthetic_tasks, synthetic_source
 
 IMPLS = ("engine-per-task", "engine-vectorized", "engine-processes", "betty", "plain")
 MODULE = "benchmarks.throughput"
-REPLY = "@@ "  # marks a worker's answers on its stdout
 
 
 def _engine_config(spec: dict, execution: str = "auto"):
@@ -126,52 +123,34 @@ class _Processes:
         if self.processes < 2:
             raise _Skipped("skipped: run.py uses one process here (one core, or a GPU)")
         env = local_job_environment(self.processes)
-        self.logs = [tempfile.TemporaryFile(mode="w+") for _ in range(self.processes)]
-        self.workers = [subprocess.Popen([sys.executable, "-m", MODULE, "--worker", json.dumps(spec)], cwd=ROOT,
-                                         env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, text=True,
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.logs[rank])
+        self.workers = [StepWorker(MODULE, spec, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
                         for rank in range(self.processes)]
         self.peak_mib = 0.0
 
     def step(self) -> None:
         for worker in self.workers:
-            worker.stdin.write("step\n")
-            worker.stdin.flush()
-        self.peak_mib = sum(self._reply(rank)["peak_mib"] for rank in range(self.processes))
-
-    def _reply(self, rank: int) -> dict:
-        for line in self.workers[rank].stdout:
-            if line.startswith(REPLY):
-                return json.loads(line[len(REPLY):])
-        self.logs[rank].seek(0)
-        raise RuntimeError(f"worker {rank} stopped: " + (self.logs[rank].read().strip().splitlines() or ["?"])[-1])
+            worker.request()
+        self.peak_mib = sum(worker.reply()["peak_mib"] for worker in self.workers)
 
     def extra(self) -> dict:
         return {"processes": self.processes, "peak_mib": self.peak_mib}
 
     def close(self) -> None:
         for worker in self.workers:
-            if worker.poll() is None:
-                worker.stdin.close()
-        for worker, log in zip(self.workers, self.logs):
-            worker.wait()
-            log.close()
+            worker.close()
 
 
 def serve_worker(spec: dict) -> None:
-    """One process of ``_Processes``: a meta-step for every line on stdin, answering with the
-    peak memory its meta-steps added so far."""
+    """One process of ``_Processes``, set up as run.py sets up each of its processes."""
     from engines import build_engine, distributed
+    from imaml.cli import configure_process
 
     config = _engine_config(spec)
+    configure_process(config)
     with distributed.process_group(config):
         engine = build_engine(config)
         engine.train()
-        memory = PeakMemory(torch.device("cpu"))
-        memory.start()
-        for _ in sys.stdin:
-            engine.train_step()
-            print(REPLY + json.dumps({"peak_mib": memory.mib()}), flush=True)
+        serve_steps(engine.train_step, torch.device(config.device))
 
 
 def measure_memory(spec: dict) -> dict:

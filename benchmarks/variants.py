@@ -1,17 +1,20 @@
-"""Speed-ups tried on the same math before building them into the engine: a channels-last
-memory layout for the convolutions, ``torch.compile``, and a malloc that keeps freed memory.
+"""Speed-ups tried on the same math before (or after) building them in: a channels-last memory
+layout for the convolutions, ``torch.compile``, and a malloc that keeps freed memory.
 
-    python -m benchmarks.variants                     # CPU: the table in docs/performance.md
+    python -m benchmarks.variants                      # CPU, the plain loop: docs/performance.md
+    python -m benchmarks.variants --loop engine --variants eager keep-freed-memory
     python -m benchmarks.variants --device cuda
 
-Each variant runs ``benchmarks.plain_loop`` (the engine's per-task math without the engine)
-on the synthetic tasks of ``benchmarks.throughput``, each in a fresh process, and prints
-tasks/s and the ratio to the plain eager loop from this one invocation. The engine takes a
-variant only where it wins here: a variant that fails (``torch.compile`` cannot differentiate
-its compiled graphs twice, which MAML's meta-gradient and iMAML's Hessian-vector products
-need) prints its one-line error instead. ``keep-freed-memory`` sets glibc's malloc to serve
-every block from its heap and never give memory back (``mallopt``: no mmap, no trimming), so
-the activations every inner step frees are not faulted in again by the next one.
+Each variant runs in a worker process of its own, started fresh with that variant (a malloc
+setting is process-wide), on the synthetic tasks of ``benchmarks.throughput``; after a warm-up
+the workers take turns, one meta-step each (A B C A B C …), so a slow spell of the machine falls
+on all of them alike. Prints tasks/s (from each variant's fastest step) and the ratio to eager
+from this one invocation. ``--loop plain`` runs ``benchmarks.plain_loop`` (the engine's per-task
+math without the engine); ``--loop engine`` the engine per task, where only ``eager`` and
+``keep-freed-memory`` apply. A variant that fails prints its one-line error instead
+(``torch.compile`` cannot differentiate its compiled graphs twice, which MAML's meta-gradient
+and iMAML's Hessian-vector products need). ``keep-freed-memory`` is ``imaml.allocator``, which
+``python run.py`` applies on CPU.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import sys
 
 import torch
 
-from benchmarks.measure import describe_error, machine, run_isolated, time_steps
+from benchmarks.measure import StepWorker, describe_error, machine, serve_steps
 from benchmarks.plain_loop import PlainLoop
 from benchmarks.synthetic import SHAPES
-from benchmarks.throughput import build_reference
+from benchmarks.throughput import _InProcess, build_reference
 
 MODULE = "benchmarks.variants"
 VARIANTS = ("eager", "channels-last", "compile", "keep-freed-memory")
+ENGINE_VARIANTS = ("eager", "keep-freed-memory")
 
 
 class ChannelsLastLoop(PlainLoop):
@@ -39,38 +43,73 @@ class ChannelsLastLoop(PlainLoop):
         return super().loss(params, x.contiguous(memory_format=torch.channels_last), y)
 
 
-def _keep_freed_memory() -> None:
-    import ctypes
-    import ctypes.util
+def build_variant(spec: dict):
+    """The meta-step function of ``spec["loop"]`` with ``spec["variant"]`` applied."""
+    variant = spec["variant"]
+    if spec["loop"] == "engine":
+        if variant not in ENGINE_VARIANTS:
+            raise ValueError(f"{variant} is not built into the engine (try it with --loop plain)")
+        if variant == "keep-freed-memory":
+            _keep_freed_memory()
+        return _InProcess("engine-per-task", spec).step
+    if variant == "channels-last":
+        return build_reference(ChannelsLastLoop, spec, lambda model: model.to(memory_format=torch.channels_last)).meta_step
+    if variant == "compile":
+        return build_reference(PlainLoop, spec, torch.compile).meta_step
+    if variant == "keep-freed-memory":
+        _keep_freed_memory()
+    return build_reference(PlainLoop, spec).meta_step
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # glibc's malloc.h
-    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)
-            and libc.mallopt(m_top_pad, 256 << 20)):
+
+def _keep_freed_memory() -> None:
+    from imaml.allocator import keep_freed_memory
+
+    if not keep_freed_memory():
         raise RuntimeError("mallopt refused the settings (not glibc?)")
 
 
-def measure_one(spec: dict) -> dict:
+def serve_variant(spec: dict) -> None:
+    """A worker: build the variant (a build error is answered to the first request), then
+    one meta-step per request."""
     torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    if spec["variant"] == "channels-last":
-        runner = build_reference(ChannelsLastLoop, spec, lambda model: model.to(memory_format=torch.channels_last))
-    elif spec["variant"] == "compile":
-        runner = build_reference(PlainLoop, spec, torch.compile)
-    else:
-        if spec["variant"] == "keep-freed-memory":
-            _keep_freed_memory()
-        runner = build_reference(PlainLoop, spec)
     try:
-        times, _, peak = time_steps(runner.meta_step, spec["warmup"], spec["meta_steps"], device)
-    except Exception as error:  # a variant that cannot run this math is a result, not a crash
-        return {"error": describe_error(error)}
-    return {"tasks_per_s": spec["meta_batch_size"] / min(times), "peak_mib": peak}
+        step = build_variant(spec)
+    except Exception as error:
+        failure = error
+
+        def step():
+            raise failure
+    serve_steps(step, torch.device(spec["device"]))
+
+
+def measure_variants(spec: dict, variants) -> dict:
+    """Every variant at one size: a worker each, ``warmup`` then ``meta_steps`` turns each."""
+    workers = {v: StepWorker(MODULE, {**spec, "variant": v}) for v in variants}
+    times = {v: [] for v in variants}
+    results = {}
+    for turn in range(spec["warmup"] + spec["meta_steps"]):
+        for variant in list(workers):
+            worker = workers[variant]
+            try:
+                worker.request()
+                seconds = worker.reply()["seconds"]
+            except Exception as error:  # a variant that cannot run this math is a result, not a crash
+                results[variant] = {"error": describe_error(error)}
+                workers.pop(variant).close()
+                continue
+            if turn >= spec["warmup"]:
+                times[variant].append(seconds)
+    for variant, worker in workers.items():
+        worker.close()
+        results[variant] = {"tasks_per_s": spec["meta_batch_size"] / min(times[variant]), "seconds": times[variant]}
+    return {v: results[v] for v in variants}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one spec (JSON)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one variant's process (JSON)
+    parser.add_argument("--loop", default="plain", choices=["plain", "engine"],
+                        help="plain: benchmarks.plain_loop; engine: the engine per task")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [all cores]")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -80,26 +119,28 @@ def main(argv=None) -> int:
     parser.add_argument("--algos", nargs="+", default=["imaml", "maml"], choices=["imaml", "maml"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--warmup", type=int, default=1, help="meta-steps before timing (compilation happens here)")
-    parser.add_argument("--meta-steps", type=int, default=2, help="timed meta-steps; tasks/s from the fastest")
+    parser.add_argument("--meta-steps", type=int, default=3, help="timed meta-steps of each, taking turns; "
+                                                                 "tasks/s from the fastest")
     parser.add_argument("--quick", action="store_true", help="one tiny size, one timed step: a smoke run")
     args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(measure_one(json.loads(args.one))))
+    if args.worker:
+        serve_variant(json.loads(args.worker))
         return 0
     if args.quick:
         args.shapes, args.ways, args.meta_batch_size, args.meta_steps = ["omniglot"], [5], 2, 1
 
-    common = dict(device=args.device, threads=args.threads, shots=1, query_shots=5, inner_steps=5, cg_steps=3,
-                  inner_lr=0.05, meta_lr=1e-3, lam=20.0, warmup=args.warmup, meta_steps=args.meta_steps, seed=0,
-                  meta_batch_size=args.meta_batch_size)
-    print(f"# plain per-task loop, tasks/s (ratio to eager); on {machine(torch.device(args.device), args.threads)}")
-    print(f"# 1-shot, 5 query examples per class, 5 inner steps, CG 3 steps, meta-batch {args.meta_batch_size}")
+    common = dict(loop=args.loop, device=args.device, threads=args.threads, shots=1, query_shots=5, inner_steps=5,
+                  cg_steps=3, inner_lr=0.05, meta_lr=1e-3, lam=20.0, warmup=args.warmup,
+                  meta_steps=args.meta_steps, seed=0, meta_batch_size=args.meta_batch_size)
+    loop = "plain per-task loop" if args.loop == "plain" else "engine, per task"
+    print(f"# {loop}, tasks/s (ratio to eager); on {machine(torch.device(args.device), args.threads)}")
+    print(f"# 1-shot, 5 query examples per class, 5 inner steps, CG 3 steps, meta-batch {args.meta_batch_size}; "
+          f"{args.warmup} warm-up + {args.meta_steps} timed meta-step(s) per variant, taking turns")
     print("| input | ways | algo | " + " | ".join(args.variants) + " |")
     print("|---|---|---|" + "---|" * len(args.variants))
     errors = set()
     for shape, ways, algo in itertools.product(args.shapes, args.ways, args.algos):
-        results = {v: run_isolated(MODULE, {**common, "shape": shape, "ways": ways, "algo": algo, "variant": v})
-                   for v in args.variants}
+        results = measure_variants({**common, "shape": shape, "ways": ways, "algo": algo}, args.variants)
         base = results.get("eager", {}).get("tasks_per_s")
         cells = []
         for variant, result in results.items():
