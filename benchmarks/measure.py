@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["PeakMemory", "SavedTensorPeak", "time_steps", "synchronize", "describe_error", "run_isolated",
+__all__ = ["PeakMemory", "SavedTensorPeak", "timed_step", "synchronize", "describe_error", "run_isolated",
            "StepWorker", "serve_steps", "machine"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,23 +95,13 @@ class SavedTensorPeak:
         return False
 
 
-def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> tuple:
-    """(wall seconds and CPU seconds of each of ``steps`` calls after ``warmup`` calls, peak MiB
-    over all). CPU seconds (all threads of this process) are for diagnosing a busy machine:
-    with one thread, a CPU time well below the wall time means the process was waiting."""
-    memory = PeakMemory(device)
-    memory.start()
-    for _ in range(warmup):
-        step()
-    times, cpu = [], []
-    for _ in range(steps):
-        synchronize(device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return times, cpu, memory.mib()
+def timed_step(step: Callable[[], None], device: torch.device) -> float:
+    """Wall seconds of one call of ``step``, queued GPU work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def synchronize(device: torch.device) -> None:
@@ -183,11 +173,8 @@ def serve_steps(step: Callable[[], None], device: torch.device) -> None:
     memory = PeakMemory(device)
     memory.start()
     for _ in sys.stdin:
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        print(REPLY + json.dumps({"seconds": time.perf_counter() - start, "peak_mib": memory.mib()}), flush=True)
+        seconds = timed_step(step, device)
+        print(REPLY + json.dumps({"seconds": seconds, "peak_mib": memory.mib()}), flush=True)
 
 
 def machine(device: torch.device, threads: int) -> str:

@@ -34,12 +34,11 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.measure import PeakMemory, StepWorker, describe_error, machine, run_isolated, serve_steps, synchronize
+from benchmarks.measure import PeakMemory, StepWorker, describe_error, machine, run_isolated, serve_steps, timed_step
 from benchmarks.synthetic import SHAPES, register_synthetic_tasks, synthetic_source
 
 IMPLS = ("engine-per-task", "engine-vectorized", "engine-processes", "betty", "plain")
@@ -176,12 +175,9 @@ def measure_size(spec: dict) -> Dict[str, dict]:
 
     def run(impl: str, timed: bool) -> None:
         try:
-            synchronize(device)
-            start = time.perf_counter()
-            runners[impl].step()
-            synchronize(device)
+            seconds = timed_step(runners[impl].step, device)
             if timed:
-                times[impl].append(time.perf_counter() - start)
+                times[impl].append(seconds)
         except Exception as error:  # one failing implementation does not stop the others
             results[impl] = {"error": describe_error(error)}
             runners.pop(impl).close()

@@ -46,18 +46,16 @@ class ChannelsLastLoop(PlainLoop):
 def build_variant(spec: dict):
     """The meta-step function of ``spec["loop"]`` with ``spec["variant"]`` applied."""
     variant = spec["variant"]
+    if spec["loop"] == "engine" and variant not in ENGINE_VARIANTS:
+        raise ValueError(f"{variant} is not built into the engine (try it with --loop plain)")
+    if variant == "keep-freed-memory":
+        _keep_freed_memory()
     if spec["loop"] == "engine":
-        if variant not in ENGINE_VARIANTS:
-            raise ValueError(f"{variant} is not built into the engine (try it with --loop plain)")
-        if variant == "keep-freed-memory":
-            _keep_freed_memory()
         return _InProcess("engine-per-task", spec).step
     if variant == "channels-last":
         return build_reference(ChannelsLastLoop, spec, lambda model: model.to(memory_format=torch.channels_last)).meta_step
     if variant == "compile":
         return build_reference(PlainLoop, spec, torch.compile).meta_step
-    if variant == "keep-freed-memory":
-        _keep_freed_memory()
     return build_reference(PlainLoop, spec).meta_step
 
 
