@@ -23,8 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["PeakMemory", "SavedTensorPeak", "timed_step", "synchronize", "describe_error", "run_isolated",
-           "StepWorker", "serve_steps", "machine"]
+__all__ = ["PeakMemory", "SavedTensorPeak", "timed_step", "synchronize", "taking_turns", "paired_speedup",
+           "format_speedup", "describe_error", "run_isolated", "StepWorker", "serve_steps", "machine"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,6 +108,33 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a wall-clock time covers it (nothing on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def taking_turns(names: list, turn: int) -> list:
+    """The order of ``names`` in timed round ``turn``: forwards, then backwards, so none of them
+    always runs right after the same other one (whose left-over caches or memory it would inherit)."""
+    return list(names) if turn % 2 == 0 else list(reversed(names))
+
+
+def paired_speedup(seconds: list, reference_seconds: list) -> Optional[tuple]:
+    """How much faster one implementation is than a reference, from rounds in which both ran
+    back to back: (median, lowest, highest) over rounds of reference/own seconds. A slow spell
+    of a shared machine (tens of per cent here, lasting seconds to minutes) slows both steps of a
+    round alike, so these ratios vary far less than the step times do."""
+    ratios = sorted(ref / own for own, ref in zip(seconds, reference_seconds))
+    if not ratios:
+        return None
+    middle = len(ratios) // 2
+    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return median, ratios[0], ratios[-1]
+
+
+def format_speedup(speedup: Optional[tuple]) -> str:
+    """"0.97 (0.93–1.01)": the median, and the range over rounds when there were several."""
+    if speedup is None:
+        return "—"
+    median, low, high = speedup
+    return f"{median:.2f}" + (f" ({low:.2f}–{high:.2f})" if high > low else "")
 
 
 def describe_error(error: Exception) -> str:

@@ -15,15 +15,17 @@ fresh process builds every implementation on the same synthetic tasks, θ₀ and
 - ``plain``: ``benchmarks.plain_loop``, the same math as a hand-written PyTorch loop;
 
 warms each up with ``--warmup`` meta-steps (one-time costs), then times ``--rounds`` meta-steps
-of each, interleaved (A B C … A B C …), so a slow spell of the machine falls on all of them
+of each, interleaved (A B C, C B A, A B C …), so a slow spell of the machine falls on all of them
 alike: tasks/s = meta-batch size / the fastest of an implementation's timed steps (every step
 does the same work on same-shaped tasks, and other work on the machine only ever slows one
 down). Peak memory is what the first meta-step adds, measured for each implementation in a
 fresh process of its own (``benchmarks.measure.PeakMemory``; summed over the processes of
 ``engine processes``, over all their steps); the per-task implementations hold one task at a
 time, so theirs is measured at the first meta-batch size and shown for every one.
-Two ratios: run.py default / Betty reference, and engine per-task / plain loop (the engine's
-overhead on the same math in one process). The CG runs without the trust region and with a
+Two speed-ups, each the median over rounds of the two implementations' step times in that
+round (``benchmarks.measure.paired_speedup``; the range over rounds in brackets): run.py
+default over the Betty reference, and engine per-task over the plain loop (below 1: the
+engine's overhead on the same math in one process). The CG runs without the trust region and with a
 tolerance it cannot reach, so every implementation does exactly ``--cg-steps`` Hessian-vector
 products per task (the engine's count is checked and shown).
 """
@@ -38,7 +40,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.measure import PeakMemory, StepWorker, describe_error, machine, run_isolated, serve_steps, timed_step
+from benchmarks.measure import (PeakMemory, StepWorker, describe_error, format_speedup, machine, paired_speedup,
+                                run_isolated, serve_steps, taking_turns, timed_step)
 from benchmarks.synthetic import SHAPES, register_synthetic_tasks, synthetic_source
 
 IMPLS = ("engine-per-task", "engine-vectorized", "engine-processes", "betty", "plain")
@@ -193,9 +196,10 @@ def measure_size(spec: dict) -> Dict[str, dict]:
     for _ in range(spec["warmup"]):
         for impl in list(runners):
             run(impl, timed=False)
-    for _ in range(spec["rounds"]):
-        for impl in list(runners):
-            run(impl, timed=True)
+    for turn in range(spec["rounds"]):
+        for impl in taking_turns(runners, turn):
+            if impl in runners:
+                run(impl, timed=True)
     for impl, runner in runners.items():
         results[impl] = {"tasks_per_s": spec["meta_batch_size"] / min(times[impl]), "step_seconds": times[impl],
                          **runner.extra()}
@@ -294,8 +298,8 @@ def main(argv=None) -> int:
         records.append({**spec, "results": results})
         default = _default_impl(spec)
         rate = {impl: results.get(impl, {}).get("tasks_per_s") for impl in columns}
-        versus_betty = _ratio(rate[default], rate["betty"])
-        overhead = _ratio(rate["engine-per-task"], rate["plain"])
+        versus_betty = _speedup(results, default, "betty")
+        overhead = _speedup(results, "engine-per-task", "plain")
         peaks = " / ".join(_fmt(results.get(i, {}).get("peak_mib"), 0) for i in columns)
         cg = [r["cg_iterations"] for r in results.values() if "cg_iterations" in r]
         note = f" (CG iterations {min(cg):.2f})" if cg and min(cg) < args.cg_steps else ""
@@ -303,7 +307,7 @@ def main(argv=None) -> int:
         print(f"| {shape} | {size['ways']} | {size['meta_batch_size']} | {size['algo']} "
               f"| {_fmt(rate[default])} ({columns[default].split(' ', 1)[1]}) | "
               + " | ".join(_fmt(rate[i]) for i in columns)
-              + f" | {_fmt(versus_betty)} | {_fmt(overhead)} | {peaks} |{note}", flush=True)
+              + f" | {format_speedup(versus_betty)} | {format_speedup(overhead)} | {peaks} |{note}", flush=True)
         for impl, result in results.items():
             if "error" in result:
                 print(f"#   {impl}: {result['error']}", file=sys.stderr)
@@ -340,8 +344,10 @@ def _vectorized_too_big(per_task_mib: Optional[float], size: dict, device: torch
     return None
 
 
-def _ratio(a, b):
-    return a / b if a and b else None
+def _speedup(results: Dict[str, dict], impl: str, reference: str) -> Optional[tuple]:
+    """``paired_speedup`` of ``impl`` over ``reference`` from their timed rounds (None if either failed)."""
+    own, ref = (results.get(name, {}).get("step_seconds") for name in (impl, reference))
+    return paired_speedup(own, ref) if own and ref else None
 
 
 def _default_impl(spec: dict) -> str:

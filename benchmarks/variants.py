@@ -7,9 +7,10 @@ layout for the convolutions, ``torch.compile``, and a malloc that keeps freed me
 
 Each variant runs in a worker process of its own, started fresh with that variant (a malloc
 setting is process-wide), on the synthetic tasks of ``benchmarks.throughput``; after a warm-up
-the workers take turns, one meta-step each (A B C A B C …), so a slow spell of the machine falls
-on all of them alike. Prints tasks/s (from each variant's fastest step) and the ratio to eager
-from this one invocation. ``--loop plain`` runs ``benchmarks.plain_loop`` (the engine's per-task
+the workers take turns, one meta-step each (A B C, C B A …), so a slow spell of the machine falls
+on all of them alike. Prints tasks/s (from each variant's fastest step) and the speed-up over
+eager from this one invocation (the median over turns of the two step times, the range in
+brackets: ``benchmarks.measure.paired_speedup``). ``--loop plain`` runs ``benchmarks.plain_loop`` (the engine's per-task
 math without the engine); ``--loop engine`` the engine per task, where only ``eager`` and
 ``keep-freed-memory`` apply. A variant that fails prints its one-line error instead
 (``torch.compile`` cannot differentiate its compiled graphs twice, which MAML's meta-gradient
@@ -26,7 +27,8 @@ import sys
 
 import torch
 
-from benchmarks.measure import StepWorker, describe_error, machine, serve_steps
+from benchmarks.measure import (StepWorker, describe_error, format_speedup, machine, paired_speedup, serve_steps,
+                                taking_turns)
 from benchmarks.plain_loop import PlainLoop
 from benchmarks.synthetic import SHAPES
 from benchmarks.throughput import _InProcess, build_reference
@@ -86,7 +88,9 @@ def measure_variants(spec: dict, variants) -> dict:
     times = {v: [] for v in variants}
     results = {}
     for turn in range(spec["warmup"] + spec["meta_steps"]):
-        for variant in list(workers):
+        for variant in taking_turns(workers, turn):
+            if variant not in workers:
+                continue
             worker = workers[variant]
             try:
                 worker.request()
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
                   cg_steps=3, inner_lr=0.05, meta_lr=1e-3, lam=20.0, warmup=args.warmup,
                   meta_steps=args.meta_steps, seed=0, meta_batch_size=args.meta_batch_size)
     loop = "plain per-task loop" if args.loop == "plain" else "engine, per task"
-    print(f"# {loop}, tasks/s (ratio to eager); on {machine(torch.device(args.device), args.threads)}")
+    print(f"# {loop}, tasks/s (speed-up over eager); on {machine(torch.device(args.device), args.threads)}")
     print(f"# 1-shot, 5 query examples per class, 5 inner steps, CG 3 steps, meta-batch {args.meta_batch_size}; "
           f"{args.warmup} warm-up + {args.meta_steps} timed meta-step(s) per variant, taking turns")
     print("| input | ways | algo | " + " | ".join(args.variants) + " |")
@@ -139,14 +143,14 @@ def main(argv=None) -> int:
     errors = set()
     for shape, ways, algo in itertools.product(args.shapes, args.ways, args.algos):
         results = measure_variants({**common, "shape": shape, "ways": ways, "algo": algo}, args.variants)
-        base = results.get("eager", {}).get("tasks_per_s")
+        base = results.get("eager", {}).get("seconds")
         cells = []
         for variant, result in results.items():
             if "tasks_per_s" not in result:
                 errors.add(f"{variant}: {result['error']}")
                 cells.append("fails")
             else:
-                ratio = f" ({result['tasks_per_s'] / base:.2f}×)" if base else ""
+                ratio = f" ({format_speedup(paired_speedup(result['seconds'], base))}×)" if base else ""
                 cells.append(f"{result['tasks_per_s']:.2f}{ratio}")
         dims = "×".join(map(str, SHAPES[shape].input_shape))
         print(f"| {dims} | {ways} | {algo} | " + " | ".join(cells) + " |", flush=True)

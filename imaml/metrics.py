@@ -47,9 +47,11 @@ def metric_name(kind: str) -> str:
 def global_norm(tensors) -> torch.Tensor:
     """‖(t₁, t₂, …)‖₂ of a list of tensors (``None`` entries skipped), as a 0-dim tensor with
     no graph and no host sync; ``float()`` it where a number is needed."""
-    with torch.no_grad():
-        norms = [t.norm() for t in tensors if t is not None]
-        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return torch.zeros(())
+    with torch.no_grad():  # one multi-tensor kernel, not one norm per parameter
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
 def mean_ci95(values: Sequence[float]) -> tuple:

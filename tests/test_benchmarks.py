@@ -124,3 +124,16 @@ def test_engine_dispatches_few_operations_beyond_the_math(algo):
     totals = {impl: sum(c.values()) for impl, c in count_ops(spec, ["engine-per-task", "betty", "plain"]).items()}
     assert totals["engine-per-task"] <= 1.08 * totals["plain"], totals
     assert totals["engine-per-task"] < totals["betty"], totals
+
+
+def test_paired_speedup_compares_steps_of_the_same_round():
+    from benchmarks.measure import format_speedup, paired_speedup, taking_turns
+
+    # the machine slows down 2× in the second round: both steps of a round see it
+    own, reference = [1.0, 2.0, 1.1], [1.1, 2.2, 1.1]
+    median, low, high = paired_speedup(own, reference)
+    assert (median, low, high) == pytest.approx((1.1, 1.0, 1.1))
+    assert paired_speedup([1.0, 2.0], [3.0, 2.0]) == pytest.approx((2.0, 1.0, 3.0))  # even: the middle two
+    assert format_speedup((1.1, 1.0, 1.1)) == "1.10 (1.00–1.10)" and format_speedup((0.5, 0.5, 0.5)) == "0.50"
+    assert paired_speedup([], []) is None and format_speedup(None) == "—"
+    assert taking_turns(["a", "b", "c"], 0) == ["a", "b", "c"] and taking_turns(["a", "b", "c"], 1) == ["c", "b", "a"]

@@ -82,3 +82,16 @@ def test_sweep_file_names_real_flags():
                for name, spec in sweep["parameters"].items()]
     config = parse_args(fixed + sampled)
     assert config.wandb_mode == "online" and config.inner_steps == 5 and config.lam == 0.1
+
+
+def test_global_norm_is_the_norm_of_all_entries_together():
+    import torch
+
+    from imaml.metrics import global_norm
+
+    tensors = [torch.randn(3, 4, requires_grad=True), None, torch.randn(5, dtype=torch.float64)]
+    expected = torch.cat([tensors[0].detach().reshape(-1).double(), tensors[2]]).norm()
+    norm = global_norm(tensors)
+    assert norm.grad_fn is None and norm.dim() == 0
+    assert float(norm) == pytest.approx(float(expected), rel=1e-6)
+    assert float(global_norm([None])) == 0.0
