@@ -100,10 +100,9 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: flo
         pap = _dot(p, ap)
         steps += active.long()
         alpha = rs / torch.where(pap == 0, torch.ones_like(pap), pap)
-        step = alpha[:, None] * p
         stop = active & (pap <= 0)  # negative curvature
         if radius is not None:
-            stop = stop | (active & ((x + step).norm(dim=1) >= radius))  # would leave the ball
+            stop = stop | (active & ((x + alpha[:, None] * p).norm(dim=1) >= radius))  # would leave the ball
             tau = _to_boundary(x, p, radius)
             x = x + torch.where(stop, tau, torch.zeros_like(tau))[:, None] * p
         boundary |= stop
