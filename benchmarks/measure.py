@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["PeakMemory", "SavedTensorPeak", "timed_step", "synchronize", "taking_turns", "paired_speedup",
-           "format_speedup", "describe_error", "run_isolated", "StepWorker", "serve_steps", "machine"]
+           "format_speedup", "keep_freed_memory", "describe_error", "run_isolated", "StepWorker", "serve_steps", "machine"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,6 +135,14 @@ def format_speedup(speedup: Optional[tuple]) -> str:
         return "—"
     median, low, high = speedup
     return f"{median:.2f}" + (f" ({low:.2f}–{high:.2f})" if high > low else "")
+
+
+def keep_freed_memory() -> None:
+    """``imaml.allocator.keep_freed_memory`` (run.py's CPU setting) in this process, or an error."""
+    from imaml.allocator import keep_freed_memory as apply
+
+    if not apply():
+        raise RuntimeError("mallopt refused the settings (not glibc?)")
 
 
 def describe_error(error: Exception) -> str:

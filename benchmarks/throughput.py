@@ -25,9 +25,10 @@ time, so theirs is measured at the first meta-batch size and shown for every one
 Two speed-ups, each the median over rounds of the two implementations' step times in that
 round (``benchmarks.measure.paired_speedup``; the range over rounds in brackets): run.py
 default over the Betty reference, and engine per-task over the plain loop (below 1: the
-engine's overhead on the same math in one process). The CG runs without the trust region and with a
-tolerance it cannot reach, so every implementation does exactly ``--cg-steps`` Hessian-vector
-products per task (the engine's count is checked and shown).
+engine's overhead on the same math in one process). The CG runs without the trust region and
+with a tolerance it cannot reach, so every implementation does ``--cg-steps`` Hessian-vector
+products per task (the engine's count is checked and shown: its CG still stops on
+non-positive curvature).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.measure import (PeakMemory, StepWorker, describe_error, format_speedup, machine, paired_speedup,
-                                run_isolated, serve_steps, taking_turns, timed_step)
+from benchmarks.measure import (PeakMemory, StepWorker, describe_error, format_speedup, keep_freed_memory, machine,
+                                paired_speedup, run_isolated, serve_steps, taking_turns, timed_step)
 from benchmarks.synthetic import SHAPES, register_synthetic_tasks, synthetic_source
 
 IMPLS = ("engine-per-task", "engine-vectorized", "engine-processes", "betty", "plain")
@@ -155,9 +156,17 @@ def serve_worker(spec: dict) -> None:
         serve_steps(engine.train_step, torch.device(config.device))
 
 
+def _set_up_process(spec: dict) -> None:
+    """Threads, and with ``--keep-freed-memory`` run.py's CPU malloc setting, for the
+    implementations built in this process."""
+    torch.set_num_threads(spec["threads"])
+    if spec.get("keep_freed_memory"):
+        keep_freed_memory()
+
+
 def measure_memory(spec: dict) -> dict:
     """The memory one meta-step of ``spec["impl"]`` adds (in a fresh process of its own)."""
-    torch.set_num_threads(spec["threads"])
+    _set_up_process(spec)
     runner = _InProcess(spec["impl"], spec)
     memory = PeakMemory(torch.device(spec["device"]))
     memory.start()
@@ -170,7 +179,7 @@ def measure_size(spec: dict) -> Dict[str, dict]:
     warmed up in turn, then ``spec["rounds"]`` timed meta-steps each, interleaved. Peak memory only for
     ``engine processes`` (its workers are fresh processes); the others' comes from
     ``measure_memory``."""
-    torch.set_num_threads(spec["threads"])
+    _set_up_process(spec)
     device = torch.device(spec["device"])
     runners: Dict[str, object] = {}
     results: Dict[str, dict] = {}
@@ -241,6 +250,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="meta-steps of each implementation before timing")
     parser.add_argument("--rounds", type=int, default=1,
                         help="timed meta-steps of each implementation, interleaved; tasks/s from the fastest")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="give the one-process implementations run.py's CPU malloc setting "
+                             "(imaml.allocator; the engine's processes always have it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="one tiny size, one timed round: a smoke run")
     parser.add_argument("--json", help="also write all results to this file")
@@ -260,12 +272,14 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     common = dict(device=args.device, threads=args.threads, shots=args.shots, query_shots=args.query_shots,
                   inner_steps=args.inner_steps, cg_steps=args.cg_steps, inner_lr=args.inner_lr,
-                  meta_lr=args.meta_lr, lam=args.lam, warmup=args.warmup, rounds=args.rounds, seed=args.seed)
+                  meta_lr=args.meta_lr, lam=args.lam, warmup=args.warmup, rounds=args.rounds, seed=args.seed,
+                  keep_freed_memory=args.keep_freed_memory)
     impls = [i for i in IMPLS if i in args.impls and not (i == "engine-processes" and device.type != "cpu")]
     print(f"# meta-training throughput on {machine(device, args.threads)}")
     print(f"# {args.shots}-shot, {args.query_shots} query examples per class, {args.inner_steps} inner steps, "
           f"CG {args.cg_steps} steps (iMAML); per size, in one process, {args.warmup} warm-up + {args.rounds} "
-          f"timed meta-step(s) of each implementation, interleaved")
+          f"timed meta-step(s) of each implementation, interleaved"
+          + ("; run.py's malloc setting in every process" if args.keep_freed_memory else ""))
     columns = {"engine-per-task": "engine per-task", "engine-vectorized": "engine vectorized",
                "engine-processes": "engine processes", "betty": "Betty ref.", "plain": "plain loop"}
     print("| input | ways | meta-batch | algo | engine, run.py default | " + " | ".join(columns.values())

@@ -10,12 +10,12 @@ setting is process-wide), on the synthetic tasks of ``benchmarks.throughput``; a
 the workers take turns, one meta-step each (A B C, C B A …), so a slow spell of the machine falls
 on all of them alike. Prints tasks/s (from each variant's fastest step) and the speed-up over
 eager from this one invocation (the median over turns of the two step times, the range in
-brackets: ``benchmarks.measure.paired_speedup``). ``--loop plain`` runs ``benchmarks.plain_loop`` (the engine's per-task
-math without the engine); ``--loop engine`` the engine per task, where only ``eager`` and
-``keep-freed-memory`` apply. A variant that fails prints its one-line error instead
-(``torch.compile`` cannot differentiate its compiled graphs twice, which MAML's meta-gradient
-and iMAML's Hessian-vector products need). ``keep-freed-memory`` is ``imaml.allocator``, which
-``python run.py`` applies on CPU.
+brackets: ``benchmarks.measure.paired_speedup``). ``--loop plain`` runs
+``benchmarks.plain_loop`` (the engine's per-task math without the engine); ``--loop engine``
+the engine per task, where only ``eager`` and ``keep-freed-memory`` apply. A variant that
+fails prints its one-line error instead (``torch.compile`` cannot differentiate its compiled
+graphs twice, which MAML's meta-gradient and iMAML's Hessian-vector products need).
+``keep-freed-memory`` is ``imaml.allocator``, which ``python run.py`` applies on CPU.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import sys
 
 import torch
 
-from benchmarks.measure import (StepWorker, describe_error, format_speedup, machine, paired_speedup, serve_steps,
-                                taking_turns)
+from benchmarks.measure import (StepWorker, describe_error, format_speedup, keep_freed_memory, machine, paired_speedup,
+                                serve_steps, taking_turns)
 from benchmarks.plain_loop import PlainLoop
 from benchmarks.synthetic import SHAPES
 from benchmarks.throughput import _InProcess, build_reference
@@ -51,7 +51,7 @@ def build_variant(spec: dict):
     if spec["loop"] == "engine" and variant not in ENGINE_VARIANTS:
         raise ValueError(f"{variant} is not built into the engine (try it with --loop plain)")
     if variant == "keep-freed-memory":
-        _keep_freed_memory()
+        keep_freed_memory()
     if spec["loop"] == "engine":
         return _InProcess("engine-per-task", spec).step
     if variant == "channels-last":
@@ -59,13 +59,6 @@ def build_variant(spec: dict):
     if variant == "compile":
         return build_reference(PlainLoop, spec, torch.compile).meta_step
     return build_reference(PlainLoop, spec).meta_step
-
-
-def _keep_freed_memory() -> None:
-    from imaml.allocator import keep_freed_memory
-
-    if not keep_freed_memory():
-        raise RuntimeError("mallopt refused the settings (not glibc?)")
 
 
 def serve_variant(spec: dict) -> None:

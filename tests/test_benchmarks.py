@@ -137,3 +137,17 @@ def test_paired_speedup_compares_steps_of_the_same_round():
     assert format_speedup((1.1, 1.0, 1.1)) == "1.10 (1.00–1.10)" and format_speedup((0.5, 0.5, 0.5)) == "0.50"
     assert paired_speedup([], []) is None and format_speedup(None) == "—"
     assert taking_turns(["a", "b", "c"], 0) == ["a", "b", "c"] and taking_turns(["a", "b", "c"], 1) == ["c", "b", "a"]
+
+
+def test_throughput_cli_with_run_py_malloc_setting():
+    """The one-process implementations can be measured as run.py sets a CPU process up."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--quick", "--algos", "maml",
+                           "--impls", "engine-per-task", "plain", "--keep-freed-memory"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "run.py's malloc setting" in done.stdout
+    row = [line for line in done.stdout.splitlines() if line.startswith("| 1×28×28 | 5 | 4 | maml")]
+    assert len(row) == 1 and "—" not in row[0].split("|")[12], row  # engine per-task / plain measured
