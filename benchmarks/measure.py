@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,12 +122,8 @@ def paired_speedup(seconds: list, reference_seconds: list) -> Optional[tuple]:
     back to back: (median, lowest, highest) over rounds of reference/own seconds. A slow spell
     of a shared machine (tens of per cent here, lasting seconds to minutes) slows both steps of a
     round alike, so these ratios vary far less than the step times do."""
-    ratios = sorted(ref / own for own, ref in zip(seconds, reference_seconds))
-    if not ratios:
-        return None
-    middle = len(ratios) // 2
-    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
-    return median, ratios[0], ratios[-1]
+    ratios = [ref / own for own, ref in zip(seconds, reference_seconds)]
+    return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
 
 
 def format_speedup(speedup: Optional[tuple]) -> str:
