@@ -63,6 +63,10 @@ def choose_parts(config: RunConfig, lower_cls: Optional[type] = None, upper_cls:
     else:
         spec = config.model if is_import_path(config.model) else None
         chosen_model = _pick(model, "model", spec, "--model", nn.Module) if model or spec else None
+    if config.grad_checkpoint and not getattr(lower, "recomputable", False):
+        raise UsageError(f"--grad-checkpoint: the Lower problem {qualname(lower)} keeps state that recomputing "
+                         f"an inner step in the backward pass would not restore (recomputable = False); "
+                         f"drop the flag")
     if config.test_ways is not None and config.test_ways != config.ways and not lower.variable_ways:
         raise UsageError(
             f"--test-ways {config.test_ways}: the Lower problem {qualname(lower)} adapts a head with "

@@ -181,31 +181,67 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
 
 
 class _RecomputedSteps:
-    """With ``config.grad_checkpoint``, each differentiable inner step keeps only its input φ_k
-    for the backward pass and recomputes its own graph there, so memory holds K copies of φ
-    plus one step's graph instead of K steps' graphs. Plain SGD steps only (the inner
-    optimizer built by ``engines.build``); the meta-gradient is unchanged."""
+    """With ``config.grad_checkpoint``, each differentiable inner step keeps only its input for
+    the backward pass and recomputes its own graph there, so memory holds K copies of φ (and
+    of any momentum buffers) plus one step's graph instead of K steps' graphs.
+
+    The step recomputed is Betty's own ``one_step_descent``, so it goes through the same hooks
+    as without checkpointing (``training_step``, ``forward``, ``trainable_parameters``,
+    ``backward``, ``custom_optimizer_step``, ``param_callback``) and gives the same
+    meta-gradient for any Lower problem that keeps its state where this looks for it: φ in
+    ``self.params``, BatchNorm statistics in ``self.buffers``, optimizer state (momentum) in
+    ``self.optimizer.state``, and meta-parameters it reads directly (Meta-SGD's rates) among
+    the Upper problem's ``trainable_parameters()``. A class that keeps other state across
+    inner steps sets ``recomputable = False``; the builder then refuses ``--grad-checkpoint``.
+    """
+
+    recomputable: ClassVar[bool] = True
 
     def one_step_descent(self, batch=None):
         if not (self.config.grad_checkpoint and self._training and not self._first_order):
             return super().one_step_descent(batch)
         self.cur_batch = batch = self.get_batch() if batch is None else batch
-        (group,) = self.optimizer.param_groups
-        if group.get("momentum") or group.get("weight_decay"):
-            raise ValueError("grad_checkpoint: the inner optimizer must be plain SGD")
-        lr = group["lr"]
+        n_params, buffers, state = len(self.params), self.buffers, self.optimizer.state
+        slots = _tensor_slots(state)
+        plain_step = super().one_step_descent
 
-        def sgd_step(params):  # runs again in the backward pass: leaves self.params as it was
-            saved, self.params = self.params, params
+        def step(carried):  # runs again in the backward pass: leaves everything as it was
+            saved = self.params, self.buffers, self.optimizer.state
+            self.params, self.buffers = tuple(carried[:n_params]), buffers
+            self.optimizer.state = _with_tensors(state, slots, carried[n_params:])
             try:
-                loss = self.training_step_exec(batch)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+                    loss_dict = plain_step(batch)
+                new_state = self.optimizer.state
+                new_slots = _tensor_slots(new_state)
+                new = (*self.params, *(new_state[i][key] for i, key in new_slots))
+                return new, (loss_dict, self.buffers, new_state, new_slots)
             finally:
-                self.params = saved
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            return tuple(p - lr * g for p, g in zip(params, grads)), loss
+                self.params, self.buffers, self.optimizer.state = saved
+                for t in carried:  # Betty's zero_grad clears the new φ's: the input's .grad and its graph
+                    t.grad = None  # would hold each other (and the step's graph) alive forever
 
-        self.params, loss = recompute_in_backward(sgd_step, self.params)
-        return {"loss": loss.item()}
+        carried = (*self.params, *(state[i][key] for i, key in slots))
+        new, (loss_dict, self.buffers, new_state, new_slots) = recompute_in_backward(
+            step, carried, reads=self.meta_problem.trainable_parameters())
+        self.params = new[:n_params]
+        self.optimizer.state = _with_tensors(new_state, new_slots, new[n_params:])
+        return loss_dict
+
+
+def _tensor_slots(state: list) -> List[tuple]:
+    """(entry, key) of every tensor in a patched optimizer's per-parameter state dicts."""
+    return [(i, key) for i, entries in enumerate(state) for key, value in (entries or {}).items()
+            if torch.is_tensor(value)]
+
+
+def _with_tensors(state: list, slots: List[tuple], tensors: Sequence[torch.Tensor]) -> list:
+    """A copy of ``state`` (new dicts) with ``tensors`` at ``slots``."""
+    out = [None if entries is None else dict(entries) for entries in state]
+    for (i, key), tensor in zip(slots, tensors):
+        out[i][key] = tensor
+    return out
 
 
 class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
@@ -230,6 +266,8 @@ class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
       unchanged). It must be built from differentiable ops.
     - ``on_inner_loop_start()``: set ``self.params``/``self.buffers`` from θ for a new task;
       in training they must stay connected to θ's graph (``clone``, not ``detach``).
+    - ``recomputable``: False if an inner step reads or writes state that ``--grad-checkpoint``
+      would not restore when it recomputes the step (see ``_RecomputedSteps``); default True.
 
     Leave alone: ``__init__``'s signature, ``patch_modules`` (extend it with ``super()``),
     ``step``, ``one_step_descent``, ``backward``, ``optimizer_step``, ``begin_task``,
