@@ -19,6 +19,7 @@ from betty.configs import EngineConfig
 from tqdm import tqdm
 
 from engines import distributed
+from envs.omniglot import OneShotRuns
 from imaml import checkpoint
 from imaml.config import RunConfig
 from imaml.errors import RunStopped
@@ -284,8 +285,12 @@ class MetaEngine(Engine):
         tasks = sorted((t for part in distributed.gather_objects(mine) for t in part), key=lambda t: t[0])
         values, curves = [t[1] for t in tasks], [t[2] for t in tasks]
         mean, ci95 = mean_ci95(values)
-        return {"metric": metric_name(kind), "mean": mean, "ci95": ci95, "num_tasks": len(values),
-                "inner_curve": _mean_curve(curves)}
+        result = {"metric": metric_name(kind), "mean": mean, "ci95": ci95, "num_tasks": len(values),
+                  "inner_curve": _mean_curve(curves)}
+        source = self.env.sources[split]
+        if isinstance(source, OneShotRuns):  # Lake's runs: the error rate of each run
+            result.update(source.report(values))
+        return result
 
     def validation(self) -> Dict[str, float]:
         """Betty's validation hook: meta-validation on the fixed validation tasks."""
@@ -423,5 +428,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def _fmt(result: Dict[str, float]) -> str:
     scale, unit = (100.0, "%") if result["metric"] == "accuracy" else (1.0, "")
+    error = f"; error rate {result['error_rate'] * 100:.2f}% over the runs" if "error_rate" in result else ""
     return (f"{result['metric']} {result['mean'] * scale:.2f}{unit} "
-            f"± {result['ci95'] * scale:.2f}{unit} (95% CI, {result['num_tasks']} tasks)")
+            f"± {result['ci95'] * scale:.2f}{unit} (95% CI, {result['num_tasks']} tasks){error}")

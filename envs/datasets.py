@@ -7,7 +7,8 @@ from learn2learn where it would hurt:
 - mini-ImageNet: learn2learn holds each split as float32 (3.2 GB for train); we keep the
   pickle's uint8 array (0.8 GB) and scale each sampled task.
 - Omniglot: torchvision refuses the extracted folders unless the zip files are also there
-  (it checks their MD5); we read the folders, resized to 28×28 once and cached beside them.
+  (it checks their MD5); we read either, resized to 28×28 once and cached beside them
+  (``envs.omniglot``, which also reads Lake's one-shot runs).
   learn2learn's class split is an unseeded ``random.shuffle``; ours is a fixed permutation
   (1,200 train / 100 validation / 323 test characters, as in the MAML paper's code).
 - tiered-ImageNet and CIFAR-FS are decoded lazily, per sampled image (448k PNGs for
@@ -32,7 +33,7 @@ import torch
 
 from imaml.errors import UsageError
 
-__all__ = ["DATASETS", "BenchmarkSpec", "load_split", "download", "FlatPool", "DecodedPool"]
+__all__ = ["DATASETS", "BenchmarkSpec", "load_split", "download", "FlatPool", "DecodedPool", "alphabet_groups"]
 
 SPLITS = ("train", "val", "test")
 
@@ -106,7 +107,8 @@ DATASETS: Dict[str, BenchmarkSpec] = {
     "omniglot": BenchmarkSpec(
         "omniglot", ("omniglot-py/images_background", "omniglot-py/images_evaluation"),
         "images_background.zip and images_evaluation.zip from github.com/brendenlake/omniglot "
-        "(python/), extracted into <data-root>/omniglot-py/", 28, None, None, None, class_rotations=True),
+        "(python/), into <data-root>/omniglot-py/ (as they are, or extracted)", 28, None, None, None,
+        class_rotations=True),
     "mini-imagenet": BenchmarkSpec(
         "mini-imagenet", tuple(f"mini-imagenet-cache-{s}.pkl" for s in ("train", "validation", "test")),
         "the Ravi & Larochelle split pickles (zenodo.org/record/7978538)", 84,
@@ -140,7 +142,8 @@ def omniglot_split_bounds(num_characters: int) -> Dict[str, Tuple[int, int]]:
 def missing_files(spec: BenchmarkSpec, root: Path) -> List[str]:
     if spec.name == "cifarfs" and (root / "cifarfs" / "processed").is_dir():
         return []  # learn2learn already made its per-split folders
-    return [f for f in spec.files if not (root / f).exists()]
+    zips = spec.name == "omniglot"  # Omniglot's sets are read from their zip files as well
+    return [f for f in spec.files if not ((root / f).exists() or (zips and (root / f"{f}.zip").is_file()))]
 
 
 def check_files(spec: BenchmarkSpec, root: Path) -> None:
@@ -234,50 +237,25 @@ def _cifarfs(root: Path, split: str):
 
 
 def _omniglot(root: Path, split: str):
-    images = _omniglot_images(root)
+    """A split of all 1,623 characters (both official sets, sorted by set, alphabet and
+    character) by the fixed permutation; ``groups`` holds the split's classes by alphabet."""
+    from envs.omniglot import read_set
+
+    sets = {name: read_set(root, name) for name in ("images_background", "images_evaluation")}
+    images = torch.cat([s.images for s in sets.values()])
+    alphabets = [f"{name}/{a}" for name, s in sets.items() for a in s.alphabets]
     lo, hi = omniglot_split_bounds(len(images))[split]
-    order = np.random.default_rng(OMNIGLOT_SPLIT_SEED).permutation(len(images))[lo:hi]
-    chosen = images[torch.from_numpy(np.sort(order))]  # [classes, 20, 1, 28, 28]
-    labels = np.repeat(np.arange(len(chosen)), chosen.shape[1])
-    return FlatPool(chosen.flatten(0, 1), labels)
+    rows = np.sort(np.random.default_rng(OMNIGLOT_SPLIT_SEED).permutation(len(images))[lo:hi])
+    chosen = images[torch.from_numpy(rows)]  # [classes, 20, 1, 28, 28]
+    pool = FlatPool(chosen.flatten(0, 1), np.repeat(np.arange(len(chosen)), chosen.shape[1]))
+    pool.groups = alphabet_groups([alphabets[r] for r in rows])
+    return pool
 
 
-OMNIGLOT_CACHE = "imaml-28px-v1.pt"
-
-
-def _omniglot_images(root: Path) -> torch.Tensor:
-    """All 1,623 characters × 20 drawings, 28×28 uint8 with ink = 255 (inverted, as in the
-    MAML code), in sorted (set, alphabet, character) order; cached after the first read."""
-    folder = root / "omniglot-py"
-    cache = folder / OMNIGLOT_CACHE
-    if cache.is_file():
-        return torch.load(cache, weights_only=True)
-    from PIL import Image
-
-    characters = sorted(p for s in ("images_background", "images_evaluation")
-                        for p in (folder / s).glob("*/*") if p.is_dir())
-    if not characters:
-        raise UsageError(f"--task omniglot: no <alphabet>/<character>/ folders under {folder}; "
-                         f"extract images_background.zip and images_evaluation.zip there")
-    drawings = []
-    for character in characters:
-        files = sorted(character.glob("*.png"))
-        if len(files) < 20:
-            raise UsageError(f"{character}: {len(files)} drawings, expected 20; re-extract the Omniglot zips")
-        row = []
-        for path in files[:20]:
-            try:
-                with Image.open(path) as image:
-                    small = image.convert("L").resize((28, 28), Image.LANCZOS)
-            except OSError as err:
-                raise UsageError(f"{path}: not a readable image ({err}); re-extract the Omniglot zips") from None
-            row.append(255 - np.asarray(small, dtype=np.uint8))
-        drawings.append(np.stack(row))
-    images = torch.from_numpy(np.stack(drawings)).unsqueeze(2)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(images, tmp)
-    os.replace(tmp, cache)
-    return images
+def alphabet_groups(alphabets: Sequence[str]) -> List[np.ndarray]:
+    """The positions of each alphabet's classes, alphabets in sorted order."""
+    alphabets = np.asarray(alphabets)
+    return [np.flatnonzero(alphabets == name) for name in sorted(set(alphabets.tolist()))]
 
 
 _LOADERS: Dict[str, Callable] = {

@@ -9,6 +9,7 @@ import torch
 from betty.envs import Env
 
 from envs.episodes import Episodes, Task
+from envs.omniglot import OneShotRuns
 from envs.tasks import TaskSource
 
 __all__ = ["FewShotEnv"]
@@ -87,8 +88,16 @@ class FewShotEnv(Env):
         """The fixed evaluation tasks of ``split``, in batches (same tasks whatever the batch size)."""
         rng = self._stream(split)
         batch_size = batch_size or self.meta_batch_size
+        if isinstance(self.sources[split], OneShotRuns):  # a fixed list of tasks, served in order
+            yield from self.sources[split].batches(num_tasks, batch_size)
+            return
         for start in range(0, num_tasks, batch_size):
             yield self.sources[split].sample(rng, min(batch_size, num_tasks - start))
+
+    def describe(self) -> dict:
+        """What each split's tasks are, where its source says (results.json's ``splits``)."""
+        return {split: source.description for split, source in self.sources.items()
+                if getattr(source, "description", None)}
 
     # train-stream state, so a resumed run continues the same task sequence
     def state_dict(self) -> dict:

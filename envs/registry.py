@@ -6,8 +6,10 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Dict
 
-from envs import datasets, glyphs
-from envs.tasks import ClassImageTasks, SinusoidTasks, TaskSource, random_crop_flip
+import numpy as np
+
+from envs import datasets, glyphs, omniglot
+from envs.tasks import ClassImageTasks, RotatedClasses, SinusoidTasks, TaskSource, random_affine, random_crop_flip
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 
@@ -44,28 +46,71 @@ def _benchmark(name: str) -> Callable[[RunConfig], Dict[str, TaskSource]]:
     spec = datasets.DATASETS[name]
 
     def build(config: RunConfig) -> Dict[str, TaskSource]:
-        if config.augment and spec.augment_padding is None:
-            raise UsageError(f"--augment true: {name} has no crop/flip augmentation (its own is "
-                             f"built in); use it with mini-imagenet, tiered-imagenet, cifarfs or fc100")
         root = Path(config.data_root)
         if config.download:
             datasets.download(spec, root)
+        rotations = spec.class_rotations if config.class_rotations is None else config.class_rotations
         sources = {}
         for split in SPLITS:
-            augment = random_crop_flip(spec.augment_padding) if config.augment and split == "train" else None
+            augment = None
+            if config.augment and split == "train":
+                augment = random_affine() if name == "omniglot" else random_crop_flip(spec.augment_padding)
+            pool = datasets.load_split(spec, root, split)
             sources[split] = ClassImageTasks(
-                datasets.load_split(spec, root, split), config.ways, config.shots, query_shots(config, split),
+                pool, config.ways, config.shots, query_shots(config, split),
                 name=f"{name} {split} split", mean=spec.mean, std=spec.std, augment=augment,
-                class_rotations=spec.class_rotations)
+                class_rotations=rotations,
+                groups=pool.groups if config.episodes == "within-alphabet" and split == "train" else None)
         return sources
 
     return build
+
+
+def _omniglot_lake(config: RunConfig) -> Dict[str, TaskSource]:
+    """Lake's protocol: meta-train and meta-validate on one background set (validation on
+    alphabets or characters held out of meta-training), meta-test on the 20 official runs."""
+    if config.download:
+        raise UsageError(f"--download: omniglot-lake reads the official files; get {omniglot.BACKGROUNDS[config.omniglot_background]}"
+                         f".zip and all_runs.zip from {omniglot.SOURCE} into <data-root>/omniglot-py/")
+    root = Path(config.data_root)
+    runs = omniglot.OneShotRuns(omniglot.read_runs(root))
+    test_ways = config.test_ways or config.ways
+    if test_ways != runs.ways:
+        raise UsageError(f"--ways {test_ways}: Lake's runs are {runs.ways}-way; use --ways {runs.ways} "
+                         f"(or --test-ways {runs.ways} with a Lower problem that adapts any number of ways)")
+    if config.shots != 1 or config.test_query_shots not in (None, runs.query_shots):
+        raise UsageError(f"--shots {config.shots} --test-query-shots {config.test_query_shots}: Lake's runs are "
+                         f"one-shot with {runs.query_shots} test item per class; use --shots 1 and leave "
+                         f"--test-query-shots unset")
+    set_name = omniglot.BACKGROUNDS[config.omniglot_background]
+    background = omniglot.read_set(root, set_name)
+    by = config.omniglot_val
+    if by == "auto":
+        by = "alphabets" if len(set(background.alphabets)) >= 10 else "characters"
+    train_rows, val_rows, held_out = omniglot.hold_out(background, by)
+    sources: Dict[str, TaskSource] = {"test": runs}
+    for split, rows in (("train", train_rows), ("val", val_rows)):
+        images, alphabets = background.images[rows], [background.alphabets[r] for r in rows]
+        groups = datasets.alphabet_groups(alphabets)
+        pool = images
+        if split == "train" and config.class_rotations is not False:
+            pool, groups = RotatedClasses(images), RotatedClasses.groups(groups)
+        within = config.episodes == "within-alphabet" and (split == "train" or max(map(len, groups)) >= config.ways)
+        sources[split] = ClassImageTasks(
+            pool, config.ways, config.shots, query_shots(config, split), name=f"omniglot-lake {split} split",
+            augment=random_affine() if config.augment and split == "train" else None,
+            groups=groups if within else None,
+            description={"set": set_name, **held_out, "episodes": "within-alphabet" if within else "any",
+                         "classes": len(pool.sizes) if hasattr(pool, "sizes") else len(images)})
+    runs.description.update({"set": "all_runs", "ways": runs.ways, "shots": 1, "query_per_class": runs.query_shots})
+    return sources
 
 
 TASKS: Dict[str, Callable[[RunConfig], Dict[str, TaskSource]]] = {
     "glyphs": _glyphs,
     "sinusoid": _sinusoid,
     **{name: _benchmark(name) for name in datasets.DATASETS},
+    "omniglot-lake": _omniglot_lake,
 }
 
 

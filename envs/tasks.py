@@ -9,7 +9,7 @@ on how many are drawn at once, nor on any global random state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ import torch
 from envs.episodes import Episodes
 from imaml.errors import UsageError
 
-__all__ = ["TaskSource", "ClassPool", "ArrayPool", "ClassImageTasks", "SinusoidTasks", "random_crop_flip"]
+__all__ = ["TaskSource", "ClassPool", "ArrayPool", "RotatedClasses", "ClassImageTasks", "SinusoidTasks",
+           "random_crop_flip", "random_affine"]
 
 
 class TaskSource(Protocol):
@@ -60,6 +61,24 @@ class ArrayPool:
         return self.array[cls, torch.from_numpy(picks)]
 
 
+class RotatedClasses:
+    """Every class of ``pool`` four times, rotated by 0°, 90°, 180° and 270°: each rotation is a
+    class of its own (Omniglot's usual augmentation). Class ``4c + k`` is class ``c`` turned k times."""
+
+    def __init__(self, pool):
+        self.pool = pool if hasattr(pool, "images") else ArrayPool(pool)
+        self.sizes = np.repeat(self.pool.sizes, 4)
+        self.input_shape = self.pool.input_shape
+
+    def images(self, cls: int, picks: np.ndarray) -> torch.Tensor:
+        return self.pool.images(cls // 4, picks).rot90(cls % 4, dims=(-2, -1))
+
+    @staticmethod
+    def groups(groups: Sequence[np.ndarray]) -> list:
+        """The same groups of classes (alphabets) in the rotated pool's numbering."""
+        return [(4 * np.asarray(g)[:, None] + np.arange(4)).ravel() for g in groups]
+
+
 class ClassImageTasks:
     """N-way K-shot classification tasks over a split's classes.
 
@@ -72,13 +91,17 @@ class ClassImageTasks:
         augment: ``augment(x, rng)`` on each task's float images [n, C, H, W] (training only).
         class_rotations: rotate all images of each class of a task by a random multiple of
             90° (Omniglot's augmentation in the MAML code: a rotated character is a new class).
+        groups: classes grouped (Omniglot's alphabets): every task draws its N classes from
+            one group, chosen uniformly among those with at least N classes.
+        description: what this split is, for results.json.
     """
 
     kind = "classification"
 
     def __init__(self, pool, ways: int, shots: int, query_shots: int, name: str,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                 augment: Optional[Callable] = None, class_rotations: bool = False):
+                 augment: Optional[Callable] = None, class_rotations: bool = False,
+                 groups: Optional[Sequence[np.ndarray]] = None, description: Optional[dict] = None):
         if not hasattr(pool, "images"):
             pool = ArrayPool(pool)
         classes, smallest = len(pool.sizes), int(np.min(pool.sizes))
@@ -98,6 +121,14 @@ class ClassImageTasks:
         self._std = None if std is None else torch.tensor(std, dtype=torch.float32).view(channels, 1, 1)
         self.augment = augment
         self.class_rotations = class_rotations
+        self.groups = None
+        if groups is not None:
+            self.groups = [np.asarray(g) for g in groups if len(g) >= ways]
+            if not self.groups:
+                largest = max(len(g) for g in groups)
+                raise UsageError(f"--episodes within-alphabet: no alphabet of the {name} has {ways} classes "
+                                 f"(the largest has {largest}); use --ways <= {largest} or --episodes any")
+        self.description = description
 
     def sample(self, rng: np.random.Generator, num_tasks: int) -> Episodes:
         n, k, q = self.ways, self.shots, self.query_shots
@@ -117,7 +148,11 @@ class ClassImageTasks:
         """One task's images [N, K+Q, *input]: N random classes (label i <- the i-th drawn, a
         random labelling), K+Q distinct examples of each."""
         n, m = self.ways, self.shots + self.query_shots
-        chosen = rng.permutation(len(self.pool.sizes))[:n]
+        if self.groups is None:
+            chosen = rng.permutation(len(self.pool.sizes))[:n]
+        else:
+            group = self.groups[int(rng.integers(len(self.groups)))]
+            chosen = group[rng.permutation(len(group))[:n]]
         picks = [np.argsort(rng.random(self.pool.sizes[c]))[:m] for c in chosen]
         x = torch.stack([self.pool.images(int(c), p) for c, p in zip(chosen, picks)])
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
@@ -143,6 +178,24 @@ def random_crop_flip(padding: int) -> Callable:
         out = torch.stack([padded[i, :, r:r + size, c:c + size] for i, (r, c) in enumerate(offsets)])
         out[torch.from_numpy(flips)] = out[torch.from_numpy(flips)].flip(-1)
         return out
+
+    return augment
+
+
+def random_affine(degrees: float = 10.0, shift: float = 0.1, scale: Tuple[float, float] = (0.9, 1.1)) -> Callable:
+    """Small affine jitter of each image (Omniglot): a rotation within ±``degrees``, a shift
+    within ±``shift`` of the image size and a scale in ``scale``, drawn per image from the
+    task's generator; the border is filled with the background (0, ink is high)."""
+
+    def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        n = x.shape[0]
+        angle = torch.from_numpy(rng.uniform(-degrees, degrees, n) * np.pi / 180).float()
+        zoom = torch.from_numpy(rng.uniform(*scale, n)).float()
+        offset = torch.from_numpy(rng.uniform(-2 * shift, 2 * shift, (n, 2))).float()  # [-1, 1] coordinates
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)], 1)
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
     return augment
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from imaml.config import RunConfig, checkpoint_path, parse_args
+from imaml.config import RunConfig, checkpoint_path, parse_args, prepare_output_dir
 from imaml.reporting import RunLog, write_json
 
 __all__ = ["run_from_args", "configure_process", "main"]
@@ -42,7 +42,7 @@ def _run(config: RunConfig, main_process: bool) -> dict:
     output_dir = Path(config.output_dir)
     log, checkpoint_dir = None, None
     if main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(config.output_dir)  # before any work: a bad one is a one-line error
         log = RunLog(output_dir, append=bool(config.resume), sink=start_wandb(config, output_dir))
         write_json(output_dir / "config.json", config.to_dict())
         checkpoint_dir = output_dir / "checkpoints"
@@ -69,6 +69,7 @@ def _run(config: RunConfig, main_process: bool) -> dict:
         "seed": config.seed,
         **outcome,
         "protocol": _protocol(config, engine.env.kind),
+        "splits": engine.env.describe(),
         "processes": distributed.world_size(),
         "config": config.to_dict(),
     }
@@ -115,6 +116,7 @@ def main(argv: Optional[list] = None) -> int:
 
         processes = distributed.local_processes(config)
         if processes > 1:  # one single-thread process per core, sharing each meta-batch
+            prepare_output_dir(config.output_dir)  # here, not only in a worker: before any work
             return distributed.run_local_job(argv, processes)
         run_from_args(argv)
     except UsageError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +20,8 @@ import yaml
 from imaml.errors import UsageError
 from imaml.plugins import is_import_path, split_import_path
 
-__all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "parse_args", "load_preset", "checkpoint_path"]
+__all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "MAX_SEED", "parse_args", "load_preset",
+           "checkpoint_path", "prepare_output_dir"]
 
 ALGOS = ("imaml", "maml", "fomaml")
 HYPERGRADS = ("cg", "neumann", "darts", "exact")
@@ -29,7 +31,12 @@ META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("none", "cosine", "step")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 EXECUTIONS = ("auto", "per-task", "vectorized")
+OMNIGLOT_BACKGROUNDS = ("full", "small1", "small2")
+OMNIGLOT_VALS = ("auto", "alphabets", "characters")
+EPISODES = ("any", "within-alphabet")
+OMNIGLOT_TASKS = ("omniglot", "omniglot-lake")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators all take [0, 2³² − 1]; negative seeds are refused
 
 
 @dataclass
@@ -46,7 +53,13 @@ class RunConfig:
     # data: --data-root holds the real benchmarks; --download lets learn2learn fetch them
     data_root: str = "data"
     download: bool = False
-    augment: bool = False  # random crop + flip of meta-training images (ImageNet/CIFAR-derived tasks)
+    augment: bool = False  # meta-training images: random crop + flip (ImageNet/CIFAR), affine jitter (Omniglot)
+    # Omniglot: Lake's protocol (--task omniglot-lake) trains on one background set, validates on
+    # held-out alphabets or characters of it, and meta-tests on the 20 official one-shot runs
+    omniglot_background: str = "full"  # full (30 alphabets), small1 or small2 (5 each: the minimal setting)
+    omniglot_val: str = "auto"  # held out of the background set: alphabets, characters; auto: by its size
+    episodes: str = "any"  # Omniglot: within-alphabet draws all ways of a training task from one alphabet
+    class_rotations: Optional[bool] = None  # Omniglot: 90°/180°/270° turns as new classes; None: on
     # meta-training
     meta_batch_size: int = 16
     meta_steps: int = 1000
@@ -138,6 +151,7 @@ class RunConfig:
             raise UsageError(f"--lr-gamma {self.lr_gamma}: must be in (0, 1]")
         _one_of("dist_backend", self.dist_backend, DIST_BACKENDS)
         _one_of("execution", self.execution, EXECUTIONS)
+        self._validate_omniglot()
         if self.grad_checkpoint and self.algo != "maml":
             raise UsageError(f"--grad-checkpoint applies to --algo maml (memory through the unrolled inner loop); "
                              f"{self.algo}'s memory does not grow with inner steps: drop the flag")
@@ -166,7 +180,23 @@ class RunConfig:
             raise UsageError("--eval-only needs --checkpoint PATH (e.g. runs/latest/checkpoints/best.pt)")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise UsageError(f"--device {self.device}: unknown device; use cpu, cuda or cuda:N")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed {self.seed}: must be an integer in [0, {MAX_SEED}]")
+        if not self.output_dir:
+            raise UsageError("--output-dir: may not be empty")
         return self
+
+    def _validate_omniglot(self) -> None:
+        _one_of("omniglot_background", self.omniglot_background, OMNIGLOT_BACKGROUNDS)
+        _one_of("omniglot_val", self.omniglot_val, OMNIGLOT_VALS)
+        _one_of("episodes", self.episodes, EPISODES)
+        for name, value, default in (("episodes", self.episodes, "any"), ("class_rotations", self.class_rotations, None)):
+            if value != default and self.task not in OMNIGLOT_TASKS:
+                raise UsageError(f"{_flag(name)} {value}: only for the Omniglot tasks ({', '.join(OMNIGLOT_TASKS)})")
+        for name in ("omniglot_background", "omniglot_val"):
+            if getattr(self, name) != getattr(RunConfig, name) and self.task != "omniglot-lake":
+                raise UsageError(f"{_flag(name)} {getattr(self, name)}: only for --task omniglot-lake "
+                                 f"(--task omniglot is the MAML paper's split of both full sets)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -202,7 +232,7 @@ def _positive(name: str, value: float) -> None:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}
-_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 def _field_type(name: str) -> type:
@@ -262,22 +292,59 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see: python run.py --help)")
 
 
+class _Switch(argparse.Action):
+    """A boolean option: ``--eval-only`` turns it on, ``--no-eval-only`` off, and an explicit
+    value (``--eval-only true``, ``--eval-only=false``: what W&B sweeps pass) sets it; the
+    value is checked by ``_coerce`` like a YAML one."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        negated = ["--no-" + option[2:] for option in option_strings]
+        super().__init__([*option_strings, *negated], dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if option_string.startswith("--no-"):
+            if value is not None:
+                parser.error(f"argument {option_string}: takes no value (or use {self.option_strings[0]} {value})")
+            value = False
+        setattr(namespace, self.dest, True if value is None else value)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Switches appear as ``--eval-only, --no-eval-only`` in the option list."""
+
+    def _format_action_invocation(self, action):
+        if isinstance(action, _Switch):
+            return ", ".join(action.option_strings)
+        return super()._format_action_invocation(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="run.py",
         description="Meta-train an initialization with iMAML or unrolled MAML, then meta-test it. "
                     "Settings come from the preset configs/<task>-<algo>.yaml (or --config); a flag "
                     "overrides its preset. The values in brackets are the fallbacks for settings "
-                    "a preset leaves out.",
+                    "a preset leaves out. Switches (--eval-only, --grad-checkpoint, ...) take no "
+                    "value: --no-X turns one off, and --X true|false also works.",
         argument_default=argparse.SUPPRESS,
+        formatter_class=_HelpFormatter,
     )
     helps = {
         "algo": "imaml (implicit gradients), maml (second-order unrolled) or fomaml (first order)",
         "task": "glyphs (embedded, generated), sinusoid, or a benchmark read from --data-root: "
-                "omniglot, mini-imagenet, tiered-imagenet, cifarfs, fc100 (files: docs/benchmarks.md)",
-        "download": "let learn2learn download a missing benchmark into --data-root; true or false",
-        "augment": "random crop + horizontal flip of meta-training images (mini-imagenet, "
-                   "tiered-imagenet, cifarfs, fc100); true or false",
+                "omniglot, omniglot-lake (Lake's 20 one-shot runs), mini-imagenet, tiered-imagenet, "
+                "cifarfs, fc100 (files: docs/benchmarks.md)",
+        "download": "let learn2learn download a missing benchmark into --data-root",
+        "augment": "augment meta-training images: random crop + horizontal flip (mini-imagenet, "
+                   "tiered-imagenet, cifarfs, fc100), small affine jitter (omniglot, omniglot-lake)",
+        "omniglot_background": "omniglot-lake: the background set meta-training and meta-validation use: "
+                               "full (30 alphabets), small1 or small2 (5 alphabets, the minimal setting)",
+        "omniglot_val": "omniglot-lake: meta-validate on background alphabets or characters held out of "
+                        "meta-training; auto: alphabets for the full set, characters for small1/small2",
+        "episodes": "Omniglot training tasks: any (classes from anywhere) or within-alphabet (all ways "
+                    "from one alphabet, like Lake's runs)",
+        "class_rotations": "Omniglot: each character turned by 90°, 180°, 270° is a new training class; "
+                           "none: on",
         "bn_mode": "BatchNorm statistics: transductive (batch statistics at meta-train and meta-test, "
                    "the MAML paper), inductive (running statistics from meta-training used at "
                    "meta-test), episodic (support-set statistics applied to the queries)",
@@ -296,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cg_steps": "maximum conjugate-gradient steps per task",
         "cg_tol": "CG stops when ‖residual‖ ≤ tol·‖∇φ L_query‖",
         "cg_trust_region": "truncate CG (Steihaug) at ‖x‖ = ‖v‖/λ and on negative curvature: "
-                           "the hypergradient is never longer than ∇φ L_query; true or false",
+                           "the hypergradient is never longer than ∇φ L_query",
         "neumann_alpha": "Neumann step size; none: 1/λ_max estimated by power iteration",
         "model": "conv4 (max-pool; mini-ImageNet), conv4-strided (stride-2, average-pooled; "
                  "MAML's Omniglot), resnet12, or mlp; or an import path module:Class to an nn.Module "
@@ -314,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config": "YAML preset; default: configs/<task>-<algo>.yaml",
         "resume": "continue the run saved in this output directory (its checkpoints/latest.pt); "
                   "flags given now override its settings, e.g. a larger --meta-steps",
-        "eval_only": "only meta-test the --checkpoint and write results.json; true or false",
+        "eval_only": "only meta-test the --checkpoint and write results.json",
         "checkpoint": "a checkpoint file, for --eval-only",
         "wandb_mode": "Weights & Biases: online, offline (sync later) or disabled",
         "wandb_tags": "W&B tags, comma-separated",
@@ -324,13 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
         "processes": "on CPU, single-thread processes sharing each meta-batch (a local torchrun-style "
                      "job); 0: one per core, at most one per task; 1: just this process",
         "keep_freed_memory": "on CPU, malloc keeps freed memory for the next inner step instead of returning "
-                             "it to the system (faster; memory stays at its peak until exit); true or false",
+                             "it to the system (faster; memory stays at its peak until exit)",
         "dist_backend": "torch.distributed backend when launched with torchrun: auto (nccl on GPUs, "
                         "gloo on CPU), nccl or gloo; see docs/distributed.md",
         "execution": "per-task (one inner loop per task), vectorized (the whole meta-batch as one batched "
                      "computation; same meta-gradient) or auto (vectorized where it is faster and supported)",
         "grad_checkpoint": "MAML: keep only each inner step's input and recompute the step in the backward "
-                           "pass, so memory stays near one step's; true or false",
+                           "pass, so memory stays near one step's",
     }
     defaults = RunConfig()
     for name, f in _FIELDS.items():
@@ -347,7 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = DIST_BACKENDS
         if name == "execution":
             kwargs["choices"] = EXECUTIONS
-        parser.add_argument(_flag(name), dest=name, metavar=name.split("_")[-1].upper(), **kwargs)
+        if name == "omniglot_background":
+            kwargs["choices"] = OMNIGLOT_BACKGROUNDS
+        if name == "omniglot_val":
+            kwargs["choices"] = OMNIGLOT_VALS
+        if name == "episodes":
+            kwargs["choices"] = EPISODES
+        if _field_type(name) is bool:
+            kwargs.update(action=_Switch, metavar="BOOL")
+        else:
+            kwargs["metavar"] = name.split("_")[-1].upper()
+        parser.add_argument(_flag(name), dest=name, **kwargs)
     return parser
 
 
@@ -384,6 +461,28 @@ def checkpoint_path(config: RunConfig) -> Optional[Path]:
     if config.eval_only:
         return Path(config.checkpoint)
     return None
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Create ``--output-dir`` (and its parents) and check that files can be written there, so
+    a bad one stops the run before any work, not at its first write; a UsageError names the
+    path and the problem."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--output-dir {path}: exists and is not a directory") from None
+    except OSError as err:
+        raise UsageError(f"--output-dir {path}: cannot create this directory ({err.strerror or err})") from None
+    try:
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--output-dir {path}: cannot write files in it ({err.strerror or err})") from None
+    for sub in ("checkpoints", "plots"):
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise UsageError(f"--output-dir {path}: {out / sub} exists and is not a directory")
+    return out
 
 
 def _saved_config(cli: dict) -> Optional[dict]:

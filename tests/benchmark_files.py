@@ -7,6 +7,7 @@ task's labels agree with the images it was served."""
 from __future__ import annotations
 
 import io
+import zipfile
 import pickle
 from pathlib import Path
 
@@ -115,3 +116,85 @@ def write_omniglot(root: Path, alphabets: int = 4, characters: int = 10) -> None
 
 WRITERS = {"mini-imagenet": write_mini_imagenet, "tiered-imagenet": write_tiered_imagenet,
            "fc100": write_fc100, "cifarfs": write_cifarfs, "omniglot": write_omniglot}
+
+
+# ------------------------------------------------------------------------------ official Omniglot files
+_CORNERS = (0, 3, 12, 15)  # cells of the 4×4 grid: top-left always inked (orientation), the others never
+_BITS = [cell for cell in range(16) if cell not in _CORNERS]  # 12 cells spell the code
+
+
+def glyph_code(code: int) -> np.ndarray:
+    """A 105×105 black-on-white image whose 4×4 grid of ink blocks spells ``code`` (< 4096),
+    still readable after the loader's resize to 28×28 and in any quarter turn (``read_code``)."""
+    assert 0 <= code < 4096
+    canvas = np.full((105, 105), 255, dtype=np.uint8)
+    for cell in [0] + [cell for bit, cell in enumerate(_BITS) if code >> bit & 1]:
+        r, c = divmod(cell, 4)
+        canvas[r * 26 + 4:r * 26 + 22, c * 26 + 4:c * 26 + 22] = 0
+    return canvas
+
+
+def read_code(image) -> int:
+    """The code of a loaded 28×28 image (ink high, any scale, turned by any multiple of 90°),
+    inverse of ``glyph_code``; -1 if no turn puts the orientation mark top-left alone."""
+    image = np.asarray(image, dtype=np.float32).reshape(28, 28)
+    image = image / max(float(image.max()), 1e-6)
+    for turn in range(4):
+        upright = np.rot90(image, -turn)
+        ink = [upright[r * 7 + 2:r * 7 + 5, c * 7 + 2:c * 7 + 5].mean() > 0.5 for r in range(4) for c in range(4)]
+        if ink[0] and not any(ink[cell] for cell in _CORNERS[1:]):
+            return sum(1 << bit for bit, cell in enumerate(_BITS) if ink[cell])
+    return -1
+
+
+def _png_1bit(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert("1").save(buffer, format="PNG")  # mode "1", as the real files
+    return buffer.getvalue()
+
+
+def official_omniglot_set(set_name: str, alphabets: int, characters: int, first_code: int = 1) -> dict:
+    """{member path: PNG bytes} of an official set: <set>/<Alphabet>/character<NN>/<id>_<drawer>.png,
+    20 drawers; character i of the set shows code ``first_code + i``."""
+    files, code = {}, first_code
+    for a in range(alphabets):
+        for c in range(1, characters + 1):
+            for d in range(1, 21):
+                files[f"{set_name}/Alphabet_{chr(65 + a)}/character{c:02d}/{code:04d}_{d:02d}.png"] = \
+                    _png_1bit(glyph_code(code))
+            code += 1
+    return files
+
+
+def official_runs(ways: int = 4, first_code: int = 2000, seed: int = 0) -> tuple:
+    """({member path under all_runs/: bytes}, {run: [class (0-based) of each test item]}): 20 runs
+    in the format of all_runs.zip; class j of run r shows code first_code + 100·r + j, and the
+    test items show their class's code, in a shuffled order."""
+    rng = np.random.default_rng(seed)
+    files, truth = {}, {}
+    for r in range(1, 21):
+        run = f"run{r:02d}"
+        order = rng.permutation(ways)
+        for j in range(ways):
+            files[f"{run}/training/class{j + 1:02d}.png"] = _png_1bit(glyph_code(first_code + 100 * r + j))
+        lines = []
+        for k, cls in enumerate(order, start=1):
+            files[f"{run}/test/item{k:02d}.png"] = _png_1bit(glyph_code(first_code + 100 * r + int(cls)))
+            lines.append(f"{run}/test/item{k:02d}.png {run}/training/class{cls + 1:02d}.png")
+        files[f"{run}/class_labels.txt"] = ("\n".join(lines) + "\n").encode()
+        truth[run] = [int(c) for c in order]
+    return files, truth
+
+
+def write_files(files: dict, root: Path, zip_path: Path | None = None) -> None:
+    """Write ``files`` extracted under ``root``, or as one zip file ``zip_path``."""
+    if zip_path is not None:
+        zip_path.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(zip_path, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+        return
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)

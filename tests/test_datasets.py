@@ -162,12 +162,13 @@ def test_omniglot_split_is_fixed_whatever_the_global_random_state(benchmark_root
 
 
 def test_omniglot_images_are_28px_inverted_and_cached(benchmark_root):
-    from envs.datasets import OMNIGLOT_CACHE, _omniglot_images
+    from envs.omniglot import CACHE, read_set
 
-    images = _omniglot_images(benchmark_root)
+    images = torch.cat([read_set(benchmark_root, s).images for s in ("images_background", "images_evaluation")])
     assert images.shape == (40, 20, 1, 28, 28) and images.dtype == torch.uint8
     assert images.float().mean() < 128  # background 0, ink 255 (inverted, as in the MAML code)
-    assert (benchmark_root / "omniglot-py" / OMNIGLOT_CACHE).is_file()
+    for name in ("images_background", "images_evaluation"):
+        assert (benchmark_root / "omniglot-py" / CACHE.format(name)).is_file()
 
 
 def test_augmentation_only_touches_meta_training_tasks(benchmark_root):
