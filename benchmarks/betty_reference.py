@@ -25,7 +25,7 @@ MAML graph alive at once); this runs one inner problem per task in turn and accu
 meta-gradient over the meta-batch (``gradient_accumulation = T``), which is the same math with
 T-fold less memory, and what this project's engine does.
 
-Same math as the engine with ``--cg-trust-region false`` and a CG that does not stop early,
+Same math as the engine with ``--no-cg-trust-region`` and a CG that does not stop early,
 except for one thing: betty-ml 0.1.1's CG updates its search direction with the old residual
 (see docs/meta-gradients.md), so its iMAML meta-gradient differs; it does the same work
 (``cg_iterations`` Hessian-vector products), which is what a timing comparison needs.

@@ -9,7 +9,7 @@ overhead against it. Per meta-batch of T tasks, for each task:
   meta-gradient (I + H/λ)⁻¹ ∇φ L_query / T by ``cg_steps`` conjugate-gradient iterations
   on (H + λI) x = v with Hessian-vector products, times λ;
 
-then one Adam step on θ. Same math as the engine with ``--cg-trust-region false`` and a CG
+then one Adam step on θ. Same math as the engine with ``--no-cg-trust-region`` and a CG
 that runs all its iterations (the benchmark checks that it did).
 """
 

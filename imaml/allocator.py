@@ -4,7 +4,7 @@ Every inner step frees blocks of the sizes the next one allocates (activations, 
 the Hessian-vector products' graphs). By default glibc serves large blocks with fresh
 ``mmap`` calls and hands freed heap back to the system, so each step faults the same pages in
 again; with no mmap and no trimming, the blocks are reused. ``python run.py`` sets this on CPU
-unless ``--keep-freed-memory false`` (measured with ``python -m benchmarks.variants --loop
+unless ``--no-keep-freed-memory`` (measured with ``python -m benchmarks.variants --loop
 engine``: docs/performance.md). The cost: freed memory stays with the process until it exits,
 and without mmap large blocks fragment the heap (a peak up to 20% higher at the largest
 benchmarked tasks, reached at the first meta-step and flat after it).

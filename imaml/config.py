@@ -232,6 +232,7 @@ def _positive(name: str, value: float) -> None:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+_FLOAT32_MAX = 3.4028234663852886e38
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
@@ -260,10 +261,16 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise UsageError(f"{source}: '{name}' must be true or false, got {value!r}")
     if typ is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
         raise UsageError(f"{source}: '{name}' must be an integer, got {value!r}")
+    if typ is float and isinstance(value, bool):
+        raise UsageError(f"{source}: '{name}' must be a number, got {value!r}")
     try:
-        return typ(value)
+        converted = typ(value)
     except (TypeError, ValueError):
         raise UsageError(f"{source}: '{name}' must be {typ.__name__}, got {value!r}") from None
+    if typ is float and not abs(converted) <= _FLOAT32_MAX:  # NaN fails too; the tensors are float32
+        raise UsageError(f"{source}: '{name}' must be a finite number of at most {_FLOAT32_MAX:.3g} in size, "
+                         f"got {value!r}")
+    return converted
 
 
 def load_preset(path: Path) -> dict:

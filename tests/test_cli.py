@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from imaml.cli import main, run_from_args
+from imaml.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,15 @@ BAD_INPUTS = [
     (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
     (["--device", "cuda"], "--device cuda: CUDA is not available"),
     (["--hypergrad", "magic"], "--hypergrad magic: unknown solver"),
+    (["--seed", "-1"], "--seed -1: must be an integer in [0, 4294967295]"),
+    (["--seed", "4294967296"], "--seed 4294967296: must be an integer in [0, 4294967295]"),
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999: must be an integer in [0, 4294967295]"),
+    (["--grad-checkpoint", "maybe"], "--grad-checkpoint: 'grad_checkpoint' must be true or false, got 'maybe'"),
+    (["--no-eval-only=true"], "argument --no-eval-only: takes no value (or use --eval-only true)"),
+    (["--output-dir", ""], "--output-dir: may not be empty"),
+    (["--inner-lr", "1e308"], "--inner-lr: 'inner_lr' must be a finite number of at most 3.4e+38 in size"),
+    (["--meta-grad-clip", "nan"], "--meta-grad-clip: 'meta_grad_clip' must be a finite number"),
+    (["--darts-radius", "inf"], "--darts-radius: 'darts_radius' must be a finite number"),
 ]
 
 
@@ -168,3 +178,65 @@ def test_run_applies_the_allocator_setting_on_cpu_unless_told_not_to(monkeypatch
     monkeypatch.setattr(imaml.allocator, "keep_freed_memory", lambda: calls.append(1) or True)
     configure_process(dataclasses.replace(make_config(keep_freed_memory=flag), device=device))
     assert bool(calls) == applied
+
+
+@pytest.mark.parametrize("switch", [f.name for f in dataclasses.fields(RunConfig) if "bool" in str(f.type)])
+def test_every_boolean_option_is_a_switch_with_an_optional_value(switch):
+    """``--x`` on, ``--no-x`` off, ``--x VALUE`` / ``--x=VALUE`` as given (W&B sweeps pass
+    ``--x=true``); the last one wins."""
+    from imaml.config import _coerce, build_parser
+
+    flag = "--" + switch.replace("_", "-")
+    negated = "--no-" + flag[2:]
+
+    def parsed(*argv):
+        return _coerce(switch, vars(build_parser().parse_args(list(argv)))[switch], flag)
+
+    assert parsed(flag) is True and parsed(negated) is False
+    assert parsed(flag, "false") is False and parsed(flag, "true") is True
+    assert parsed(f"{flag}=false") is False and parsed(f"{flag}=yes") is True
+    assert parsed(flag, negated) is False and parsed(negated, flag) is True
+    assert parsed(flag, "--seed", "3") is True  # a bare switch does not swallow the next flag
+    assert f"{flag}, {negated}" in build_parser().format_help()
+
+
+def test_eval_only_as_a_switch(tmp_path, data_root, capsys):
+    run_from_args(_args(tmp_path, data_root))
+    trained = json.loads((tmp_path / "out" / "results.json").read_text())
+    code = main(["--eval-only", "--checkpoint", str(tmp_path / "out" / "checkpoints" / "best.pt"),
+                 "--output-dir", str(tmp_path / "eval")])
+    assert code == 0, capsys.readouterr().err
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert evaluated["checkpoint"].endswith("best.pt") and evaluated["test"]["num_tasks"] == trained["test"]["num_tasks"]
+
+
+def _unusable_output_dirs(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "taken" / "checkpoints").parent.mkdir()
+    (tmp_path / "taken" / "checkpoints").write_text("")
+    return {
+        "below a file": (tmp_path / "a-file" / "run", "cannot create this directory (Not a directory)"),
+        "a file": (tmp_path / "a-file", "exists and is not a directory"),
+        "in /proc": (Path("/proc/imaml-run"), "cannot create this directory"),
+        "checkpoints is a file": (tmp_path / "taken", f"{tmp_path / 'taken' / 'checkpoints'} exists and is not a directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["below a file", "a file", "in /proc", "checkpoints is a file"])
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_unusable_output_dir_stops_before_any_work(tmp_path, data_root, capsys, monkeypatch, case, processes):
+    import engines
+    from engines import distributed
+
+    path, reason = _unusable_output_dirs(tmp_path)[case]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(engines, "build_engine", no_work)
+    monkeypatch.setattr(distributed, "run_local_job", no_work)
+    monkeypatch.setattr(distributed, "usable_cores", lambda: processes)
+    code = main(_args(tmp_path, data_root) + ["--output-dir", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --output-dir {path}: {reason}"), err
