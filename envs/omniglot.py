@@ -55,13 +55,14 @@ class OmniglotSet:
     characters: List[str]
 
 
-def _to_28px(data, where: str, fix: str) -> np.ndarray:
-    """One PNG (bytes or path) as 28×28 uint8 with ink high."""
+def _to_28px(data, where: str, fix: str, size: Optional[int] = SIZE) -> np.ndarray:
+    """One PNG (bytes or path) as size×size uint8 with ink high (size None: as it is)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            small = image.convert("L").resize((SIZE, SIZE), Image.LANCZOS)
+            small = image.convert("L")
+            small = small if size is None else small.resize((size, size), Image.LANCZOS)
     except (OSError, ValueError) as err:
         raise UsageError(f"{where}: not a readable PNG ({str(err)[:80]}); {fix}") from None
     return 255 - np.asarray(small, dtype=np.uint8)
@@ -194,8 +195,9 @@ def _runs_files(root: Path) -> Tuple[Callable[[str], Optional[bytes]], Path]:
                      f"{folder}/ nor {archive}); {_RUNS_FIX}")
 
 
-def read_runs(root: Path | str) -> List[OneShotRun]:
-    """Lake's 20 runs, each test item mapped to its class as its ``class_labels.txt`` says."""
+def read_runs(root: Path | str, size: Optional[int] = SIZE) -> List[OneShotRun]:
+    """Lake's 20 runs, each test item mapped to its class as its ``class_labels.txt`` says;
+    images size×size (None: the files' own 105×105, for pixel baselines)."""
     root = Path(root)
     read, source = _runs_files(root)
     runs = []
@@ -224,7 +226,7 @@ def read_runs(root: Path | str) -> List[OneShotRun]:
             data = read(rel)
             if data is None:
                 raise UsageError(f"{source}: {rel} is missing (named in {run}/class_labels.txt); {_RUNS_FIX}")
-            return _to_28px(data, f"{source}: {rel}", _RUNS_FIX)
+            return _to_28px(data, f"{source}: {rel}", _RUNS_FIX, size)
 
         training = np.stack([image(f"{run}/training/class{j:02d}.png") for j in range(1, ways + 1)])
         test = np.stack([image(f"{run}/test/item{k:02d}.png") for k in range(1, len(items) + 1)])

@@ -240,3 +240,14 @@ def test_proxy_runs_hold_their_alphabet_out_of_the_background_zip(tmp_path):
         assert [read_code(x) for x in run.test] == [codes[c] for c in run.labels.tolist()]
     with zipfile.ZipFile(root / "omniglot-py" / "all_runs.zip") as zf:
         assert "all_runs/run01/class_labels.txt" in zf.namelist()
+
+
+def test_hausdorff_baseline_reads_the_full_size_runs_and_classifies_them(lake_root):
+    from benchmarks.hausdorff import modified_hausdorff, run_errors
+
+    root, _ = lake_root
+    square, shifted = np.argwhere(np.ones((3, 3))).astype(float), np.argwhere(np.ones((3, 3))).astype(float) + 1
+    assert modified_hausdorff(square, square) == 0 and modified_hausdorff(square, shifted) > 0
+    assert read_runs(root, size=None)[0].training.shape[-2:] == (105, 105)
+    errors = run_errors(root)  # test items are their class's image: the baseline gets them all
+    assert sorted(errors) == [f"run{r:02d}" for r in range(1, 21)] and set(errors.values()) == {0.0}
