@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imaml.errors import UsageError
+
 __all__ = ["NUM_CLASSES", "SAMPLES_PER_CLASS", "IMAGE_SIZE", "SPLITS", "load_glyphs", "render_class"]
 
 GENERATOR_VERSION = 2
@@ -96,10 +98,17 @@ def load_glyphs(data_root: str | os.PathLike) -> np.ndarray:
         images = np.load(path)
         if images.shape == (NUM_CLASSES, SAMPLES_PER_CLASS, IMAGE_SIZE, IMAGE_SIZE):
             return images
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # checked before the ~15 s of generation
+        raise UsageError(f"--data-root {data_root}: cannot create {path.parent} ({err.strerror or err}); "
+                         f"pass a writable --data-root") from None
     images = generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, images)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, images)
+        os.replace(tmp, path)
+    except OSError:  # a read-only data root: run without the cache
+        tmp.unlink(missing_ok=True)
     return images

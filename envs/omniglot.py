@@ -275,6 +275,6 @@ class OneShotRuns:
 
     def report(self, accuracies: Sequence[float]) -> dict:
         """Lake's figure: the error rate of each run and their mean."""
-        errors = [1.0 - a for a in accuracies]
+        errors = [round(1.0 - a, 6) for a in accuracies]  # a run's error is a multiple of 1/items
         return {"error_rate": sum(errors) / len(errors),
                 "per_run_error": {run.name: e for run, e in zip(self.runs, errors)}}

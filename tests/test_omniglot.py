@@ -251,3 +251,12 @@ def test_hausdorff_baseline_reads_the_full_size_runs_and_classifies_them(lake_ro
     assert read_runs(root, size=None)[0].training.shape[-2:] == (105, 105)
     errors = run_errors(root)  # test items are their class's image: the baseline gets them all
     assert sorted(errors) == [f"run{r:02d}" for r in range(1, 21)] and set(errors.values()) == {0.0}
+
+
+@pytest.mark.parametrize("where", ["below a file", "/proc"])
+def test_an_unusable_data_root_is_one_line(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("x")
+    root = str(tmp_path / "file" / "data") if where == "below a file" else "/proc/imaml-data"
+    err = _error(capsys, ["--task", "glyphs", "--data-root", root, "--output-dir", str(tmp_path / "o"),
+                          "--processes", "1"])
+    assert f"--data-root {root}" in err
