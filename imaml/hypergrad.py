@@ -33,12 +33,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from imaml.linear_solvers import SolveInfo, conjugate_gradient, dense_solve, largest_eigenvalue, neumann_series
+from imaml.linear_solvers import (SolveInfo, conjugate_gradient, damped_cg, dense_solve, largest_eigenvalue,
+                                  minres, neumann_series, normal_cg)
 from imaml.metrics import global_norm
 
 __all__ = [
     "SolveInfo",
     "conjugate_gradient",
+    "minres",
+    "normal_cg",
+    "damped_cg",
     "neumann_series",
     "largest_eigenvalue",
     "dense_solve",
@@ -159,6 +163,24 @@ def _exact(matvec, b, config):
     return dense_solve(matvec, b)
 
 
+def _minres(matvec, b, config):
+    """MINRES for the indefinite A of an inner loop that stopped short of a minimizer."""
+    return minres(matvec, b, config.cg_iterations, getattr(config, "cg_tol", 1e-10))
+
+
+def _normal_cg(matvec, b, config):
+    """CG on A² x = A b: positive semi-definite whatever A is, at two products per step."""
+    return normal_cg(matvec, b, config.cg_iterations, getattr(config, "cg_tol", 1e-10))
+
+
+def _cg_damped(matvec, b, config):
+    """CG on (A + μI) x = v, μ = ``config.cg_damping`` (none on a config without it: a plain
+    Betty ``Config``), with the trust region as for ``cg``: ‖v‖/λ still bounds the damped
+    solution when H ⪰ 0."""
+    return damped_cg(matvec, b, config.cg_iterations, getattr(config, "cg_tol", 1e-10),
+                     getattr(config, "cg_damping", 0.0), radius=trust_radius(b, config))
+
+
 def darts(vector, curr, prev):
     """Betty's DARTS variant: the A ≈ I approximation, by central finite differences,
 
@@ -196,6 +218,9 @@ SOLVERS = {
     "neumann": _solve_with(_neumann),
     "darts": darts,
     "exact": _solve_with(_exact),
+    "minres": _solve_with(_minres),
+    "normal-cg": _solve_with(_normal_cg),
+    "cg-damped": _solve_with(_cg_damped),
 }
 
 

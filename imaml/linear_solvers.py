@@ -13,6 +13,7 @@ systems at once gives what T separate solves give, with one host sync per iterat
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -22,6 +23,9 @@ __all__ = [
     "MatVec",
     "SolveInfo",
     "conjugate_gradient",
+    "minres",
+    "normal_cg",
+    "damped_cg",
     "neumann_series",
     "largest_eigenvalue",
     "dense_solve",
@@ -42,6 +46,7 @@ class SolveInfo:
     converged: bool
     norm: float = float("nan")  # ‖hypergradient‖, filled in by the Betty adapter
     boundary: bool = False  # CG stopped on negative curvature or at its trust radius
+    damped_residual: float = float("nan")  # cg-damped: ‖(A + μI)x − v‖/‖v‖, the system it solved
 
 
 def conjugate_gradient(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: float,
@@ -186,3 +191,225 @@ def dense_solve(matvec: MatVec, b: torch.Tensor) -> tuple:
                            torch.zeros_like(b_norm))
     infos = [SolveInfo("exact", 1, res, True) for res in residual.tolist()]
     return _unbatched(x, infos, single)
+
+
+# ----------------------------------------------------------------------------- indefinite systems
+#
+# Where the inner loop stopped short of a minimizer, A = H + λI is symmetric but indefinite and
+# CG's theory no longer holds. These three solve such systems from products with A alone; each
+# reports the residual ‖Ax − b‖/‖b‖ measured with one extra product (the recurrences' own
+# estimate drifts from it by rounding). ``converged``: the measured residual is ≤ tol, or the
+# stopping test was met and the measured residual is within a factor 2 of tol (that drift).
+
+
+def minres(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: float) -> tuple:
+    """Solve A x = b for symmetric, possibly indefinite A by MINRES (Paige & Saunders, 1975).
+
+    Why: on an indefinite A, CG minimizes no norm of the error: its residual can grow, and it
+    meets pᵀAp ≤ 0 (ours stops there). MINRES takes the x_k of the same Krylov space
+    K_k(A, b) that minimizes ‖b − A x_k‖, so its residual never grows (from x₀ = 0 it never
+    exceeds ‖b‖) whatever A's inertia, at CG's cost: one product with A and a few vectors
+    per step.
+
+    Lanczos builds orthonormal v_1 = b/‖b‖, v_2, … with A V_k = V_{k+1} T̄_k (T̄_k tridiagonal);
+    Givens rotations reduce T̄_k to upper-triangular R_k one column per step, and
+    x_k = x_{k−1} + φ_k w_k with W_k = V_k R_k⁻¹ (a three-term recurrence). φ̄_k, the last
+    entry of the rotated right-hand side ‖b‖e₁, equals ‖b − A x_k‖ in exact arithmetic, so
+    the stopping test costs nothing. If A is singular and b not in its range, no x solves the
+    system; a system then also stops, unconverged, at a least-squares solution (once
+    ‖A r‖ ≤ tol·‖A‖·‖r‖), rather than growing x along A's null space.
+
+    Args:
+        matvec: u ↦ A u on [n] or [T, n], A symmetric.
+        b: the right-hand side, [n] or [T, n] (T independent systems).
+        max_steps: at most this many Lanczos steps (products with A) per system.
+        tol: a system stops once φ̄_k ≤ tol·‖b‖.
+
+    Returns:
+        (x, SolveInfo) for b of shape [n]; (x, a list of T SolveInfo) for [T, n].
+
+    Raises:
+        ValueError: ``max_steps`` < 0, or ``tol`` negative or not finite.
+    """
+    _check_budget("minres", max_steps, tol)
+    matvec, b, single = _batched(matvec, b)
+    b_norm = b.norm(dim=1)
+    zero = torch.zeros_like(b_norm)
+    x, w, w_prev, v_prev = (torch.zeros_like(b) for _ in range(4))
+    v = b / _nonzero(b_norm)[:, None]
+    beta = zero  # β_k, the coefficient of v_{k−1} in A v_k (v_0 = 0)
+    phibar = b_norm  # the residual estimate φ̄_k
+    cs, sn = -torch.ones_like(b_norm), zero  # the last rotation; cs = −1 starts the recurrences
+    dbar, eps = zero, zero  # what the last two rotations left for the next column of T̄
+    active = b_norm > 0  # a zero right-hand side is solved by x = 0
+    steps = torch.zeros_like(b_norm, dtype=torch.long)
+    met = ~active
+    gmax, anorm2 = zero, zero  # the largest diagonal of R so far, ‖T̄_k‖_F²
+    tiny, machine_eps = torch.finfo(b.dtype).tiny, torch.finfo(b.dtype).eps
+    for _ in range(max_steps):
+        if not bool(active.any()):
+            break
+        p = matvec(v)
+        alpha = _dot(v, p)
+        p = p - alpha[:, None] * v - beta[:, None] * v_prev
+        beta_next = p.norm(dim=1)
+        # the previous two rotations applied to this column (β_k, α_k, β_{k+1}) of T̄
+        delta = cs * dbar + sn * alpha
+        gbar = sn * dbar - cs * alpha
+        # the new rotation, which zeroes β_{k+1}
+        gamma = torch.hypot(gbar, beta_next)
+        gmax = torch.maximum(gmax, gamma)
+        anorm2 = anorm2 + alpha * alpha + beta * beta + beta_next * beta_next  # ‖T̄‖_F² ≈ ‖A‖_F² from below
+        # A singular and b not in its range: x_{k−1} already solves the least-squares problem
+        # (‖A r‖ = φ̄·‖(γ̄, −c·β_{k+1})‖ ≈ 0 relative to ‖A‖‖r‖), or R_k is numerically singular
+        # (cond ≥ 0.1/ε); the next step would only grow x along A's null space, so the system
+        # keeps x_{k−1} and stops (Paige & Saunders' tests, as in SciPy's minres)
+        singular = ((torch.hypot(gbar, cs * beta_next) <= max(tol, machine_eps) * anorm2.sqrt())
+                    | (gamma <= 10 * machine_eps * gmax))
+        gamma = gamma.clamp_min(tiny)
+        cs_next, sn_next = gbar / gamma, beta_next / gamma
+        w_next = (v - eps[:, None] * w_prev - delta[:, None] * w) / gamma[:, None]
+        new = dict(x=x + (cs_next * phibar)[:, None] * w_next, w=w_next, w_prev=w, v=p / _nonzero(beta_next)[:, None],
+                   v_prev=v, beta=beta_next, phibar=sn_next * phibar, cs=cs_next, sn=sn_next,
+                   dbar=-cs * beta_next, eps=sn * beta_next)
+        keep = dict(x=x, w=w, w_prev=w_prev, v=v, v_prev=v_prev, beta=beta, phibar=phibar, cs=cs, sn=sn,
+                    dbar=dbar, eps=eps)
+        active &= ~singular
+        state = {k: _where(active, new[k], keep[k]) for k in new}  # stopped systems stay as they were
+        x, w, w_prev, v, v_prev = state["x"], state["w"], state["w_prev"], state["v"], state["v_prev"]
+        beta, phibar, cs, sn, dbar, eps = (state[k] for k in ("beta", "phibar", "cs", "sn", "dbar", "eps"))
+        steps += active.long()
+        met |= active & (phibar <= tol * b_norm)
+        # β_{k+1} = 0: K_k(A, b) is invariant under A, so the solution is in it
+        active &= ~(met | (beta_next == 0))
+    return _measured("minres", matvec, x, b, steps, met, tol, single)
+
+
+def normal_cg(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: float) -> tuple:
+    """Solve A x = b for symmetric A by CG on the normal equations AᵀA x = Aᵀb, i.e. A² x = A b.
+
+    Why: A² is positive semi-definite whatever A's inertia, so CG's guarantees hold again: the
+    k-th iterate minimizes ‖b − A x‖ over K_k(A², A b), the residual never grows, and there
+    is no negative curvature to stop on. The price: two products with A per step and the
+    condition number squared, so it needs more steps than MINRES, whose space K_2k(A, b)
+    contains this one for the same number of products. (TorchOpt's ``normal_cg`` is the model;
+    this is the CGLS form, which carries the residual b − A x rather than A²'s, and stops on it.)
+
+    Args:
+        matvec: u ↦ A u on [n] or [T, n], A symmetric (so Aᵀu = A u).
+        b: the right-hand side, [n] or [T, n] (T independent systems).
+        max_steps: at most this many CG steps per system (two products each, plus one to start).
+        tol: a system stops once ‖b − A x‖ ≤ tol·‖b‖ (by the recurrence).
+
+    Returns:
+        (x, SolveInfo) for b of shape [n]; (x, a list of T SolveInfo) for [T, n].
+
+    Raises:
+        ValueError: ``max_steps`` < 0, or ``tol`` negative or not finite.
+    """
+    _check_budget("normal_cg", max_steps, tol)
+    matvec, b, single = _batched(matvec, b)
+    b_norm = b.norm(dim=1)
+    x, r = torch.zeros_like(b), b.clone()
+    s = matvec(r)  # Aᵀr: the residual of the normal equations
+    p = s
+    gamma = _dot(s, s)
+    active = (b_norm > 0) & (gamma > 0)  # b = 0, or A b = 0 (then x = 0 is the least-squares answer)
+    met = b_norm == 0
+    steps = torch.zeros_like(b_norm, dtype=torch.long)
+    for _ in range(max_steps):
+        if not bool(active.any()):
+            break
+        q = matvec(p)
+        alpha = _where(active, gamma / _nonzero(_dot(q, q)), torch.zeros_like(gamma))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * q
+        steps += active.long()
+        met |= active & (r.norm(dim=1) <= tol * b_norm)
+        active &= ~met
+        if not bool(active.any()):
+            break
+        s = matvec(r)
+        gamma_next = _dot(s, s)
+        p = _where(active, s + (gamma_next / _nonzero(gamma))[:, None] * p, p)
+        gamma = _where(active, gamma_next, gamma)
+        active &= gamma_next > 0  # Aᵀr = 0: x solves the normal equations (A singular if r ≠ 0)
+    return _measured("normal-cg", matvec, x, b, steps, met, tol, single)
+
+
+def damped_cg(matvec: MatVec, b: torch.Tensor, max_steps: int, tol: float, damping,
+              radius=None) -> tuple:
+    """Solve the damped system (A + μI) x = b by CG: the official iMAML code's choice.
+
+    Why: for μ > −λ_min(A) the damped operator is positive definite, so CG converges where A
+    is indefinite; but x then solves another system than the implicit-function theorem's.
+    At the damped solution A x − b = −μx, a bias of μ‖x‖. So the info's ``residual`` is the
+    undamped ‖A x − b‖/‖b‖, which shows in the logs what the damping costs, and its
+    ``damped_residual`` is ‖(A + μI)x − b‖/‖b‖, the one CG drove below ``tol``
+    (``converged``). μ = 0 is plain CG.
+
+    Args:
+        matvec: u ↦ A u on [n] or [T, n], A symmetric.
+        b: the right-hand side, [n] or [T, n] (T independent systems).
+        max_steps: at most this many CG steps per system.
+        tol: a system stops once its damped residual is ≤ tol·‖b‖.
+        damping: μ ≥ 0, a number or one per system.
+        radius: a trust radius for the truncated CG, as in ``conjugate_gradient``.
+
+    Returns:
+        (x, SolveInfo) for b of shape [n]; (x, a list of T SolveInfo) for [T, n]; one product
+        more than ``conjugate_gradient``, to measure both residuals.
+
+    Raises:
+        ValueError: a negative or non-finite damping, ``max_steps`` < 0, or a bad ``tol``.
+    """
+    _check_budget("damped_cg", max_steps, tol)
+    matvec, b, single = _batched(matvec, b)
+    mu = torch.as_tensor(damping, dtype=b.dtype, device=b.device).expand(b.shape[0])
+    if not bool(((mu >= 0) & torch.isfinite(mu)).all()):
+        raise ValueError(f"damped_cg: damping must be >= 0 and finite, got {damping}")
+    x, infos = conjugate_gradient(lambda u: matvec(u) + mu[:, None] * u, b, max_steps, tol, radius=radius)
+    ax, b_norm = matvec(x), b.norm(dim=1)
+    undamped = _relative(ax - b, b_norm).tolist()
+    damped = _relative(ax + mu[:, None] * x - b, b_norm).tolist()
+    infos = [SolveInfo("cg-damped", i.iterations, u, _converged(i.converged, d, tol), boundary=i.boundary,
+                       damped_residual=d)
+             for i, u, d in zip(infos, undamped, damped)]
+    return _unbatched(x, infos, single)
+
+
+def _measured(name: str, matvec: MatVec, x: torch.Tensor, b: torch.Tensor, steps: torch.Tensor, met: torch.Tensor,
+              tol: float, single: bool) -> tuple:
+    """(x, infos) with ‖Ax − b‖/‖b‖ measured by one more product, and whether it converged."""
+    residual = _relative(matvec(x) - b, b.norm(dim=1)).tolist()
+    infos = [SolveInfo(name, n, res, _converged(ok, res, tol)) for n, res, ok in zip(steps.tolist(), residual, met.tolist())]
+    return _unbatched(x, infos, single)
+
+
+def _converged(met: bool, measured: float, tol: float) -> bool:
+    """The measured residual is ≤ tol, or the recurrence's stopping test was met and the
+    measured residual agrees with it up to rounding (a factor 2)."""
+    return measured <= tol or (met and measured <= 2 * tol)
+
+
+def _relative(r: torch.Tensor, b_norm: torch.Tensor) -> torch.Tensor:
+    """‖r‖/‖b‖ per row, 0 where b = 0 (x = 0 solves those exactly)."""
+    return torch.where(b_norm > 0, r.norm(dim=1) / _nonzero(b_norm), torch.zeros_like(b_norm))
+
+
+def _nonzero(t: torch.Tensor) -> torch.Tensor:
+    """t with zeros replaced by ones: a safe denominator where the zero rows are masked anyway."""
+    return torch.where(t == 0, torch.ones_like(t), t)
+
+
+def _where(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per system: ``new`` where ``rows`` ([T] bool) is set, else ``old`` (for [T] or [T, n])."""
+    return torch.where(rows if new.dim() == 1 else rows[:, None], new, old)
+
+
+def _check_budget(name: str, max_steps: int, tol: float) -> None:
+    """Refuse a budget the loops would misread (a negative step count runs none; NaN never stops)."""
+    if not (isinstance(max_steps, numbers.Integral) and max_steps >= 0):
+        raise ValueError(f"{name}: max_steps must be an integer >= 0, got {max_steps!r}")
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"{name}: tol must be >= 0 and finite, got {tol!r}")

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from imaml.hypergrad import (SOLVERS, conjugate_gradient, dense_solve, neumann_series,
-                             register_with_betty)
+from imaml.hypergrad import (SOLVERS, conjugate_gradient, damped_cg, dense_solve, minres, neumann_series,
+                             normal_cg, register_with_betty)
 from problems import LowerConfig
 
 F64 = torch.float64
@@ -56,8 +56,8 @@ def _problem(seed=None, lam=0.05, **config):
     return lower, upper, v
 
 
-def _exact(lower, v):
-    """−(∂²g/∂θ∂φ)ᵀ A⁻¹ v with A and the cross derivative formed densely."""
+def _exact(lower, v, damping=0.0):
+    """−(∂²g/∂θ∂φ)ᵀ A⁻¹ v with A and the cross derivative formed densely (A + μI with a damping μ)."""
     phi, theta = lower.phi.detach(), lower.theta.detach()
 
     def g(p, t):
@@ -72,7 +72,8 @@ def _exact(lower, v):
     cross = torch.autograd.functional.jacobian(
         lambda t: torch.autograd.functional.jacobian(lambda p: g(p, t), phi, create_graph=True), theta)
     # cross[i, j] = ∂²g / ∂φ_i ∂θ_j
-    return -cross.T @ torch.linalg.solve(a, v[0]), torch.linalg.cond(a).item()
+    eye = torch.eye(len(phi), dtype=F64)
+    return -cross.T @ torch.linalg.solve(a + damping * eye, v[0]), torch.linalg.cond(a).item()
 
 
 def _rel(a, b):
@@ -210,3 +211,167 @@ def test_trust_region_bounds_the_solution_when_the_system_is_indefinite():
     b1 = torch.tensor([1.0, 1.0], dtype=F64)
     x1, info1 = conjugate_gradient(lambda u: a1 @ u, b1, max_steps=5, tol=1e-12, radius=2.0)
     assert info1.boundary and torch.allclose(x1, 2.0 * b1 / b1.norm())
+
+
+# ----------------------------------------------------------------------------- indefinite systems
+
+
+def _symmetric(eigs, seed):
+    """Q diag(eigs) Qᵀ for a random orthogonal Q, and a random right-hand side."""
+    gen = torch.Generator().manual_seed(seed)
+    eigs = torch.as_tensor(eigs, dtype=F64)
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=gen, dtype=F64))
+    a = q @ torch.diag(eigs) @ q.T
+    return 0.5 * (a + a.T), torch.randn(len(eigs), generator=gen, dtype=F64)
+
+
+SPECTRA = {  # 30 eigenvalues each; condition numbers 10³–10⁴
+    "indefinite": torch.cat([-torch.logspace(-1, 1, 10), torch.logspace(-1.5, 1.5, 20)]).tolist(),
+    "ill-conditioned": torch.logspace(-3, 1, 30).tolist(),
+    "indefinite, ill-conditioned": torch.cat([-torch.logspace(-2, 1, 10), torch.logspace(-2.5, 1.5, 20)]).tolist(),
+}
+
+
+def _fresh():
+    return torch.seed() % 2**31
+
+
+@pytest.mark.parametrize("spectrum", SPECTRA)
+@pytest.mark.parametrize("solve", [minres, normal_cg], ids=["minres", "normal_cg"])
+def test_indefinite_solvers_match_the_dense_solve(solve, spectrum):
+    a, b = _symmetric(SPECTRA[spectrum], _fresh())
+    x, info = solve(lambda u: a @ u, b, max_steps=5000, tol=1e-10)
+    assert _rel(x, torch.linalg.solve(a, b)) <= 1e-8
+    # the recurrences stop at tol; the residual measured at the end is within rounding of it
+    assert info.converged and info.residual <= 2e-10
+    assert info.residual == pytest.approx(((a @ x - b).norm() / b.norm()).item(), rel=1e-9)
+    if spectrum.startswith("indefinite"):  # where CG is the wrong method
+        _, cg_info = conjugate_gradient(lambda u: a @ u, b, max_steps=5000, tol=1e-10)
+        assert not cg_info.converged and cg_info.boundary
+
+
+def test_minres_residual_never_grows_and_never_exceeds_one():
+    a, b = _symmetric(SPECTRA["indefinite"], _fresh())
+    residuals = [minres(lambda u: a @ u, b, max_steps=k, tol=0.0)[1].residual for k in range(13)]
+    assert residuals[0] == 1.0  # x₀ = 0
+    assert all(later <= earlier * (1 + 1e-10) for earlier, later in zip(residuals, residuals[1:])), residuals
+    assert residuals[-1] < 0.99 * residuals[0]  # and it does make progress
+
+
+def test_normal_cg_costs_two_products_a_step_and_minres_does_as_well_with_them():
+    """k normal-CG steps search K_k(A², Ab) ⊂ K_2k(A, b), MINRES's space after as many products."""
+    a, b = _symmetric(SPECTRA["indefinite"], _fresh())
+    calls = []
+
+    def counted(u):
+        calls.append(1)
+        return a @ u
+
+    for k in range(1, 6):
+        calls.clear()
+        _, info = normal_cg(counted, b, max_steps=k, tol=0.0)
+        assert info.iterations == k and len(calls) <= 2 * k + 2  # one to start, one to measure
+        assert minres(lambda u: a @ u, b, max_steps=2 * k, tol=0.0)[1].residual <= info.residual * (1 + 1e-9)
+
+
+def test_damped_cg_solves_the_damped_system_and_reports_the_undamped_residual():
+    a, b = _symmetric(SPECTRA["indefinite"], _fresh())  # λ_min(A) = −10
+    mu = 12.0
+    x, info = damped_cg(lambda u: a @ u, b, max_steps=500, tol=1e-11, damping=mu)
+    eye = torch.eye(len(b), dtype=F64)
+    assert _rel(x, torch.linalg.solve(a + mu * eye, b)) <= 1e-8
+    assert info.converged and not info.boundary and info.damped_residual <= 1e-11
+    # the residual against A itself, the bias the damping brings: A x − b = −μx at the damped solution
+    assert info.residual == pytest.approx(((a @ x - b).norm() / b.norm()).item(), rel=1e-9)
+    assert info.residual == pytest.approx(mu * x.norm().item() / b.norm().item(), rel=1e-6)
+    assert info.residual > 0.1
+    # μ = 0 is plain CG
+    spd, c = _symmetric(SPECTRA["ill-conditioned"], _fresh())
+    x0, info0 = damped_cg(lambda u: spd @ u, c, max_steps=500, tol=1e-10, damping=0.0)
+    x_cg, _ = conjugate_gradient(lambda u: spd @ u, c, max_steps=500, tol=1e-10)
+    assert torch.equal(x0, x_cg) and info0.residual == info0.damped_residual
+    with pytest.raises(ValueError, match="damping"):
+        damped_cg(lambda u: a @ u, b, max_steps=5, tol=1e-10, damping=-1.0)
+
+
+def _batch(tasks=5, n=12):
+    """T symmetric systems (alternately indefinite, differently conditioned), one with b = 0."""
+    mats, rhs = [], []
+    for t in range(tasks):
+        eigs = torch.logspace(-1, 1 + 0.3 * t, n)
+        if t % 2:
+            eigs[:3] = -eigs[:3]
+        a, b = _symmetric(eigs.tolist(), _fresh())
+        mats.append(a)
+        rhs.append(b * 10.0 ** (t - 2))
+    b = torch.stack(rhs)
+    b[2] = 0.0
+    return torch.stack(mats), b
+
+
+DAMPING = torch.tensor([0.0, 8.0, 3.0, 15.0, 0.5], dtype=F64)  # one per system; makes the indefinite ones definite
+BATCHED = {  # solve(matvec, b, steps, tol, t): t picks system t's damping (all of them for the batch)
+    "minres": lambda mv, b, steps, tol, t=slice(None): minres(mv, b, steps, tol),
+    "normal_cg": lambda mv, b, steps, tol, t=slice(None): normal_cg(mv, b, steps, tol),
+    "damped_cg": lambda mv, b, steps, tol, t=slice(None): damped_cg(mv, b, steps, tol, damping=DAMPING[t]),
+}
+
+
+@pytest.mark.parametrize("steps,tol", [(4, 1e-10), (400, 1e-10), (400, 1e-4)])
+@pytest.mark.parametrize("name", BATCHED)
+def test_batched_indefinite_solvers_equal_separate_solves(name, steps, tol):
+    a, b = _batch()
+    solve = BATCHED[name]
+    x, infos = solve(lambda u: (a @ u.unsqueeze(-1)).squeeze(-1), b, steps, tol)
+    for t in range(len(b)):
+        # the same product kernel as the batch's, so that only the solver's own bookkeeping
+        # could tell the two apart (Lanczos amplifies a kernel's different rounding)
+        alone, info = solve(lambda u: (a[t:t + 1] @ u.reshape(1, -1, 1)).reshape(-1), b[t], steps, tol, t)
+        assert (x[t] - alone).norm() <= 1e-12 * alone.norm()
+        assert (infos[t].solver, infos[t].iterations, infos[t].converged) == (info.solver, info.iterations, info.converged)
+        assert infos[t].residual == pytest.approx(info.residual, rel=1e-9, abs=1e-15)
+    assert infos[2].iterations == 0 and infos[2].residual == 0.0 and infos[2].converged and not x[2].any()
+    if steps > 4:  # each system stops when it is done, not when the last one is
+        assert len({i.iterations for i, rhs in zip(infos, b) if rhs.any()}) > 1
+        assert all(i.converged for i in infos)
+
+
+@pytest.mark.parametrize("name", ["minres", "normal-cg", "cg-damped"])
+def test_indefinite_solvers_give_the_dense_implicit_gradient_through_betty(name):
+    from betty import hypergradient
+
+    lower, upper, v = _problem()
+    lower.config = LowerConfig(cg_iterations=3000, cg_tol=1e-11, cg_trust_region=False)
+    exact, _ = _exact(lower, v)
+    got = SOLVERS[name](v, lower, upper)[0]
+    assert _rel(got, exact) < 1e-8
+    assert lower.hypergrad_info.solver == name and lower.hypergrad_info.converged
+    register_with_betty()
+    assert hypergradient.jvp_fn_mapping[f"imaml_{name}"] is SOLVERS[name]
+
+
+def test_cg_damped_reads_the_damping_from_the_lower_config():
+    lower, upper, v = _problem()
+    lower.config = LowerConfig(cg_iterations=3000, cg_tol=1e-11, cg_trust_region=False)
+    lower.config.cg_damping = 0.5  # what --cg-damping sets
+    damped, _ = _exact(lower, v, damping=0.5)
+    undamped, _ = _exact(lower, v)
+    got = SOLVERS["cg-damped"](v, lower, upper)[0]
+    assert _rel(got, damped) < 1e-8 and _rel(got, undamped) > 1e-3
+    info = lower.hypergrad_info
+    assert info.converged and info.damped_residual <= 1e-11 and info.residual > 1e-3  # the bias, in the logs
+
+
+def test_singular_systems_stop_at_a_least_squares_solution():
+    """b outside A's range: no solution; MINRES stops at the least-squares residual rather than
+    growing x along the null space, and normal-CG reaches the minimum-norm least-squares x."""
+    gen = torch.Generator().manual_seed(_fresh())
+    eigs = torch.cat([-torch.logspace(-1, 1, 6), torch.zeros(2), torch.logspace(-1, 1, 12)]).to(F64)
+    a = torch.diag(eigs[torch.randperm(20, generator=gen)])  # exact zeros: exactly singular
+    b = torch.randn(20, generator=gen, dtype=F64)
+    least_squares = torch.linalg.lstsq(a, b.unsqueeze(1), driver="gelsd").solution[:, 0]
+    best = ((a @ least_squares - b).norm() / b.norm()).item()
+    _, info = minres(lambda u: a @ u, b, max_steps=500, tol=1e-6)
+    assert info.residual == pytest.approx(best, rel=1e-6) and not info.converged and info.iterations < 500
+    x, info = normal_cg(lambda u: a @ u, b, max_steps=500, tol=1e-10)
+    assert _rel(x, least_squares) <= 1e-8 and info.residual == pytest.approx(best, rel=1e-8) and not info.converged
