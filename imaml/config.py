@@ -24,7 +24,7 @@ __all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "MAX_SEED", "parse_
            "checkpoint_path", "prepare_output_dir"]
 
 ALGOS = ("imaml", "maml", "fomaml")
-HYPERGRADS = ("cg", "neumann", "darts", "exact")
+HYPERGRADS = ("cg", "neumann", "darts", "exact", "minres", "normal-cg", "cg-damped")
 WANDB_MODES = ("online", "offline", "disabled")
 BN_MODES = ("transductive", "inductive", "episodic")
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -85,6 +85,7 @@ class RunConfig:
     neumann_terms: int = 20
     neumann_alpha: Optional[float] = None  # None: 1/λ_max(A), estimated by power iteration
     darts_radius: float = 0.01
+    cg_damping: float = 0.0  # cg-damped: μ in (A + μI) x = ∇φ L_query; 0: the plain operator
     # how a meta-batch runs: one task at a time, or all tasks at once (same meta-gradient)
     execution: str = "auto"
     grad_checkpoint: bool = False  # MAML: recompute inner steps in the backward pass (flat memory)
@@ -144,7 +145,7 @@ class RunConfig:
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise UsageError(f"{_flag(name)} {value}: must be in [0, 1)")
-        for name in ("meta_weight_decay", "inner_weight_decay"):
+        for name in ("meta_weight_decay", "inner_weight_decay", "cg_damping"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise UsageError(f"{_flag(name)} {getattr(self, name)}: must be >= 0")
         if not 0 < self.lr_gamma <= 1:
@@ -365,13 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
         "shots": "support examples per class (K); points per task for sinusoid",
         "query_shots": "query examples per class; points per task for sinusoid",
         "lam": "iMAML proximal strength λ: inner objective L_support(φ) + λ/2·‖φ − θ‖²",
-        "hypergrad": "iMAML hypergradient solver: cg, neumann, darts, exact (dense; tiny models), or "
-                     "an import path module:function to a linear solver (docs/extending.md)",
+        "hypergrad": "iMAML hypergradient solver: cg, neumann, darts, exact (dense; tiny models), minres "
+                     "(symmetric indefinite systems), normal-cg (CG on A²x = Av, two products per step), "
+                     "cg-damped (CG on A + --cg-damping·I); these three take --cg-steps and --cg-tol "
+                     "(docs/meta-gradients.md); or an import path module:function to a linear solver "
+                     "(docs/extending.md)",
         "cg_steps": "maximum conjugate-gradient steps per task",
         "cg_tol": "CG stops when ‖residual‖ ≤ tol·‖∇φ L_query‖",
         "cg_trust_region": "truncate CG (Steihaug) at ‖x‖ = ‖v‖/λ and on negative curvature: "
                            "the hypergradient is never longer than ∇φ L_query",
         "neumann_alpha": "Neumann step size; none: 1/λ_max estimated by power iteration",
+        "cg_damping": "cg-damped: μ ≥ 0 added to the system's diagonal, as the official iMAML code does; "
+                      "a bias toward a scaled first-order gradient, shown by train/solver_residual (against "
+                      "the undamped system); 0: the plain operator",
         "model": "conv4 (max-pool; mini-ImageNet), conv4-strided (stride-2, average-pooled; "
                  "MAML's Omniglot), resnet12, or mlp; or an import path module:Class to an nn.Module "
                  "built as Class(input_shape, num_outputs, config); none: the task's default",

@@ -66,11 +66,12 @@ def proximal_adapt(model, task, inner_lr: float, steps: int, lam: float, kind: s
 
 
 def implicit_maml(model, tasks, inner_lr: float, steps: int, lam: float, kind: str,
-                  weight_decay: float = 0.0) -> List[torch.Tensor]:
+                  weight_decay: float = 0.0, damping: float = 0.0) -> List[torch.Tensor]:
     """iMAML's meta-gradient (I + H/λ)⁻¹ ∇φ L_query(φ) at the adapted φ, with the support-loss
     Hessian H (+ wd·I with inner weight decay) formed densely by
-    ``torch.autograd.functional.hessian`` and solved directly."""
-    names, theta = zip(*model.named_parameters())
+    ``torch.autograd.functional.hessian`` and solved directly. ``damping`` μ adds μI to H, as
+    the cg-damped solver does: λ (H + λI + μI)⁻¹ ∇φ L_query."""
+    _, theta = zip(*model.named_parameters())
     shapes = [t.shape for t in theta]
     sizes = [t.numel() for t in theta]
 
@@ -79,17 +80,36 @@ def implicit_maml(model, tasks, inner_lr: float, steps: int, lam: float, kind: s
 
     total = [torch.zeros_like(t) for t in theta]
     for task in tasks:
-        phi = proximal_adapt(model, task, inner_lr, steps, lam, kind, weight_decay)
-        flat_phi = torch.cat([p.detach().reshape(-1) for p in phi])
-        hessian = torch.autograd.functional.hessian(
-            lambda f: _loss(model, names, unflatten(f), task.support_x, task.support_y, kind), flat_phi)
-        query_grad = torch.autograd.grad(_loss(model, names, phi, task.query_x, task.query_y, kind), phi)
-        v = torch.cat([g.reshape(-1) for g in query_grad])
+        hessian, v = _adapted_system(model, task, inner_lr, steps, lam, kind, weight_decay)
         eye = torch.eye(v.numel(), dtype=v.dtype)
-        g = torch.linalg.solve(eye + (hessian + weight_decay * eye) / lam, v)
+        g = torch.linalg.solve(eye + (hessian + (weight_decay + damping) * eye) / lam, v)
         for acc, part in zip(total, unflatten(g)):
             acc.add_(part / len(tasks))
     return total
+
+
+def implicit_matrices(model, tasks, inner_lr: float, steps: int, lam: float, kind: str) -> List[torch.Tensor]:
+    """Per task, the dense matrix A = H + λI of iMAML's linear system at the adapted φ (to check
+    whether a test's system is positive definite or not)."""
+    out = []
+    for task in tasks:
+        hessian, v = _adapted_system(model, task, inner_lr, steps, lam, kind, 0.0)
+        out.append(hessian + lam * torch.eye(v.numel(), dtype=v.dtype))
+    return out
+
+
+def _adapted_system(model, task, inner_lr: float, steps: int, lam: float, kind: str, weight_decay: float):
+    """(H, v) at the φ ``proximal_adapt`` reaches: the support-loss Hessian and ∇φ L_query, flat."""
+    names, theta = zip(*model.named_parameters())
+    shapes = [t.shape for t in theta]
+    sizes = [t.numel() for t in theta]
+    phi = proximal_adapt(model, task, inner_lr, steps, lam, kind, weight_decay)
+    flat_phi = torch.cat([p.detach().reshape(-1) for p in phi])
+    hessian = torch.autograd.functional.hessian(
+        lambda f: _loss(model, names, [c.view(s) for c, s in zip(f.split(sizes), shapes)], task.support_x,
+                        task.support_y, kind), flat_phi)
+    query_grad = torch.autograd.grad(_loss(model, names, phi, task.query_x, task.query_y, kind), phi)
+    return hessian, torch.cat([g.reshape(-1) for g in query_grad])
 
 
 def _start(names, theta, task, kind, zero_head):

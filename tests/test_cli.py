@@ -74,6 +74,7 @@ BAD_INPUTS = [
     (["--inner-lr", "1e308"], "--inner-lr: 'inner_lr' must be a finite number of at most 3.4e+38 in size"),
     (["--meta-grad-clip", "nan"], "--meta-grad-clip: 'meta_grad_clip' must be a finite number"),
     (["--darts-radius", "inf"], "--darts-radius: 'darts_radius' must be a finite number"),
+    (["--hypergrad", "cg-damped", "--cg-damping", "-0.5"], "--cg-damping -0.5: must be >= 0"),
 ]
 
 

@@ -120,9 +120,14 @@ def test_batched_neumann_and_dense_equal_separate_solves():
     dict(algo="imaml", hypergrad="cg", cg_steps=100, cg_tol=1e-12, lam=50.0, cg_trust_region=False),
     dict(algo="imaml", hypergrad="exact", lam=50.0),
     dict(algo="imaml", hypergrad="neumann", neumann_terms=10, lam=50.0),
+    # indefinite systems (few steps: unconverged Lanczos iterates amplify the two paths' different
+    # rounding of the Hessian products, as CG's do), and converged ones, where the tasks stop apart
+    dict(algo="imaml", hypergrad="minres", cg_steps=8, lam=2.0),
+    dict(algo="imaml", hypergrad="minres", cg_steps=200, cg_tol=1e-12, lam=50.0),
     dict(algo="maml"),
     dict(algo="fomaml"),
-], ids=["imaml-cg3", "imaml-cg-converged", "imaml-exact", "imaml-neumann", "maml", "fomaml"])
+], ids=["imaml-cg3", "imaml-cg-converged", "imaml-exact", "imaml-neumann", "imaml-minres8", "imaml-minres-converged",
+        "maml", "fomaml"])
 def test_vectorized_meta_gradient_equals_per_task(make_config, task, options):
     if options.get("hypergrad") == "exact" and task is _glyphs:
         options = dict(options, channels=2)  # keep the dense solve small
