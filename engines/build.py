@@ -89,7 +89,7 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device,
             type=parts.solver, unroll_steps=config.inner_steps, lam=config.lam,
             weight_decay=config.inner_weight_decay,
             cg_iterations=config.cg_steps, cg_tol=config.cg_tol, cg_trust_region=config.cg_trust_region,
-            neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
+            cg_damping=config.cg_damping, neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
             darts_alpha=config.darts_radius)
         lower_cls = VectorizedImplicitLower if vectorized else parts.lower
         return lower_cls("lower", lower_config, module, optimizer, device=device)

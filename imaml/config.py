@@ -326,6 +326,13 @@ class _HelpFormatter(argparse.HelpFormatter):
         return super()._format_action_invocation(action)
 
 
+# the options argparse restricts to a list (the rest are checked in RunConfig.validate)
+CHOICES = {"algo": ALGOS, "wandb_mode": WANDB_MODES, "bn_mode": BN_MODES, "dist_backend": DIST_BACKENDS,
+           "execution": EXECUTIONS, "omniglot_background": OMNIGLOT_BACKGROUNDS, "omniglot_val": OMNIGLOT_VALS,
+           "episodes": EPISODES, "meta_optimizer": META_OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
+           "on_divergence": ("stop", "skip")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="run.py",
@@ -418,22 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs: dict = {"help": helps.get(name, name.replace("_", " "))}
         if name not in ("config",):
             kwargs["help"] += f" [{getattr(defaults, name)}]"
-        if name == "algo":
-            kwargs["choices"] = ALGOS
-        if name == "wandb_mode":
-            kwargs["choices"] = WANDB_MODES
-        if name == "bn_mode":
-            kwargs["choices"] = BN_MODES
-        if name == "dist_backend":
-            kwargs["choices"] = DIST_BACKENDS
-        if name == "execution":
-            kwargs["choices"] = EXECUTIONS
-        if name == "omniglot_background":
-            kwargs["choices"] = OMNIGLOT_BACKGROUNDS
-        if name == "omniglot_val":
-            kwargs["choices"] = OMNIGLOT_VALS
-        if name == "episodes":
-            kwargs["choices"] = EPISODES
+        if name in CHOICES:
+            kwargs["choices"] = CHOICES[name]
         if _field_type(name) is bool:
             kwargs.update(action=_Switch, metavar="BOOL")
         else:

@@ -53,6 +53,7 @@ class LowerConfig(Config):
     weight_decay: float = 0.0  # iMAML: part of the inner objective, so the implicit gradient sees it
     cg_tol: float = 1e-5
     cg_trust_region: bool = True  # ‖x‖ ≤ ‖v‖/λ, see imaml.hypergrad.trust_radius
+    cg_damping: float = 0.0  # cg-damped: μ in (A + μI) x = v
     neumann_alpha: Optional[float] = None  # None: 1/λ_max by power iteration
     grad_checkpoint: bool = False  # UnrolledLower: recompute each inner step in the backward pass
 

@@ -73,10 +73,7 @@ LAMS = {("sinusoid", True): 20.0, ("glyphs", True): 50.0, ("sinusoid", False): 1
     ("normal-cg", SOLVE, True),
     ("normal-cg", SOLVE, False),
     ("cg-damped", {**SOLVE, "cg_trust_region": False}, True),  # --cg-damping 0: the plain operator
-    pytest.param("cg-damped", {**SOLVE, "cg_trust_region": False, "cg_damping": 5.0}, True,
-                 marks=pytest.mark.xfail(strict=True, reason="engines/build.py does not pass --cg-damping to "
-                                                             "the Lower problem's config (LowerConfig has no "
-                                                             "cg_damping field) yet")),
+    ("cg-damped", {**SOLVE, "cg_trust_region": False, "cg_damping": 5.0}, True),
 ])
 def test_imaml_equals_dense_hessian_solve(make_config, task, solver, options, definite):
     engine = _engine(make_config, task=task, algo="imaml", hypergrad=solver, inner_steps=4,
