@@ -251,13 +251,14 @@ class OneShotRuns:
 
     kind = "classification"
 
-    def __init__(self, runs: Sequence[OneShotRun], description: Optional[dict] = None):
+    def __init__(self, runs: Sequence[OneShotRun]):
         self.runs = list(runs)
         self.ways = len(self.runs[0].training)
         self.shots, self.query_shots = 1, len(self.runs[0].test) // self.ways
         self.input_shape = tuple(self.runs[0].training.shape[1:])
         self.num_outputs = self.ways
-        self.description = {"runs": [run.name for run in self.runs], **(description or {})}
+        self.description = {"set": "all_runs", "runs": [run.name for run in self.runs], "ways": self.ways,
+                            "shots": self.shots, "query_per_class": self.query_shots}
 
     def batches(self, num_tasks: int, batch_size: int) -> Iterator[Episodes]:
         if num_tasks != len(self.runs):

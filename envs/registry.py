@@ -6,10 +6,9 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Dict
 
-import numpy as np
-
 from envs import datasets, glyphs, omniglot
-from envs.tasks import ClassImageTasks, RotatedClasses, SinusoidTasks, TaskSource, random_affine, random_crop_flip
+from envs.tasks import (ArrayPool, ClassImageTasks, RotatedClasses, SinusoidTasks, TaskSource, random_affine,
+                        random_crop_flip)
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 
@@ -90,19 +89,17 @@ def _omniglot_lake(config: RunConfig) -> Dict[str, TaskSource]:
     train_rows, val_rows, held_out = omniglot.hold_out(background, by)
     sources: Dict[str, TaskSource] = {"test": runs}
     for split, rows in (("train", train_rows), ("val", val_rows)):
-        images, alphabets = background.images[rows], [background.alphabets[r] for r in rows]
-        groups = datasets.alphabet_groups(alphabets)
-        pool = images
+        pool = ArrayPool(background.images[rows])
+        groups = datasets.alphabet_groups([background.alphabets[r] for r in rows])
         if split == "train" and config.class_rotations is not False:
-            pool, groups = RotatedClasses(images), RotatedClasses.groups(groups)
+            pool, groups = RotatedClasses(pool), RotatedClasses.groups(groups)
         within = config.episodes == "within-alphabet" and (split == "train" or max(map(len, groups)) >= config.ways)
         sources[split] = ClassImageTasks(
             pool, config.ways, config.shots, query_shots(config, split), name=f"omniglot-lake {split} split",
             augment=random_affine() if config.augment and split == "train" else None,
             groups=groups if within else None,
             description={"set": set_name, **held_out, "episodes": "within-alphabet" if within else "any",
-                         "classes": len(pool.sizes) if hasattr(pool, "sizes") else len(images)})
-    runs.description.update({"set": "all_runs", "ways": runs.ways, "shots": 1, "query_per_class": runs.query_shots})
+                         "classes": len(pool.sizes)})
     return sources
 
 
