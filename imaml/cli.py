@@ -117,6 +117,8 @@ def main(argv: Optional[list] = None) -> int:
         processes = distributed.local_processes(config)
         if processes > 1:  # one single-thread process per core, sharing each meta-batch
             prepare_output_dir(config.output_dir)  # here, not only in a worker: before any work
+            if config.wandb_id:  # the workers' W&B run (and its runs/<id>) is this one
+                argv = [*argv, "--wandb-id", config.wandb_id]
             return distributed.run_local_job(argv, processes)
         run_from_args(argv)
     except UsageError as err:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import re
+import secrets
+import string
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,7 @@ OMNIGLOT_VALS = ("auto", "alphabets", "characters")
 EPISODES = ("any", "within-alphabet")
 OMNIGLOT_TASKS = ("omniglot", "omniglot-lake")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # W&B run ids also name a folder: runs/<id>
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators all take [0, 2³² − 1]; negative seeds are refused
 
 
@@ -121,6 +126,10 @@ class RunConfig:
     wandb_name: Optional[str] = None
     wandb_group: Optional[str] = None
     wandb_tags: Optional[str] = None  # comma-separated
+    # the W&B run id; with W&B on and no --output-dir, the run writes to runs/<id> (so every trial
+    # of a sweep keeps its own files). None: WANDB_RUN_ID (a sweep agent sets it), else a new id
+    wandb_id: Optional[str] = None
+    wandb_log_checkpoints: bool = False  # upload checkpoints/{latest,best}.pt as a W&B model artifact
     # checkpoints: <output-dir>/checkpoints/{latest,best}.pt at every validation and at the end
     resume: Optional[str] = None  # the output dir of a run to continue
     eval_only: bool = False  # meta-test --checkpoint and write results.json; no training
@@ -185,6 +194,8 @@ class RunConfig:
             raise UsageError(f"--seed {self.seed}: must be an integer in [0, {MAX_SEED}]")
         if not self.output_dir:
             raise UsageError("--output-dir: may not be empty")
+        if self.wandb_id is not None and not WANDB_ID.fullmatch(self.wandb_id):
+            raise UsageError(f"--wandb-id {self.wandb_id!r}: use 1 to 64 letters, digits, '-' or '_'")
         return self
 
     def _validate_omniglot(self) -> None:
@@ -406,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint": "a checkpoint file, for --eval-only",
         "wandb_mode": "Weights & Biases: online, offline (sync later) or disabled",
         "wandb_tags": "W&B tags, comma-separated",
+        "wandb_id": "W&B run id; with W&B on and no --output-dir the run writes to runs/<id>; "
+                    "none: $WANDB_RUN_ID (as a sweep agent sets it) or a new id",
+        "wandb_log_checkpoints": "upload checkpoints/latest.pt and best.pt to W&B as a model artifact at the end",
         "on_divergence": "when a meta-batch diverges: stop (save a checkpoint, exit 3) or skip it",
         "divergence_factor": "adapted weights with ‖φ‖ > factor·‖θ‖ count as diverged",
         "meta_grad_clip": "clip the meta-gradient to this norm; 0: off",
@@ -457,8 +471,23 @@ def parse_args(argv: Optional[list] = None) -> RunConfig:
         cli.setdefault("task", preset.get("task", task))
         cli.setdefault("algo", preset.get("algo", algo))
     merged = {**preset, **cli}
+    _wandb_run_dir(merged)
     config = RunConfig(**merged, config=str(preset_path) if preset_path else None)
     return config.validate()
+
+
+def _wandb_run_dir(merged: dict) -> None:
+    """With W&B on, fix the run's id now and, unless an output directory was chosen, write to
+    runs/<id>: each trial of a sweep (or any W&B run) keeps its own files, not runs/latest."""
+    if merged.get("wandb_mode", RunConfig.wandb_mode) == "disabled":
+        return
+    if "output_dir" in merged and not merged.get("wandb_id"):
+        return  # W&B names the run (or takes $WANDB_RUN_ID) as usual
+    if not merged.get("wandb_id"):
+        merged["wandb_id"] = os.environ.get("WANDB_RUN_ID") or "".join(
+            secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B's own ids
+    if "output_dir" not in merged and isinstance(merged["wandb_id"], str) and WANDB_ID.fullmatch(merged["wandb_id"]):
+        merged["output_dir"] = f"runs/{merged['wandb_id']}"
 
 
 def checkpoint_path(config: RunConfig) -> Optional[Path]:
@@ -504,4 +533,6 @@ def _saved_config(cli: dict) -> Optional[dict]:
 
     saved = checkpoint.load(path)["config"]
     run_control = ("resume", "eval_only", "checkpoint")
+    if probe.eval_only:  # a meta-test of a checkpoint is a W&B run of its own
+        run_control += ("wandb_id",)
     return {k: v for k, v in saved.items() if k in _FIELDS and k not in run_control}
