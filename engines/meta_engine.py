@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from betty.engine import Engine
@@ -23,7 +23,7 @@ from envs.omniglot import OneShotRuns
 from imaml import checkpoint
 from imaml.config import RunConfig
 from imaml.errors import RunStopped
-from imaml.metrics import global_norm, mean_ci95, metric_name, task_score, task_scores
+from imaml.metrics import global_norm, mean_ci95, metric_name, task_loss, task_losses, task_score, task_scores
 from imaml.reporting import RunLog
 
 __all__ = ["MetaEngine"]
@@ -64,6 +64,7 @@ class MetaEngine(Engine):
         self.best: Optional[dict] = None  # best meta-validation so far, with its step
         self.last_validation: Optional[dict] = None
         self.inner_curves: list = []  # the inner objective at each step, per training task since the last log
+        self.probed: List[dict] = []  # per-step support/query losses of the last evaluation's probed tasks
         self.skipped = 0  # meta-batches skipped by the divergence guard
         self.meta_lr = run_config.meta_lr
         self._batch_problem: Optional[tuple] = None  # (task index, what diverged) in this meta-batch
@@ -83,11 +84,35 @@ class MetaEngine(Engine):
         return getattr(self.lower, "vectorized", False)
 
     # -------------------------------------------------------------------- the shared inner loop
-    def inner_loop(self, steps: int) -> None:
-        """Adapt to the Env's current task: reset to θ, then ``steps`` Lower steps."""
+    def inner_loop(self, steps: int, probe: bool = False) -> Optional[List[dict]]:
+        """Adapt to the Env's current task: reset to θ, then ``steps`` Lower steps.
+
+        With ``probe`` (evaluation only) also measure, at φ₀, φ₁, …, φ_steps, each current
+        task's support and query loss: one ``{"support": [...], "query": [...]}`` per task,
+        the cells of plots/inner_loop_grid.png. The measurements are no-grad forward passes in
+        eval mode, so they change nothing the evaluation computes."""
         self.lower.begin_task()
+        if not probe:
+            for _ in range(steps):
+                self.lower.step(global_step=self.global_step)
+            return None
+        self.lower.on_inner_loop_start()  # φ₀ now, to measure it; the first step sets it again, alike
+        measured = [self._current_losses()]
         for _ in range(steps):
             self.lower.step(global_step=self.global_step)
+            measured.append(self._current_losses())
+        return [{"support": [m[0][t] for m in measured], "query": [m[1][t] for m in measured]}
+                for t in range(len(measured[0][0]))]
+
+    def _current_losses(self) -> tuple:
+        """(support losses, query losses) of the current task(s) at the current φ, one per task."""
+        task, kind = self.env.current, self.env.kind
+        with torch.no_grad():
+            if self.vectorized:
+                return tuple(task_losses(kind, self.lower.predict(x), y).tolist()
+                             for x, y in ((task.support_x, task.support_y), (task.query_x, task.query_y)))
+            return tuple([task_loss(kind, self.lower.predict(x), y).item()]
+                         for x, y in ((task.support_x, task.support_y), (task.query_x, task.query_y)))
 
     # -------------------------------------------------------------------- meta-training
     def train_step(self) -> None:
@@ -246,23 +271,26 @@ class MetaEngine(Engine):
                 f"--lam make it more exact. Logged as train/solver_residual from now on.")
 
     # -------------------------------------------------------------------- evaluation
-    def evaluate(self, split: str, num_tasks: int) -> Dict[str, float]:
+    def evaluate(self, split: str, num_tasks: int, probe: bool = False) -> Dict[str, float]:
         """Adapt to ``num_tasks`` fixed tasks of ``split`` and score the query sets.
 
         Returns the mean and 95% CI over tasks of query accuracy (classification) or MSE.
         Sharded across processes, the scores are gathered in task order, so the numbers are
-        those of one process."""
+        those of one process. With ``probe``, the tasks of the first batch (one meta-batch)
+        also record their per-step support and query losses, left in ``self.probed``."""
         kind = self.env.kind
-        indices, scores, curves = [], [], []
+        indices, scores, curves, probes = [], [], [], []
         self.eval()
         bar = _progress(len(distributed.shard(num_tasks)), f"meta-test ({split})", unit="task")
         try:
             start = 0
             for batch in self.env.episodes(split, num_tasks):
                 self.env.load(batch)
+                watch = probe and start == 0
                 if self.vectorized:  # all tasks of the batch at once (one process: never sharded)
                     task = self.env.select_all()
-                    self.inner_loop(self.run_config.test_inner_steps)
+                    measured = self.inner_loop(self.run_config.test_inner_steps, probe=watch)
+                    probes.extend(measured or [None] * batch.num_tasks)
                     curves.extend([self.lower.inner_losses] * batch.num_tasks)
                     with torch.no_grad():
                         scores.extend(task_scores(kind, self.lower.predict(task.query_x), task.query_y).unbind())
@@ -270,7 +298,8 @@ class MetaEngine(Engine):
                     bar.update(batch.num_tasks)
                 for index in ([] if self.vectorized else distributed.shard(batch.num_tasks, start)):
                     task = self.env.select(index)
-                    self.inner_loop(self.run_config.test_inner_steps)
+                    measured = self.inner_loop(self.run_config.test_inner_steps, probe=watch)
+                    probes.append(measured[0] if measured else None)
                     curves.append(self.lower.inner_losses)
                     with torch.no_grad():
                         scores.append(task_score(kind, self.lower.predict(task.query_x), task.query_y))
@@ -281,9 +310,10 @@ class MetaEngine(Engine):
         finally:
             bar.close()
             self.train()
-        mine = list(zip(indices, torch.stack(scores).tolist() if scores else [], curves))
+        mine = list(zip(indices, torch.stack(scores).tolist() if scores else [], curves, probes))
         tasks = sorted((t for part in distributed.gather_objects(mine) for t in part), key=lambda t: t[0])
         values, curves = [t[1] for t in tasks], [t[2] for t in tasks]
+        self.probed = [t[3] for t in tasks if t[3] is not None]
         mean, ci95 = mean_ci95(values)
         result = {"metric": metric_name(kind), "mean": mean, "ci95": ci95, "num_tasks": len(values),
                   "inner_curve": _mean_curve(curves)}
@@ -293,8 +323,16 @@ class MetaEngine(Engine):
         return result
 
     def validation(self) -> Dict[str, float]:
-        """Betty's validation hook: meta-validation on the fixed validation tasks."""
-        return self.evaluate("val", self.run_config.val_tasks)
+        """Betty's validation hook: meta-validation on the fixed validation tasks (the first
+        meta-batch of them probed for the inner-loop grid)."""
+        return self.evaluate("val", self.run_config.val_tasks, probe=True)
+
+    def _record_inner_curves(self, step: int) -> None:
+        """One row of plots/inner_loop_grid.png: the probed validation tasks' curves at ``step``
+        (the same fixed tasks in every row), in <output-dir>/inner_curves.jsonl."""
+        if self.run_log is not None and self.probed:
+            self.run_log.log_curves(step, {"split": "val", "inner_steps": self.run_config.test_inner_steps,
+                                           "tasks": self.probed})
 
     # -------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -361,6 +399,8 @@ class MetaEngine(Engine):
             say(f"meta-test before meta-training on {cfg.test_tasks} tasks ...")
             self.before = self.evaluate("test", cfg.test_tasks)
             say(f"before meta-training: {_fmt(self.before)}")
+            self.evaluate("val", min(cfg.meta_batch_size, cfg.val_tasks), probe=True)  # the grid's first row
+            self._record_inner_curves(0)
         elif self.global_step:
             say(f"resuming after meta-step {self.global_step}")
 
@@ -384,6 +424,7 @@ class MetaEngine(Engine):
                     self.last_validation = validation = self.validation()
                     record.update({f"val/{validation['metric']}": validation["mean"],
                                    f"val/{validation['metric']}_ci95": validation["ci95"]})
+                    self._record_inner_curves(step)
                     if self._better(validation):
                         self.best = {**validation, "step": step}
                         self.save("best")

@@ -37,8 +37,10 @@ class RunLog:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.curves_path = self.output_dir / "inner_curves.jsonl"
         if not append:
             self.metrics_path.write_text("")
+            self.curves_path.write_text("")
         self.quiet = quiet
 
     def log(self, step: int, record: Dict[str, Any]) -> None:
@@ -47,6 +49,12 @@ class RunLog:
         if self.sink is not None:
             self.sink.log(step, record)
         self.say(f"step {step:>6} | " + " ".join(f"{k}={_short(v)}" for k, v in record.items()))
+
+    def log_curves(self, step: int, record: Dict[str, Any]) -> None:
+        """Append per-task inner-loop curves (lists, not scalars: they stay out of the sink's
+        history) to ``<output-dir>/inner_curves.jsonl``, one line per step."""
+        with self.curves_path.open("a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
 
     def finish(self, results: Dict[str, Any]) -> None:
         if self.sink is not None:
