@@ -136,6 +136,11 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     ``dtype=torch.float64`` is for exactness tests and diagnostics. The keyword arguments
     replace built-in parts from Python (classes, a model or model class, a hypergradient
     solver), as the import paths in ``config`` do from the CLI; see engines/extensions.py."""
+    if config.algo == "pretrain":  # the supervised baseline: engines/pretrain.py
+        from engines.pretrain import build_pretrain_engine
+
+        return build_pretrain_engine(config, log, dtype, checkpoint_dir, lower_cls=lower_cls, upper_cls=upper_cls,
+                                     env_cls=env_cls, model=model, solver=solver)
     parts = choose_parts(config, lower_cls, upper_cls, env_cls, model, solver)
     device = resolve_device(config.device)
     with distributed.node_main_first():  # one download / generation per node

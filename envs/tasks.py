@@ -161,9 +161,11 @@ class ClassImageTasks:
             x = torch.stack([c.rot90(int(t), dims=(-2, -1)) for c, t in zip(x, turns)])
         if self.augment is not None:
             x = self.augment(x.flatten(0, 1), rng).view_as(x)
-        if self._mean is not None:
-            x = (x - self._mean) / self._std
-        return x
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] with this split's per-channel normalization (if any)."""
+        return x if self._mean is None else (x - self._mean) / self._std
 
 
 def random_crop_flip(padding: int) -> Callable:

@@ -27,7 +27,7 @@ from imaml.plugins import is_import_path, split_import_path
 __all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "MAX_SEED", "parse_args", "load_preset",
            "checkpoint_path", "prepare_output_dir"]
 
-ALGOS = ("imaml", "maml", "fomaml")
+ALGOS = ("imaml", "maml", "fomaml", "pretrain")
 HYPERGRADS = ("cg", "neumann", "darts", "exact", "minres", "normal-cg", "cg-damped")
 WANDB_MODES = ("online", "offline", "disabled")
 BN_MODES = ("transductive", "inductive", "episodic")
@@ -356,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     helps = {
-        "algo": "imaml (implicit gradients), maml (second-order unrolled) or fomaml (first order)",
+        "algo": "imaml (implicit gradients), maml (second-order unrolled), fomaml (first order) or pretrain "
+                "(the baseline: one classifier trained on all meta-training classes, fine-tuned per task "
+                "from a prototype head; docs/benchmarks.md)",
         "task": "glyphs (embedded, generated), sinusoid, or a benchmark read from --data-root: "
                 "omniglot, omniglot-lake (Lake's 20 one-shot runs), mini-imagenet, tiered-imagenet, "
                 "cifarfs, fc100 (files: docs/benchmarks.md)",

@@ -24,7 +24,7 @@ def _drawn(fig) -> list:
     return [[list(line.get_ydata()) for line in ax.get_lines()] for ax in fig.axes if ax.get_lines()]
 
 
-@pytest.mark.parametrize("algo", ["maml", "fomaml", "imaml"])
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "imaml", "pretrain"])
 def test_every_run_records_its_inner_loops_and_draws_the_grid_from_them(tmp_path, data_root, algo):
     run_from_args(_args(tmp_path, data_root, algo))
     out = tmp_path / algo
@@ -54,7 +54,7 @@ def test_many_rows_are_thinned_evenly_keeping_the_first_and_the_last():
     assert [r["step"] for r in grid_rows(rows, most=6)] == [0, 200, 400, 600, 800, 1000]
 
 
-@pytest.mark.parametrize("algo", ["maml", "imaml"])
+@pytest.mark.parametrize("algo", ["maml", "imaml", "pretrain"])
 def test_the_probe_measures_the_real_inner_loop_and_changes_nothing(make_config, algo):
     engine = build_engine(make_config(task="glyphs", algo=algo, meta_batch_size=2, val_tasks=3, test_inner_steps=3,
                                       execution="per-task"))
