@@ -27,7 +27,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-__all__ = ["build_proxy", "main"]
+__all__ = ["build_proxy", "build_sets", "main"]
 
 
 def _characters(zf: zipfile.ZipFile, set_name: str) -> Dict[str, Dict[str, List[str]]]:
@@ -87,13 +87,48 @@ def build_proxy(source: Path, hold_out: Sequence[str], out: Path, runs: int = 20
             "runs": str(folder / "all_runs.zip"), "held_out": list(hold_out), "run_alphabets": written}
 
 
+def build_sets(source: Path, evaluation: Sequence[str], out: Path) -> dict:
+    """Write ``omniglot-py/images_background.zip`` (the source's other alphabets) and
+    ``images_evaluation.zip`` (``evaluation``), the original PNG bytes under the official
+    folder names, so ``--task omniglot`` (the MAML split of both sets) runs on a minimal set."""
+    set_name = source.name[: -len(".zip")]
+    folder = out / "omniglot-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {"images_background": 0, "images_evaluation": 0}
+    with zipfile.ZipFile(source) as zf:
+        alphabets = _characters(zf, set_name)
+        unknown = [a for a in evaluation if a not in alphabets]
+        if unknown:
+            raise SystemExit(f"--evaluation {', '.join(unknown)}: not an alphabet of {source.name}; "
+                             f"choose from {', '.join(sorted(alphabets))}")
+        writers = {name: zipfile.ZipFile(folder / f"{name}.zip", "w", zipfile.ZIP_STORED) for name in counts}
+        try:
+            for alphabet, characters in sorted(alphabets.items()):
+                name = "images_evaluation" if alphabet in evaluation else "images_background"
+                counts[name] += len(characters)
+                for character, files in characters.items():
+                    for member in files:
+                        writers[name].writestr(f"{name}/{alphabet}/{character}/{Path(member).name}", zf.read(member))
+        finally:
+            for w in writers.values():
+                w.close()
+    return {"folder": str(folder), "characters": counts}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, required=True, help="an official background-set zip")
     parser.add_argument("--hold-out", required=True, help="alphabets to hold out, comma-separated")
     parser.add_argument("--out", type=Path, required=True, help="the data root to write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--as-sets", action="store_true",
+                        help="instead write images_background.zip and images_evaluation.zip (the held-out "
+                             "alphabets) for --task omniglot")
     args = parser.parse_args(argv)
+    if args.as_sets:
+        summary = build_sets(args.source, [a.strip() for a in args.hold_out.split(",") if a.strip()], args.out)
+        print(f"wrote {summary['folder']}: characters {summary['characters']}")
+        return
     summary = build_proxy(args.source, [a.strip() for a in args.hold_out.split(",") if a.strip()], args.out,
                           seed=args.seed)
     print(f"kept {summary['kept_characters']} characters of {', '.join(summary['kept_alphabets'])} in "

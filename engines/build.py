@@ -90,7 +90,8 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device,
             weight_decay=config.inner_weight_decay,
             cg_iterations=config.cg_steps, cg_tol=config.cg_tol, cg_trust_region=config.cg_trust_region,
             cg_damping=config.cg_damping, neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
-            darts_alpha=config.darts_radius)
+            darts_alpha=config.darts_radius, inner_optimizer=config.inner_optimizer, inner_tol=config.inner_tol,
+            inner_cg_steps=config.inner_cg_steps)
         lower_cls = VectorizedImplicitLower if vectorized else parts.lower
         return lower_cls("lower", lower_config, module, optimizer, device=device)
     lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",

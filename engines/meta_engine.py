@@ -23,6 +23,7 @@ from envs.omniglot import OneShotRuns
 from imaml import checkpoint
 from imaml.config import RunConfig
 from imaml.errors import RunStopped
+from imaml.health import MetaGradientHealth
 from imaml.metrics import global_norm, mean_ci95, metric_name, task_loss, task_losses, task_score, task_scores
 from imaml.reporting import RunLog
 
@@ -58,7 +59,8 @@ class MetaEngine(Engine):
         self.upper, self.lower = upper, lower  # Betty also sets them by name; roles are explicit here
         self.tasks_seen = 0
         self.solves: list = []  # the hypergradient solver's SolveInfo for each task since the last log
-        self._warned_residual = False
+        self.stationarity: list = []  # ‖∇g(φ_K)‖/‖∇g(θ)‖ of each iMAML training task since the last log
+        self.health = MetaGradientHealth(run_config.inner_tol, run_config.cg_tol)
         self.train_seconds = 0.0
         self.before: Optional[dict] = None  # meta-test of θ₀
         self.best: Optional[dict] = None  # best meta-validation so far, with its step
@@ -126,6 +128,7 @@ class MetaEngine(Engine):
             self.lower.finish_task()
             self.inner_curves.extend([self.lower.inner_losses] * batch.num_tasks)
             self.solves.extend(getattr(self.lower, "hypergrad_infos", []))
+            self.stationarity.extend(self._stationarity())
         else:
             self._adapt_tasks(distributed.shard(batch.num_tasks))  # all, unless sharded across processes
         self.tasks_seen += batch.num_tasks
@@ -145,24 +148,30 @@ class MetaEngine(Engine):
             if position < len(mine) - 1:
                 self._note_problem(self._check_task())
             self.inner_curves.append(self.lower.inner_losses)
+            self.stationarity.extend(self._stationarity())
             info = getattr(self.lower, "hypergrad_info", None)
             if info is not None:
                 self.solves.append(info)
 
+    def _stationarity(self) -> list:
+        """The inner loop's stationarity per task just adapted (iMAML's Lower problems measure it)."""
+        measure = getattr(self.lower, "stationarity", None)
+        return measure().tolist() if measure else []
+
     def _drain_task_records(self) -> tuple:
-        """(query stats [tasks, 2], inner curves, solver infos) of every task since the last
-        log, from all processes; hypergradient norms per task (Betty hands the solver
+        """(query stats [tasks, 2], inner curves, solver infos, stationarity) of every task since
+        the last log, from all processes; hypergradient norms per task (Betty hands the solver
         ∇φ(L_query / tasks this process runs), so undo that here, where the count is known)."""
         per_loss = self.run_config.meta_batch_size if self.vectorized else self.upper.gas  # tasks in the mean
         solves = [dataclasses.replace(i, norm=per_loss * i.norm) for i in self.solves]
-        mine = (self.upper.drain_task_stats().cpu(), self.inner_curves, solves)
-        self.inner_curves, self.solves = [], []
+        mine = (self.upper.drain_task_stats().cpu(), self.inner_curves, solves, self.stationarity)
+        self.inner_curves, self.solves, self.stationarity = [], [], []
         parts = distributed.gather_objects(mine)
         return (torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]],
-                [i for p in parts for i in p[2]])
+                [i for p in parts for i in p[2]], [s for p in parts for s in p[3]])
 
     def _train_record(self) -> Dict[str, float]:
-        stats, curves, solves = self._drain_task_records()
+        stats, curves, solves, stationarity = self._drain_task_records()
         kind = self.env.kind
         record = {"train/query_loss": stats[:, 0].mean().item(),
                   f"train/query_{metric_name(kind)}": stats[:, 1].mean().item()}
@@ -171,16 +180,10 @@ class MetaEngine(Engine):
         record["train/meta_lr"] = self.meta_lr
         for k, value in enumerate(_mean_curve(curves), start=1):
             record[f"inner/objective_step_{k:02d}"] = value
-        if solves:
-            residuals = [i.residual for i in solves if math.isfinite(i.residual)]
-            record["train/hypergrad_norm"] = sum(i.norm for i in solves) / len(solves)
-            record["train/solver_iterations"] = sum(i.iterations for i in solves) / len(solves)
-            record["train/solver_converged"] = sum(i.converged for i in solves) / len(solves)
-            record["train/solver_truncated"] = sum(i.boundary for i in solves) / len(solves)
-            if residuals:
-                record["train/solver_residual"] = sum(residuals) / len(residuals)
-                record["train/solver_residual_max"] = max(residuals)
-            self._warn_on_residual(solves)
+        record.update(self.health.window(stationarity, solves))
+        for line in self.health.warnings(stationarity, solves, self.global_step, self.run_config):
+            if self.run_log:
+                self.run_log.say(line)
         return record
 
     # -------------------------------------------------------------------- divergence guard
@@ -257,19 +260,6 @@ class MetaEngine(Engine):
                  f"{self.run_config.output_dir}") if self.checkpoint_dir else ""
         raise RunStopped(f"{name} after meta-step {self.global_step}{where}", exit_code=128 + signum)
 
-    def _warn_on_residual(self, solves) -> None:
-        """Say once, plainly, when the linear solves end above tolerance (then only log it)."""
-        bad = [i for i in solves if not i.converged]
-        if bad and not self._warned_residual and self.run_log:
-            self._warned_residual = True
-            worst = max(i.residual for i in bad)
-            cfg = self.run_config
-            self.run_log.say(
-                f"warning: the {bad[0].solver} hypergradient solve ended above tolerance on {len(bad)}/"
-                f"{len(solves)} tasks by step {self.global_step} (worst relative residual {worst:.3g}, "
-                f"tolerance {cfg.cg_tol:g}); the meta-gradient is approximate. More --cg-steps or a larger "
-                f"--lam make it more exact. Logged as train/solver_residual from now on.")
-
     # -------------------------------------------------------------------- evaluation
     def evaluate(self, split: str, num_tasks: int, probe: bool = False) -> Dict[str, float]:
         """Adapt to ``num_tasks`` fixed tasks of ``split`` and score the query sets.
@@ -279,7 +269,7 @@ class MetaEngine(Engine):
         those of one process. With ``probe``, the tasks of the first batch (one meta-batch)
         also record their per-step support and query losses, left in ``self.probed``."""
         kind = self.env.kind
-        indices, scores, curves, probes = [], [], [], []
+        indices, scores, curves, probes, stationarity = [], [], [], [], []
         self.eval()
         bar = _progress(len(distributed.shard(num_tasks)), f"meta-test ({split})", unit="task")
         try:
@@ -292,6 +282,7 @@ class MetaEngine(Engine):
                     measured = self.inner_loop(self.run_config.test_inner_steps, probe=watch)
                     probes.extend(measured or [None] * batch.num_tasks)
                     curves.extend([self.lower.inner_losses] * batch.num_tasks)
+                    stationarity.extend(self._stationarity())
                     with torch.no_grad():
                         scores.extend(task_scores(kind, self.lower.predict(task.query_x), task.query_y).unbind())
                     indices.extend(range(start, start + batch.num_tasks))
@@ -301,6 +292,7 @@ class MetaEngine(Engine):
                     measured = self.inner_loop(self.run_config.test_inner_steps, probe=watch)
                     probes.append(measured[0] if measured else None)
                     curves.append(self.lower.inner_losses)
+                    stationarity.extend(self._stationarity())
                     with torch.no_grad():
                         scores.append(task_score(kind, self.lower.predict(task.query_x), task.query_y))
                     indices.append(start + index)
@@ -310,13 +302,18 @@ class MetaEngine(Engine):
         finally:
             bar.close()
             self.train()
-        mine = list(zip(indices, torch.stack(scores).tolist() if scores else [], curves, probes))
+        stationarity = stationarity or [float("nan")] * len(indices)  # nan: not measured (MAML)
+        mine = list(zip(indices, torch.stack(scores).tolist() if scores else [], curves, probes, stationarity))
         tasks = sorted((t for part in distributed.gather_objects(mine) for t in part), key=lambda t: t[0])
         values, curves = [t[1] for t in tasks], [t[2] for t in tasks]
         self.probed = [t[3] for t in tasks if t[3] is not None]
         mean, ci95 = mean_ci95(values)
         result = {"metric": metric_name(kind), "mean": mean, "ci95": ci95, "num_tasks": len(values),
                   "inner_curve": _mean_curve(curves)}
+        measured = [t[4] for t in tasks if math.isfinite(t[4])]
+        if measured:  # iMAML: how close each task's inner loop came to a stationary point
+            result.update(inner_stationarity_mean=sum(measured) / len(measured),
+                          inner_converged=sum(v <= self.run_config.inner_tol for v in measured) / len(measured))
         source = self.env.sources[split]
         if isinstance(source, OneShotRuns):  # Lake's runs: the error rate of each run
             result.update(source.report(values))
@@ -349,6 +346,7 @@ class MetaEngine(Engine):
             "best_validation": self.best,
             "validation": self.last_validation,
             "skipped_meta_batches": self.skipped,
+            "meta_gradient_health": self.health.state_dict(),
             "lr_schedule": self.upper.lr_schedule.state_dict() if self.upper.lr_schedule else None,
         }
 
@@ -363,6 +361,7 @@ class MetaEngine(Engine):
         self.best = state["best_validation"]
         self.last_validation = state["validation"]
         self.skipped = state.get("skipped_meta_batches", 0)
+        self.health.load_state_dict(state.get("meta_gradient_health"))
         if self.upper.lr_schedule is not None and state.get("lr_schedule"):
             self.upper.lr_schedule.load_state_dict(state["lr_schedule"])
 
@@ -443,6 +442,7 @@ class MetaEngine(Engine):
             "before_meta_training": self.before,
             "validation": self.last_validation,
             "best_validation": self.best,
+            "meta_gradient": self.health.summary(),
             "train_seconds": self.train_seconds,
             "tasks_per_second": self.tasks_seen / self.train_seconds if self.train_seconds else None,
             "total_seconds": time.perf_counter() - started,

@@ -35,6 +35,7 @@ META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("none", "cosine", "step")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 EXECUTIONS = ("auto", "per-task", "vectorized")
+INNER_OPTIMIZERS = ("sgd", "armijo", "hessian-free")
 OMNIGLOT_BACKGROUNDS = ("full", "small1", "small2")
 OMNIGLOT_VALS = ("auto", "alphabets", "characters")
 EPISODES = ("any", "within-alphabet")
@@ -81,6 +82,9 @@ class RunConfig:
     inner_lr: float = 0.1
     inner_momentum: float = 0.0
     inner_weight_decay: float = 0.0
+    inner_optimizer: str = "sgd"  # iMAML: sgd, armijo (line search) or hessian-free (truncated Newton)
+    inner_tol: float = 1e-2  # iMAML: a task's inner loop stops at ‖∇g(φ_k)‖ ≤ tol·‖∇g(φ_0)‖
+    inner_cg_steps: int = 5  # iMAML hessian-free: CG steps per Newton direction
     # iMAML: proximal strength λ in  L_support(φ) + λ/2·‖φ − θ‖²  (iMAML paper, eq. 3)
     lam: float = 1.0
     hypergrad: str = "cg"
@@ -162,6 +166,7 @@ class RunConfig:
         _one_of("dist_backend", self.dist_backend, DIST_BACKENDS)
         _one_of("execution", self.execution, EXECUTIONS)
         self._validate_omniglot()
+        self._validate_inner_loop()
         if self.grad_checkpoint and self.algo != "maml":
             raise UsageError(f"--grad-checkpoint applies to --algo maml (memory through the unrolled inner loop); "
                              f"{self.algo}'s memory does not grow with inner steps: drop the flag")
@@ -197,6 +202,20 @@ class RunConfig:
         if self.wandb_id is not None and not WANDB_ID.fullmatch(self.wandb_id):
             raise UsageError(f"--wandb-id {self.wandb_id!r}: use 1 to 64 letters, digits, '-' or '_'")
         return self
+
+    def _validate_inner_loop(self) -> None:
+        _one_of("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
+        if self.algo != "imaml":
+            for name in ("inner_optimizer", "inner_tol", "inner_cg_steps"):
+                if getattr(self, name) != getattr(RunConfig, name):
+                    raise UsageError(f"{_flag(name)} {getattr(self, name)}: only for --algo imaml ({self.algo}'s "
+                                     f"meta-gradient differentiates its plain SGD steps); drop the flag")
+        if self.inner_optimizer != "sgd" and self.inner_momentum:
+            raise UsageError(f"--inner-momentum {self.inner_momentum}: only with --inner-optimizer sgd "
+                             f"({self.inner_optimizer} chooses its own steps)")
+        if not (0 <= self.inner_tol < 1):
+            raise UsageError(f"--inner-tol {self.inner_tol}: must be in [0, 1) (0: always run --inner-steps)")
+        _at_least("inner_cg_steps", self.inner_cg_steps, 1)
 
     def _validate_omniglot(self) -> None:
         _one_of("omniglot_background", self.omniglot_background, OMNIGLOT_BACKGROUNDS)
@@ -338,7 +357,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 # the options argparse restricts to a list (the rest are checked in RunConfig.validate)
-CHOICES = {"algo": ALGOS, "wandb_mode": WANDB_MODES, "bn_mode": BN_MODES, "dist_backend": DIST_BACKENDS,
+CHOICES = {"algo": ALGOS, "inner_optimizer": INNER_OPTIMIZERS, "wandb_mode": WANDB_MODES, "bn_mode": BN_MODES,
+           "dist_backend": DIST_BACKENDS,
            "execution": EXECUTIONS, "omniglot_background": OMNIGLOT_BACKGROUNDS, "omniglot_val": OMNIGLOT_VALS,
            "episodes": EPISODES, "meta_optimizer": META_OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
            "on_divergence": ("stop", "skip")}
@@ -381,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(× --lr-gamma every --lr-step-every meta-steps)",
         "inner_momentum": "momentum of the inner-loop SGD (reset for every task)",
         "inner_weight_decay": "weight decay of the inner-loop SGD",
+        "inner_optimizer": "iMAML's inner optimizer on the proximal objective g: sgd (fixed --inner-lr), armijo "
+                           "(steepest descent with a backtracking line search, steps up to --inner-lr) or "
+                           "hessian-free (truncated-Newton: --inner-cg-steps of CG, then the line search; the "
+                           "iMAML paper's); see docs/meta-gradients.md",
+        "inner_tol": "iMAML: a task's inner loop stops once ‖∇g(φ)‖ ≤ tol·‖∇g(θ)‖ (its stationarity, logged as "
+                     "train/inner_stationarity); 0: always --inner-steps",
+        "inner_cg_steps": "iMAML hessian-free: conjugate-gradient steps per Newton direction",
         "test_query_shots": "query examples per class at meta-validation and meta-test; none: --query-shots",
         "ways": "classes per task (N)",
         "shots": "support examples per class (K); points per task for sinusoid",

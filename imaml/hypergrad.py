@@ -117,6 +117,8 @@ def _solve_with(solve: Callable) -> Callable:
     def jvp(vector, curr, prev):
         flat_grad, params = _lower_grad(curr)
         tasks = _num_tasks(curr)
+        if hasattr(curr, "record_final_gradient"):  # the inner loop's stationarity, at no extra cost
+            curr.record_final_gradient(flat_grad)
 
         def matvec(u: torch.Tensor) -> torch.Tensor:
             return _flat(torch.autograd.grad(flat_grad, params, grad_outputs=u, retain_graph=True), tasks)

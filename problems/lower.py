@@ -22,6 +22,7 @@ the hooks to override and the plumbing to leave alone (docs/extending.md walks t
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, List, Optional, Sequence, Type
 
@@ -31,6 +32,7 @@ from betty.problems import ImplicitProblem, IterativeProblem
 from torch.func import functional_call
 
 from imaml.hypergrad import register_with_betty
+from imaml.inner_optimizers import INNER_OPTIMIZERS, NEEDS_HVP, InnerLoop, InnerStep, rows
 from imaml.metrics import global_norm, task_loss
 from imaml.models import predict_query
 from imaml.recompute import recompute_in_backward
@@ -54,6 +56,9 @@ class LowerConfig(Config):
     cg_tol: float = 1e-5
     cg_trust_region: bool = True  # ‖x‖ ≤ ‖v‖/λ, see imaml.hypergrad.trust_radius
     cg_damping: float = 0.0  # cg-damped: μ in (A + μI) x = v
+    inner_optimizer: str = "sgd"  # iMAML: sgd, armijo or hessian-free (imaml.inner_optimizers)
+    inner_tol: float = 1e-2  # iMAML: a task stops once ‖∇g(φ_k)‖ ≤ tol·‖∇g(φ_0)‖
+    inner_cg_steps: int = 5  # iMAML hessian-free: CG steps per Newton direction
     neumann_alpha: Optional[float] = None  # None: 1/λ_max by power iteration
     grad_checkpoint: bool = False  # UnrolledLower: recompute each inner step in the backward pass
 
@@ -155,6 +160,76 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
         register_with_betty()  # the corrected solvers named by config.type
         super().__init__(name, config, module=module, optimizer=optimizer, device=device)
         self.hypergrad_info = None
+        self.inner = InnerLoop(config.inner_tol)
+        self._final_norms: Optional[torch.Tensor] = None
+
+    def begin_task(self) -> None:
+        super().begin_task()
+        self.inner = InnerLoop(self.config.inner_tol)
+        self._final_norms = None
+
+    def one_step_descent(self, batch=None):
+        """One step of ``config.inner_optimizer`` on g, for the tasks not yet within
+        ``config.inner_tol`` (``imaml.inner_optimizers``); once all are, the loop's remaining
+        steps are no-ops, so Betty's step count (and its hand-over to the Upper problem) stays."""
+        self.cur_batch = batch = self.get_batch() if batch is None else batch
+        if self.inner.done:
+            self.inner_losses.append(self.inner_losses[-1])
+            return {"loss": self.inner_losses[-1] * self.num_tasks}
+        name = self.config.inner_optimizer
+        params = list(self.trainable_parameters())
+        if name == "sgd":  # the objective as Betty computes it (one scalar for all tasks)
+            loss = self.training_step_exec(batch)
+            values = loss.detach().reshape(1)
+        else:
+            values = self.task_objectives(batch)
+            loss = values.sum()
+        grads = torch.autograd.grad(loss, params, create_graph=name in NEEDS_HVP, allow_unused=True)
+        grad_rows = rows([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)], self.num_tasks)
+        self.inner.measure(grad_rows)
+        total = float(loss.detach())
+        self.inner_losses.append(total / self.num_tasks)
+        if not self.inner.done:
+            step = InnerStep(params, values.detach(), grad_rows, lambda: self._trial_objectives(batch), self.inner,
+                             lr=self.optimizer.param_groups[0]["lr"], lam=self.config.lam,
+                             cg_steps=self.config.inner_cg_steps,
+                             hvp=lambda u: rows(torch.autograd.grad(grad_rows, params, u, retain_graph=True), self.num_tasks))
+            INNER_OPTIMIZERS[name](step, self.optimizer)
+        return {"loss": total}
+
+    def task_objectives(self, batch) -> torch.Tensor:
+        """g of each task being adapted, [T] (here T = 1: ``training_step``); the line searches
+        compare these per task."""
+        return self.training_step(batch).reshape(1)
+
+    def _trial_objectives(self, batch) -> torch.Tensor:
+        """g per task at a trial point of a line search: no graph, running statistics untouched."""
+        with torch.no_grad(), _buffers_kept(self.module):
+            return self.task_objectives(batch).detach()
+
+    def record_final_gradient(self, grad_rows: torch.Tensor) -> None:
+        """∇g(φ_K) per task, from the hypergradient solve (which evaluates it anyway)."""
+        self._final_norms = grad_rows.detach().norm(dim=1)
+
+    def stationarity(self) -> torch.Tensor:
+        """‖∇g(φ_K)‖ / ‖∇g(φ_0)‖ of each task of the inner loop just run ([T]): near 0 where the
+        implicit function theorem applies. Tasks still moving at the last step need ∇g(φ_K): the
+        solve's, or one more gradient here (meta-validation and meta-test)."""
+        loop = self.inner
+        if loop.initial is None:
+            return torch.full((self.num_tasks,), float("nan"))
+        latest = loop.latest
+        if bool(loop.active.any()):
+            final = self._final_norms if self._final_norms is not None else self._gradient_norms()
+            latest = torch.where(loop.active, final, latest)
+        return loop.relative(latest)
+
+    def _gradient_norms(self) -> torch.Tensor:
+        params = list(self.trainable_parameters())
+        with _buffers_kept(self.module):
+            grads = torch.autograd.grad(self.training_step_exec(self.cur_batch), params, allow_unused=True)
+        return rows([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)],
+                    self.num_tasks).norm(dim=1)
 
     def training_step(self, batch) -> torch.Tensor:
         x, y = batch
@@ -179,6 +254,18 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
             for mine, theirs in zip(self.module.buffers(), self.meta_problem.module.buffers()):
                 mine.copy_(theirs)
         self.optimizer.state.clear()  # no momentum carried over from the previous task
+
+
+@contextmanager
+def _buffers_kept(module: torch.nn.Module):
+    """Evaluations that are not inner steps leave BatchNorm's running statistics as they were."""
+    saved = [b.detach().clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(module.buffers(), saved):
+                b.copy_(s)
 
 
 class _RecomputedSteps:

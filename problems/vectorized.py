@@ -64,6 +64,18 @@ class VectorizedImplicitLower(_TaskStacked, ImplicitLower):
     def forward(self, x):
         return self.grouped(self.phi, x)
 
+    def task_objectives(self, batch) -> torch.Tensor:
+        """g_t(φ_t) for each task, [T]: the terms whose sum ``training_step`` returns."""
+        x, y = batch
+        tasks = self.num_tasks
+        per_row = lambda tensors: sum(t.pow(2).reshape(tasks, -1).sum(1) for t in tensors)  # noqa: E731
+        phi = self.trainable_parameters()
+        values = task_losses(self.env.kind, self(x), y)
+        values = values + 0.5 * self.config.lam * per_row([p - t for p, t in zip(phi, self.anchor())])
+        if self.config.weight_decay:
+            values = values + 0.5 * self.config.weight_decay * per_row(phi)
+        return values
+
     def anchor(self):
         self.task_meta_parameters = stack_for_tasks(self.meta_problem.trainable_parameters(), self.num_tasks)
         return self.task_meta_parameters

@@ -124,10 +124,16 @@ def test_batched_neumann_and_dense_equal_separate_solves():
     # rounding of the Hessian products, as CG's do), and converged ones, where the tasks stop apart
     dict(algo="imaml", hypergrad="minres", cg_steps=8, lam=2.0),
     dict(algo="imaml", hypergrad="minres", cg_steps=200, cg_tol=1e-12, lam=50.0),
+    # the line-search inner optimizers (per-task step sizes and damping) and per-task early stopping
+    dict(algo="imaml", hypergrad="cg", cg_steps=100, cg_tol=1e-12, lam=50.0, cg_trust_region=False,
+         inner_optimizer="armijo", inner_lr=1.0, inner_steps=4),
+    dict(algo="imaml", hypergrad="cg", cg_steps=100, cg_tol=1e-12, lam=50.0, cg_trust_region=False,
+         inner_optimizer="hessian-free", inner_steps=4),
+    dict(algo="imaml", hypergrad="exact", lam=50.0, inner_tol=0.3, inner_steps=6),
     dict(algo="maml"),
     dict(algo="fomaml"),
 ], ids=["imaml-cg3", "imaml-cg-converged", "imaml-exact", "imaml-neumann", "imaml-minres8", "imaml-minres-converged",
-        "maml", "fomaml"])
+        "imaml-armijo", "imaml-hessian-free", "imaml-inner-tol", "maml", "fomaml"])
 def test_vectorized_meta_gradient_equals_per_task(make_config, task, options):
     if options.get("hypergrad") == "exact" and task is _glyphs:
         options = dict(options, channels=2)  # keep the dense solve small
