@@ -131,9 +131,11 @@ class _TaskAdaptation:
 
 
 class ImplicitLower(_TaskAdaptation, ImplicitProblem):
-    """iMAML's inner problem: SGD on  L_support(φ) + λ/2·‖φ − θ‖²  from φ = θ.
+    """iMAML's inner problem: minimize  L_support(φ) + λ/2·‖φ − θ‖²  from φ = θ with
+    ``config.inner_optimizer`` (SGD, or a line-search method of ``imaml.inner_optimizers``),
+    each task stopping at ``config.inner_tol`` stationarity (``stationarity()`` reports it).
 
-    φ is ``self.module``'s parameters, updated in place by ``self.optimizer``; the
+    φ is ``self.module``'s parameters, updated in place; the
     meta-gradient is the implicit one at the adapted φ, for whatever objective
     ``training_step`` returns: −(∂²g/∂θ∂φ)(∂²g/∂φ²)⁻¹ ∇φ L_query, plus the direct ∂L_query/∂θ
     if ``forward`` uses θ itself (see ``problems/anil.py``).
@@ -141,7 +143,7 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
     Hooks an extension overrides (call ``super()`` where it extends rather than replaces):
 
     - ``training_step(batch) -> Tensor``: the inner objective g(φ, θ); default task loss +
-      ``regularizer()``.
+      ``regularizer()``. (``task_objectives(batch)``, g per task for the line searches, calls it.)
     - ``regularizer() -> Tensor``: the coupling to θ; default λ/2·‖φ − θ‖² over
       ``trainable_parameters()``. It must be twice differentiable with a non-zero ∂²g/∂θ∂φ,
       or θ gets no meta-gradient (an L1 term has zero curvature: use it with unrolled MAML).
