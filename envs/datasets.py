@@ -219,10 +219,15 @@ def _fc100(root: Path, split: str):
     return FlatPool(torch.from_numpy(images).permute(0, 3, 1, 2), labels)
 
 
-def _cifarfs(root: Path, split: str):
-    from imaml.compat import import_learn2learn
+def _learn2learn():
+    """``import learn2learn``, without the "unmaintained" notice its gym import prints."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        import learn2learn
+    return learn2learn
 
-    l2l = import_learn2learn()
+
+def _cifarfs(root: Path, split: str):
+    l2l = _learn2learn()
     mode = {"train": "train", "val": "validation", "test": "test"}[split]
     try:  # learn2learn copies the split's classes into cifarfs/processed/<split>/ on first use
         with contextlib.redirect_stdout(io.StringIO()):
@@ -274,11 +279,9 @@ def download(spec: BenchmarkSpec, root: Path) -> None:
     file; a failed or bogus download (an HTML page saved as a pickle) is removed and reported."""
     if not missing_files(spec, root):
         return
-    from imaml.compat import import_learn2learn
-
     root.mkdir(parents=True, exist_ok=True)
     before = {p for p in root.rglob("*")}
-    dataset_cls = getattr(import_learn2learn().vision.datasets, _L2L_CLASSES[spec.name])
+    dataset_cls = getattr(_learn2learn().vision.datasets, _L2L_CLASSES[spec.name])
     modes = [None] if spec.name == "omniglot" else ["train", "validation", "test"]
     error = None
     for mode in modes:

@@ -6,14 +6,17 @@
 #   - betty-ml 0.1.1 declares `torch>=1.6.*`, which pip >= 24.1 refuses: we pin pip < 24.1;
 #   - learn2learn 0.2.0 ships C files from an old Cython that fail on 3.11: we regenerate
 #     them from its .pyx with Cython 3 before building;
-#   - torchvision from PyPI pulls the newest CUDA torch (GBs): we install torch first
-#     (the CPU 2.13.0 wheel unless IMAML_TORCH says otherwise) and torchvision with --no-deps.
-# Re-running is cheap: each step is skipped when its package is already there.
+#   - torch and torchvision must be a matched pair (torchvision 0.29.1 pins torch 2.14.1), or
+#     torchvision's compiled ops cannot load and `import torchvision` fails: we install the
+#     two in one command, first, so that nothing else pulls another torch. IMAML_TORCH
+#     replaces that command's arguments (e.g. another pair, or a CUDA index URL).
+# Re-running is cheap: each step is skipped when its package is already there at its version.
 set -euo pipefail
 
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3.11}
-TORCH_SPEC=${IMAML_TORCH:-torch==2.13.0}
+TORCH=2.14.1 TORCHVISION=0.29.1  # a matched pair: torchvision 0.29.1 requires torch==2.14.1
+TORCH_SPEC=${IMAML_TORCH:-torch==$TORCH torchvision==$TORCHVISION}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 
 command -v "$PYTHON" >/dev/null || PYTHON=python3
@@ -31,13 +34,17 @@ pip() {
   "$PY" -m pip --disable-pip-version-check -q "$@" \
     2> >(grep -v -E "is ignored: it is neither|non-standard dependency specifier|^$" >&2)
 }
-have() { "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$1" 2>/dev/null; }
+# have NAME [VERSION]: installed (at VERSION, ignoring a local "+cpu"-style suffix)
+have() { "$PY" -c "import importlib.metadata as m, sys; v = m.version(sys.argv[1]); sys.exit(len(sys.argv) > 2 and v.split('+')[0] != sys.argv[2])" "$@" 2>/dev/null; }
 
 # pip < 24.1 still accepts betty-ml 0.1.1's non-standard specifiers (with a warning).
 pip install "pip>=23,<24.1"
 
-have torch || pip install "$TORCH_SPEC"
-have torchvision || pip install --no-deps "torchvision==0.28.0"
+# word splitting of TORCH_SPEC is intended: it is a list of requirements (and pip options)
+# shellcheck disable=SC2086
+if [ -n "${IMAML_TORCH:-}" ] || ! { have torch "$TORCH" && have torchvision "$TORCHVISION"; }; then
+  pip install $TORCH_SPEC
+fi
 # betty-ml's only runtime deps are torch (installed above) and numpy; its metadata warnings
 # about the non-standard specifiers are expected.
 have betty-ml || pip install --no-deps "betty-ml==0.1.1"
@@ -55,4 +62,12 @@ if ! have learn2learn; then
 fi
 
 pip install --no-deps --no-build-isolation -e "$HERE"
-"$PY" -c "import imaml.compat; imaml.compat.check_stack()"
+# the stack imports with nothing special, torchvision's compiled ops included
+"$PY" - <<'EOF'
+import os
+os.environ.setdefault("GYM_DISABLE_WARNINGS", "1")
+import betty, learn2learn, torch, torchvision, wandb  # noqa: F401,E401
+torch.ops.torchvision.nms  # the compiled library loaded (it fails when torch and torchvision do not match)
+print(f"stack ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"betty-ml {betty.__version__}, learn2learn {learn2learn.__version__}")
+EOF

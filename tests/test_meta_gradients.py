@@ -38,9 +38,8 @@ def test_fomaml_equals_query_gradient_at_adapted_parameters(make_config, task):
 
 
 def test_maml_equals_learn2learn(make_config):
-    from imaml.compat import import_learn2learn
+    import learn2learn as l2l
 
-    l2l = import_learn2learn()
     engine = _engine(make_config, task="glyphs", algo="maml", inner_steps=2, meta_batch_size=2, inner_lr=0.3)
     got, tasks = engine_meta_gradient(engine)
     model = engine.upper.module
