@@ -98,6 +98,11 @@ def _protocol(config: RunConfig, kind: str) -> dict:
 def _describe(config: RunConfig, kind: str, processes: int) -> str:
     ways = f"{config.ways}-way " if kind == "classification" else ""
     bn = f", BatchNorm {config.bn_mode}" if kind == "classification" else ""
+    if config.algo == "pretrain":  # engines/pretrain.py: no inner loop in training
+        images = config.meta_batch_size * config.ways * (config.shots + config.query_shots)
+        return (f"pretrain on {config.task}: {config.meta_steps} steps of {images} images over all training "
+                f"classes; meta-test {ways}{config.shots}-shot, {config.test_inner_steps} fine-tuning steps{bn}, "
+                f"device {config.device}" + (f", {processes} processes" if processes > 1 else ""))
     return (f"{config.algo} on {config.task}: {ways}{config.shots}-shot, meta-batch {config.meta_batch_size}, "
             f"{config.meta_steps} meta-steps, {config.inner_steps} inner steps ({config.test_inner_steps} at "
             f"test){bn}, device {config.device}" + (f", {processes} processes" if processes > 1 else ""))

@@ -29,7 +29,8 @@ def _short(value: Any) -> str:
 
 
 class RunLog:
-    """``log(step, record)`` appends to ``<output-dir>/metrics.jsonl`` and prints a summary."""
+    """``log(step, record)`` appends to ``<output-dir>/metrics.jsonl`` and prints a summary;
+    ``log_curves`` appends the inner-loop grid's rows to ``inner_curves.jsonl``."""
 
     def __init__(self, output_dir: str | os.PathLike, quiet: bool = False, append: bool = False,
                  sink=None):
