@@ -64,9 +64,10 @@ fi
 pip install --no-deps --no-build-isolation -e "$HERE"
 # the stack imports with nothing special, torchvision's compiled ops included
 "$PY" - <<'EOF'
-import os
-os.environ.setdefault("GYM_DISABLE_WARNINGS", "1")
-import betty, learn2learn, torch, torchvision, wandb  # noqa: F401,E401
+import contextlib, io
+import betty, torch, torchvision, wandb  # noqa: F401,E401
+with contextlib.redirect_stderr(io.StringIO()):  # gym's "unmaintained" notice
+    import learn2learn
 torch.ops.torchvision.nms  # the compiled library loaded (it fails when torch and torchvision do not match)
 print(f"stack ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"betty-ml {betty.__version__}, learn2learn {learn2learn.__version__}")
