@@ -115,10 +115,14 @@ def _one_line(message: str) -> bool:
     return bool(message) and "\n" not in message and "Traceback" not in message
 
 
-def test_every_flag_with_any_value_validates_or_names_the_problem(scratch):
+def test_every_flag_with_any_value_validates_or_names_the_problem(scratch, monkeypatch):
     """Parsing, validation, the classes named and the output directory: a RunConfig or a
     one-line UsageError, for any combination of any values of every flag."""
     from engines.extensions import choose_parts
+
+    # a default output directory (runs/latest, or runs/<new W&B id> with W&B on) is created
+    # here, not in the checkout
+    monkeypatch.chdir(scratch)
 
     @settings(max_examples=1000, **SETTINGS)
     @given(argv=_every_flag(scratch))
