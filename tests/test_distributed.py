@@ -191,8 +191,8 @@ def test_only_rank_zero_writes_and_prints_and_resume_works(job, data_root, tmp_p
     assert rank1["writes"] == [] and rank1["stdout"] == ""
     assert any(path.endswith("metrics.jsonl") for _, path in rank0["writes"])  # the audit does see writes
     assert "2 processes" in rank0["stdout"]
-    assert sorted(p.name for p in cli_out.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "plots",
-                                                        "results.json"]
+    assert sorted(p.name for p in cli_out.iterdir()) == ["checkpoints", "config.json", "inner_curves.jsonl",
+                                                        "metrics.jsonl", "plots", "results.json"]
     # resumed 2-process run == one process running all 3 meta-steps in one go
     written = json.loads((cli_out / "results.json").read_text())
     assert written["processes"] == WORLD
