@@ -28,8 +28,9 @@ from typing import Callable, List, Optional
 import torch
 
 from imaml.linear_solvers import conjugate_gradient
+from imaml.metrics import global_norm
 
-__all__ = ["InnerStep", "InnerLoop", "INNER_OPTIMIZERS", "rows", "add_rows_"]
+__all__ = ["InnerStep", "InnerLoop", "INNER_OPTIMIZERS", "rows", "add_rows_", "task_norms"]
 
 ARMIJO_C = 1e-4  # sufficient decrease: g(φ + αd) ≤ g(φ) + c·α·∇gᵀd
 SHRINK = 0.5  # backtracking factor
@@ -40,6 +41,13 @@ def rows(tensors, tasks: int) -> torch.Tensor:
     """The tensors as one row per task, [T, n] (tensors either task-stacked [T, ...] or, for
     T = 1, unstacked)."""
     return torch.cat([t.reshape(tasks, -1) for t in tensors], dim=1)
+
+
+def task_norms(tensors, tasks: int) -> torch.Tensor:
+    """‖·‖ of each task's part of the tensors, [T] (few operations: this runs every inner step)."""
+    if tasks == 1:
+        return global_norm(tensors).reshape(1)
+    return rows([t.detach() for t in tensors], tasks).norm(dim=1)
 
 
 def add_rows_(params: List[torch.Tensor], delta: torch.Tensor) -> None:
@@ -58,23 +66,29 @@ class InnerLoop:
 
     tol: float
     initial: Optional[torch.Tensor] = None  # ‖∇g(φ_0)‖
+    threshold: Optional[torch.Tensor] = None  # tol·‖∇g(φ_0)‖
     latest: Optional[torch.Tensor] = None  # ‖∇g(φ_k)‖ at the last measured point
     active: Optional[torch.Tensor] = None  # still moving: not yet within tol
     rate: Optional[torch.Tensor] = None  # the line search's last accepted step size
     damping: Optional[torch.Tensor] = None  # hessian-free: the Levenberg-Marquardt μ
-    moves: Optional[torch.Tensor] = None  # steps each task took
+    history: list = field(default_factory=list)  # ‖∇g(φ_k)‖ at each measurement
     trials: int = 0  # objective evaluations of the line searches
 
-    def measure(self, grad_rows: torch.Tensor) -> torch.Tensor:
-        """Record ‖∇g(φ_k)‖ per task; stop the tasks now within tolerance; return the active mask."""
-        norms = grad_rows.detach().norm(dim=1)
+    def measure(self, norms: torch.Tensor) -> torch.Tensor:
+        """Record ‖∇g(φ_k)‖ per task ([T]); stop the tasks now within tolerance; return the active
+        mask. A stopped task's φ stays put, so its norm stays at or below its threshold and
+        ``norms > threshold`` alone keeps it stopped (this runs at every inner step: few ops)."""
         if self.initial is None:
-            self.initial = norms
-            self.active = torch.ones_like(norms, dtype=torch.bool)
-            self.moves = torch.zeros_like(norms, dtype=torch.long)
-        self.latest = torch.where(self.active, norms, self.latest if self.latest is not None else norms)
-        self.active = self.active & ~(self.relative() <= self.tol)
+            self.initial, self.threshold = norms, norms * self.tol
+        self.latest = norms
+        self.history.append(norms)
+        self.active = norms > self.threshold  # a task already at θ's stationary point never moves
         return self.active
+
+    @property
+    def moves(self) -> torch.Tensor:
+        """The steps each task took: one per measurement at which it was still active."""
+        return (torch.stack(self.history) > self.threshold).sum(0)
 
     def relative(self, latest: Optional[torch.Tensor] = None) -> torch.Tensor:
         """‖∇g(φ)‖ / ‖∇g(φ_0)‖ per task (0 where ∇g(φ_0) = 0: θ was already stationary)."""
@@ -92,20 +106,21 @@ class InnerStep:
     """What an inner optimizer sees at φ_k.
 
     ``objectives()`` evaluates g per task ([T], no graph) at the current φ; ``grad`` is ∇g per
-    task ([T, n]), with its graph when the optimizer asked for one (``hvp`` then gives A·u);
+    task ([T, n]), with its graph when the optimizer asked for one (``hvp`` then gives A·u), and
+    ``grads`` the same per parameter (``sgd`` takes only these; ``grad`` may then be None);
     ``values`` is g(φ_k) per task.
     """
 
     params: List[torch.Tensor]
     values: torch.Tensor
-    grad: torch.Tensor
+    grad: Optional[torch.Tensor]
     objectives: Callable[[], torch.Tensor]
     loop: InnerLoop
     lr: float
     lam: float
     cg_steps: int = 0
     hvp: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    extra: dict = field(default_factory=dict)
+    grads: Optional[List[torch.Tensor]] = None
 
 
 def line_search(step: InnerStep, direction: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -138,11 +153,12 @@ def sgd(step: InnerStep, optimizer) -> None:
     """The run's torch SGD step (``--inner-lr``, ``--inner-momentum``), on the active tasks only."""
     active = step.loop.active
     frozen = None if bool(active.all()) else [p.detach().clone() for p in step.params]
-    start = 0
-    for p in step.params:
-        width = p.numel() // len(active)
-        p.grad = step.grad[:, start:start + width].detach().reshape(p.shape).clone()
-        start += width
+    grads = step.grads
+    if grads is None:  # from the rows: each parameter's columns
+        widths = [p.numel() // len(active) for p in step.params]
+        grads = [g.reshape(p.shape) for g, p in zip(step.grad.detach().split(widths, dim=1), step.params)]
+    for p, g in zip(step.params, grads):
+        p.grad = g.detach()
     optimizer.step()
     for p in step.params:
         p.grad = None
@@ -151,7 +167,6 @@ def sgd(step: InnerStep, optimizer) -> None:
         with torch.no_grad():
             for p, old in zip(step.params, frozen):
                 p.copy_(torch.where(keep.reshape(-1, *([1] * (p.dim() - 1))), old, p))
-    step.loop.moves += active.long()
 
 
 def armijo(step: InnerStep, optimizer=None) -> None:
@@ -161,7 +176,6 @@ def armijo(step: InnerStep, optimizer=None) -> None:
     start = cap if loop.rate is None else torch.minimum(2 * loop.rate, cap)
     accepted = line_search(step, -step.grad.detach(), start)
     loop.rate = torch.where(accepted > 0, accepted, start * SHRINK ** MAX_TRIALS)
-    loop.moves += (accepted > 0).long()
 
 
 def hessian_free(step: InnerStep, optimizer=None) -> None:
@@ -195,7 +209,6 @@ def hessian_free(step: InnerStep, optimizer=None) -> None:
     loop.damping = torch.where(newton & (~full | (rho < 0.25)), mu * 1.5,
                                torch.where(full & (rho > 0.75), mu / 1.5, mu))
     loop.rate = torch.where(~newton & (accepted > 0), accepted, steepest)
-    loop.moves += (accepted > 0).long()
 
 
 INNER_OPTIMIZERS = {"sgd": sgd, "armijo": armijo, "hessian-free": hessian_free}

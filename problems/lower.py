@@ -32,7 +32,7 @@ from betty.problems import ImplicitProblem, IterativeProblem
 from torch.func import functional_call
 
 from imaml.hypergrad import register_with_betty
-from imaml.inner_optimizers import INNER_OPTIMIZERS, NEEDS_HVP, InnerLoop, InnerStep, rows
+from imaml.inner_optimizers import INNER_OPTIMIZERS, NEEDS_HVP, InnerLoop, InnerStep, rows, task_norms
 from imaml.metrics import global_norm, task_loss
 from imaml.models import predict_query
 from imaml.recompute import recompute_in_backward
@@ -180,21 +180,23 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
             return {"loss": self.inner_losses[-1] * self.num_tasks}
         name = self.config.inner_optimizer
         params = list(self.trainable_parameters())
+        values = None  # g per task: only the line searches need it
         if name == "sgd":  # the objective as Betty computes it (one scalar for all tasks)
             loss = self.training_step_exec(batch)
-            values = loss.detach().reshape(1)
         else:
             values = self.task_objectives(batch)
             loss = values.sum()
+            values = values.detach()
         grads = torch.autograd.grad(loss, params, create_graph=name in NEEDS_HVP, allow_unused=True)
-        grad_rows = rows([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)], self.num_tasks)
-        self.inner.measure(grad_rows)
-        total = float(loss.detach())
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        self.inner.measure(task_norms(grads, self.num_tasks))
+        total = loss.item()
         self.inner_losses.append(total / self.num_tasks)
         if not self.inner.done:
-            step = InnerStep(params, values.detach(), grad_rows, lambda: self._trial_objectives(batch), self.inner,
+            grad_rows = None if name == "sgd" else rows(grads, self.num_tasks)
+            step = InnerStep(params, values, grad_rows, lambda: self._trial_objectives(batch), self.inner,
                              lr=self.optimizer.param_groups[0]["lr"], lam=self.config.lam,
-                             cg_steps=self.config.inner_cg_steps,
+                             cg_steps=self.config.inner_cg_steps, grads=grads,
                              hvp=lambda u: rows(torch.autograd.grad(grad_rows, params, u, retain_graph=True), self.num_tasks))
             INNER_OPTIMIZERS[name](step, self.optimizer)
         return {"loss": total}
@@ -230,8 +232,7 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
         params = list(self.trainable_parameters())
         with _buffers_kept(self.module):
             grads = torch.autograd.grad(self.training_step_exec(self.cur_batch), params, allow_unused=True)
-        return rows([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)],
-                    self.num_tasks).norm(dim=1)
+        return task_norms([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)], self.num_tasks)
 
     def training_step(self, batch) -> torch.Tensor:
         x, y = batch
