@@ -68,7 +68,7 @@ def _run(config: RunConfig, main_process: bool) -> dict:
         "meta_steps": config.meta_steps,
         "seed": config.seed,
         **outcome,
-        "protocol": _protocol(config, engine.env.kind),
+        "protocol": _protocol(config, engine.env.kind, engine.env.describe()),
         "splits": engine.env.describe(),
         "processes": distributed.world_size(),
         "config": config.to_dict(),
@@ -85,9 +85,11 @@ def _run(config: RunConfig, main_process: bool) -> dict:
     return results
 
 
-def _protocol(config: RunConfig, kind: str) -> dict:
-    """What a published number depends on, recorded beside it."""
-    return {"test_tasks": config.test_tasks, "test_query_shots": config.test_query_shots or config.query_shots,
+def _protocol(config: RunConfig, kind: str, splits: dict) -> dict:
+    """What a published number depends on, recorded beside it (a test split that describes its
+    own tasks, like Lake's runs, says how many queries per class it has)."""
+    queries = splits.get("test", {}).get("query_per_class", config.test_query_shots or config.query_shots)
+    return {"test_tasks": config.test_tasks, "test_query_shots": queries,
             "test_inner_steps": config.test_inner_steps, "inner_steps": config.inner_steps,
             "bn_mode": config.bn_mode if kind == "classification" else None,
             "model": config.model, "channels": config.channels, "meta_batch_size": config.meta_batch_size,

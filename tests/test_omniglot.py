@@ -143,6 +143,7 @@ def test_lake_run_writes_per_run_error_before_and_after(lake_root, tmp_path, cap
         assert all(e in (0.0, 0.25, 0.5, 0.75, 1.0) for e in np.round(per_run, 6))  # 4 items per run
     assert results["splits"]["val"]["held_out"] == "characters"
     assert results["splits"]["train"]["episodes"] == "within-alphabet"
+    assert results["protocol"]["test_query_shots"] == 1  # the runs' one test item per class, not --query-shots
 
 
 def _error(capsys, argv) -> str:
