@@ -29,6 +29,7 @@ solves give.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -68,20 +69,27 @@ def _num_tasks(curr) -> int:
     return getattr(curr, "num_tasks", 1)
 
 
-def _objective(curr) -> torch.Tensor:
-    """The lower objective g at the current φ, re-evaluated for the solver. BatchNorm running
-    statistics stay as the inner loop left them: a re-evaluation is not another step."""
-    # The forward updates scratch copies (swapped in, not copied back: the graph keeps them).
-    modules = curr.module.modules() if isinstance(getattr(curr, "module", None), torch.nn.Module) else ()
+@contextmanager
+def scratch_buffers(module):
+    """Forward passes inside see the buffers as they are but update scratch copies (swapped in,
+    not copied back: a graph may keep them), so BatchNorm's running statistics stay as the inner
+    loop left them: a re-evaluation is not another step."""
+    modules = module.modules() if isinstance(module, torch.nn.Module) else ()
     slots = [(m, name) for m in modules for name, _ in m.named_buffers(recurse=False)]
     kept = [getattr(m, name) for m, name in slots]
     for (m, name), b in zip(slots, kept):
         setattr(m, name, b.clone())
     try:
-        out = curr.training_step_exec(curr.cur_batch)
+        yield
     finally:
         for (m, name), b in zip(slots, kept):
             setattr(m, name, b)
+
+
+def _objective(curr) -> torch.Tensor:
+    """The lower objective g at the current φ, re-evaluated for the solver."""
+    with scratch_buffers(getattr(curr, "module", None)):
+        out = curr.training_step_exec(curr.cur_batch)
     return out["loss"] if isinstance(out, dict) else out
 
 

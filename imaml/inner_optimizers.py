@@ -12,9 +12,9 @@ Three ways to take a step, each a function of what the Lower problem hands over 
 - ``armijo``: steepest descent with a backtracking line search (Armijo's sufficient decrease),
   starting from twice the task's last accepted step, at most ``--inner-lr``: g never goes up;
 - ``hessian-free``: the iMAML paper's Hessian-free optimizer (a truncated Newton method): the
-  direction solves A d = −∇g by ``--inner-cg-steps`` of Steihaug CG (Hessian-vector products
-  only; stopped on negative curvature and at ‖d‖ ≤ ‖∇g‖/λ, which bounds the Newton step when
-  L_support is locally convex), then the line search from a full step.
+  direction solves the Levenberg-Marquardt-damped system (A + μI) d = −∇g by ``--inner-cg-steps``
+  of CG (Hessian-vector products only; stopped on negative curvature), then the line search
+  from a full step.
 
 All of them work on per-task rows ([T, n], one per task; T = 1 for one task), with per-task
 step sizes and stopping, so a task-vectorized meta-batch takes the steps its tasks take alone.
@@ -123,13 +123,15 @@ class InnerStep:
     grads: Optional[List[torch.Tensor]] = None
 
 
-def line_search(step: InnerStep, direction: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def line_search(step: InnerStep, direction: torch.Tensor, alpha: torch.Tensor) -> tuple:
     """Per task, the first α in alpha·{1, ½, ¼, ...} with g(φ + αd) ≤ g(φ) + c·α·∇gᵀd; moves φ
-    there and returns α ([T]; 0 for tasks that are stopped or found no decrease)."""
+    there and returns (α, g there) ([T] each; α = 0 and g(φ) for tasks that are stopped or found
+    no decrease)."""
     slope = (step.grad.detach() * direction).sum(dim=1)
     pending = step.loop.active & (slope < 0)
     alpha = torch.where(pending, alpha, torch.zeros_like(alpha))
     accepted = torch.zeros_like(alpha)
+    reached = step.values  # g at the accepted point
     moved = torch.zeros_like(alpha)  # the step φ is displaced by now
     # near a minimizer the decrease sinks below rounding: accept what no evaluation can tell apart
     noise = 8 * torch.finfo(step.values.dtype).eps * step.values.abs()
@@ -143,21 +145,18 @@ def line_search(step: InnerStep, direction: torch.Tensor, alpha: torch.Tensor) -
         step.loop.trials += 1
         ok = pending & torch.isfinite(values) & (values <= step.values + ARMIJO_C * alpha * slope + noise)
         accepted = torch.where(ok, alpha, accepted)
+        reached = torch.where(ok, values, reached)
         pending = pending & ~ok
         alpha = torch.where(pending, alpha * SHRINK, alpha)
     add_rows_(step.params, (accepted - moved)[:, None] * direction)  # tasks that never passed: back to φ_k
-    return accepted
+    return accepted, reached
 
 
 def sgd(step: InnerStep, optimizer) -> None:
     """The run's torch SGD step (``--inner-lr``, ``--inner-momentum``), on the active tasks only."""
     active = step.loop.active
     frozen = None if bool(active.all()) else [p.detach().clone() for p in step.params]
-    grads = step.grads
-    if grads is None:  # from the rows: each parameter's columns
-        widths = [p.numel() // len(active) for p in step.params]
-        grads = [g.reshape(p.shape) for g, p in zip(step.grad.detach().split(widths, dim=1), step.params)]
-    for p, g in zip(step.params, grads):
+    for p, g in zip(step.params, step.grads):
         p.grad = g.detach()
     optimizer.step()
     for p in step.params:
@@ -169,13 +168,17 @@ def sgd(step: InnerStep, optimizer) -> None:
                 p.copy_(torch.where(keep.reshape(-1, *([1] * (p.dim() - 1))), old, p))
 
 
+def _steepest_start(step: InnerStep) -> torch.Tensor:
+    """A steepest-descent search's first trial: min(2·the task's last accepted step, ``--inner-lr``)."""
+    cap = torch.full_like(step.values, step.lr)
+    return cap if step.loop.rate is None else torch.minimum(2 * step.loop.rate, cap)
+
+
 def armijo(step: InnerStep, optimizer=None) -> None:
     """Steepest descent with backtracking, from min(2·last accepted step, ``--inner-lr``)."""
-    loop = step.loop
-    cap = torch.full_like(step.values, step.lr)
-    start = cap if loop.rate is None else torch.minimum(2 * loop.rate, cap)
-    accepted = line_search(step, -step.grad.detach(), start)
-    loop.rate = torch.where(accepted > 0, accepted, start * SHRINK ** MAX_TRIALS)
+    start = _steepest_start(step)
+    accepted, _ = line_search(step, -step.grad.detach(), start)
+    step.loop.rate = torch.where(accepted > 0, accepted, start * SHRINK ** MAX_TRIALS)
 
 
 def hessian_free(step: InnerStep, optimizer=None) -> None:
@@ -197,15 +200,10 @@ def hessian_free(step: InnerStep, optimizer=None) -> None:
     predicted = 0.5 * (grad * direction).sum(dim=1)  # q(d) − q(0) for a CG iterate of the damped model (< 0)
     newton = predicted < 0
     direction = torch.where(newton[:, None], direction, -grad)
-    cap = torch.full_like(step.values, step.lr)
-    steepest = cap if loop.rate is None else torch.minimum(2 * loop.rate, cap)
-    before = step.values
-    accepted = line_search(step, direction, torch.where(newton, torch.ones_like(cap), steepest))
-    with torch.no_grad():
-        after = step.objectives()
-    step.loop.trials += 1
-    rho = (after - before) / torch.where(newton, predicted, -torch.ones_like(predicted))
-    full = newton & (accepted == 1)
+    steepest = _steepest_start(step)
+    accepted, after = line_search(step, direction, torch.where(newton, torch.ones_like(steepest), steepest))
+    full = newton & (accepted == 1)  # ρ: the decrease the full step made over the one its model predicted
+    rho = (after - step.values) / torch.where(newton, predicted, -torch.ones_like(predicted))
     loop.damping = torch.where(newton & (~full | (rho < 0.25)), mu * 1.5,
                                torch.where(full & (rho > 0.75), mu / 1.5, mu))
     loop.rate = torch.where(~newton & (accepted > 0), accepted, steepest)

@@ -22,7 +22,6 @@ the hooks to override and the plumbing to leave alone (docs/extending.md walks t
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, List, Optional, Sequence, Type
 
@@ -31,7 +30,7 @@ from betty.configs import Config
 from betty.problems import ImplicitProblem, IterativeProblem
 from torch.func import functional_call
 
-from imaml.hypergrad import register_with_betty
+from imaml.hypergrad import register_with_betty, scratch_buffers
 from imaml.inner_optimizers import INNER_OPTIMIZERS, NEEDS_HVP, InnerLoop, InnerStep, rows, task_norms
 from imaml.metrics import global_norm, task_loss
 from imaml.models import predict_query
@@ -208,7 +207,7 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
 
     def _trial_objectives(self, batch) -> torch.Tensor:
         """g per task at a trial point of a line search: no graph, running statistics untouched."""
-        with torch.no_grad(), _buffers_kept(self.module):
+        with torch.no_grad(), scratch_buffers(self.module):
             return self.task_objectives(batch).detach()
 
     def record_final_gradient(self, grad_rows: torch.Tensor) -> None:
@@ -230,7 +229,7 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
 
     def _gradient_norms(self) -> torch.Tensor:
         params = list(self.trainable_parameters())
-        with _buffers_kept(self.module):
+        with scratch_buffers(self.module):
             grads = torch.autograd.grad(self.training_step_exec(self.cur_batch), params, allow_unused=True)
         return task_norms([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)], self.num_tasks)
 
@@ -257,18 +256,6 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
             for mine, theirs in zip(self.module.buffers(), self.meta_problem.module.buffers()):
                 mine.copy_(theirs)
         self.optimizer.state.clear()  # no momentum carried over from the previous task
-
-
-@contextmanager
-def _buffers_kept(module: torch.nn.Module):
-    """Evaluations that are not inner steps leave BatchNorm's running statistics as they were."""
-    saved = [b.detach().clone() for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, s in zip(module.buffers(), saved):
-                b.copy_(s)
 
 
 class _RecomputedSteps:

@@ -47,12 +47,13 @@ def _run_inner(name, g, theta, lam, steps, lr=0.5, tol=1e-10):
     loop = InnerLoop(tol)
     for _ in range(steps):
         value = g(w)
-        grad = rows(torch.autograd.grad(value, [w], create_graph=True), 1)
+        grads = torch.autograd.grad(value, [w], create_graph=True)
+        grad = rows(grads, 1)
         loop.measure(grad.norm(dim=1))
         if loop.done:
             break
         step = InnerStep([w], value.detach().reshape(1), grad, lambda: g(w).detach().reshape(1), loop, lr=lr,
-                         lam=lam, cg_steps=10,
+                         lam=lam, cg_steps=10, grads=list(grads),
                          hvp=lambda u: rows(torch.autograd.grad(grad, [w], u, retain_graph=True), 1))
         INNER_OPTIMIZERS[name](step, optimizer)
     return w.detach(), loop
