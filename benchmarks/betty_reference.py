@@ -40,18 +40,12 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from betty import hypergradient
 from betty.configs import Config, EngineConfig
 from betty.engine import Engine
-from betty.hypergradient.cg import cg as betty_cg
 from betty.logging.logger_base import get_logger
 from betty.problems import ImplicitProblem, IterativeProblem
 
 __all__ = ["BettyReference"]
-
-# betty-ml 0.1.1's own CG, under a name this project's solver registration never overwrites
-hypergradient.jvp_fn_mapping["betty_0_1_1_cg"] = betty_cg
-
 
 def _task_stream(source, meta_batch_size: int, seed: int, device, dtype) -> Iterator[tuple]:
     """One task at a time from meta-batches drawn like the engine draws them."""
@@ -132,7 +126,7 @@ class BettyReference:
         inner_module = copy.deepcopy(model)
         inner_optimizer = torch.optim.SGD(inner_module.parameters(), lr=inner_lr)
         if algo == "imaml":
-            inner_config = Config(type="betty_0_1_1_cg", unroll_steps=inner_steps, cg_iterations=cg_steps)
+            inner_config = Config(type="cg", unroll_steps=inner_steps, cg_iterations=cg_steps)
             inner = _ImplicitInner("inner", inner_config, module=inner_module, optimizer=inner_optimizer,
                                    train_data_loader=([()],), device=device)
             inner.lam = lam

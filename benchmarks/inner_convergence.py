@@ -24,7 +24,7 @@ import torch
 from engines.build import build_engine
 from imaml.config import parse_args
 from imaml.inner_optimizers import rows
-from imaml.linear_solvers import largest_eigenvalue
+from imaml.solvers import largest_eigenvalue
 
 __all__ = ["measure", "main"]
 

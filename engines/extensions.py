@@ -18,7 +18,7 @@ from torch import nn
 from envs import FewShotEnv
 from imaml.config import HYPERGRADS, RunConfig
 from imaml.errors import UsageError
-from imaml.hypergrad import register_solver
+from imaml.solvers import register_solver, solver_key
 from imaml.models import build_model
 from imaml.plugins import check_class, is_import_path, load_class, load_object, qualname
 from problems import ImplicitLower, MetaInit, UnrolledLower
@@ -43,7 +43,7 @@ class Parts:
         """No extension replaces a problem class or the solver (so the task-vectorized path,
         which has its own problem classes, computes the same thing)."""
         return (self.lower in (ImplicitLower, UnrolledLower) and self.upper is MetaInit
-                and (self.solver is None or self.solver in {f"imaml_{name}" for name in HYPERGRADS}))
+                and (self.solver is None or self.solver in {solver_key(name) for name in HYPERGRADS}))
 
 
 def choose_parts(config: RunConfig, lower_cls: Optional[type] = None, upper_cls: Optional[type] = None,
@@ -105,7 +105,7 @@ def _pick(given: Optional[type], keyword: str, spec: Optional[str], flag: str, b
 def _solver_key(config: RunConfig, solver: Optional[Callable]) -> str:
     """The Lower config's ``type``: a built-in solver, or a user's one registered with Betty."""
     if solver is None and not is_import_path(config.hypergrad):
-        return f"imaml_{config.hypergrad}"
+        return solver_key(config.hypergrad)
     what = f"--hypergrad {config.hypergrad}" if solver is None else f"solver={solver!r}"
     fn = solver if solver is not None else load_object(config.hypergrad, "--hypergrad")
     if isinstance(fn, type):

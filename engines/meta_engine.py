@@ -149,9 +149,7 @@ class MetaEngine(Engine):
                 self._note_problem(self._check_task())
             self.inner_curves.append(self.lower.inner_losses)
             self.stationarity.extend(self._stationarity())
-            info = getattr(self.lower, "hypergrad_info", None)
-            if info is not None:
-                self.solves.append(info)
+            self.solves.extend(getattr(self.lower, "hypergrad_infos", []))
 
     def _stationarity(self) -> list:
         """The inner loop's stationarity per task just adapted (iMAML's Lower problems measure it)."""

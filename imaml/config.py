@@ -21,25 +21,15 @@ from typing import Any, Optional
 
 import yaml
 
+from imaml.choices import (ALGOS, BN_MODES, DIST_BACKENDS, EPISODES, EXECUTIONS, HYPERGRADS, INNER_OPTIMIZERS,
+                           LR_SCHEDULES, META_OPTIMIZERS, OMNIGLOT_BACKGROUNDS, OMNIGLOT_TASKS, OMNIGLOT_VALS,
+                           ON_DIVERGENCE, WANDB_MODES)
 from imaml.errors import UsageError
 from imaml.plugins import is_import_path, split_import_path
 
 __all__ = ["RunConfig", "ALGOS", "HYPERGRADS", "CONFIG_DIR", "MAX_SEED", "parse_args", "load_preset",
            "checkpoint_path", "prepare_output_dir"]
 
-ALGOS = ("imaml", "maml", "fomaml", "pretrain")
-HYPERGRADS = ("cg", "neumann", "darts", "exact", "minres", "normal-cg", "cg-damped")
-WANDB_MODES = ("online", "offline", "disabled")
-BN_MODES = ("transductive", "inductive", "episodic")
-META_OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("none", "cosine", "step")
-DIST_BACKENDS = ("auto", "nccl", "gloo")
-EXECUTIONS = ("auto", "per-task", "vectorized")
-INNER_OPTIMIZERS = ("sgd", "armijo", "hessian-free")
-OMNIGLOT_BACKGROUNDS = ("full", "small1", "small2")
-OMNIGLOT_VALS = ("auto", "alphabets", "characters")
-EPISODES = ("any", "within-alphabet")
-OMNIGLOT_TASKS = ("omniglot", "omniglot-lake")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # W&B run ids also name a folder: runs/<id>
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators all take [0, 2³² − 1]; negative seeds are refused

@@ -27,7 +27,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from imaml.linear_solvers import conjugate_gradient
+from imaml.solvers.cg import conjugate_gradient
 from imaml.metrics import global_norm
 
 __all__ = ["InnerStep", "InnerLoop", "INNER_OPTIMIZERS", "rows", "add_rows_", "task_norms"]

@@ -8,11 +8,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from imaml.config import BN_MODES
+from imaml.choices import BN_MODES, MODELS
 from imaml.errors import UsageError
 
 __all__ = ["Conv4", "ResNet12", "MLP", "build_model", "MODELS", "BN_MODES", "norm2d", "predict_query",
-           "EpisodicBatchNorm2d"]
+           "EpisodicBatchNorm2d", "scratch_buffers"]
 
 
 class EpisodicBatchNorm2d(nn.BatchNorm2d):
@@ -64,6 +64,23 @@ def support_statistics(model: nn.Module, rows: int):
     finally:
         for layer in layers:
             layer.reference_rows = None
+
+
+@contextmanager
+def scratch_buffers(module):
+    """Forward passes inside see the buffers as they are but update scratch copies (swapped in,
+    not copied back: a graph may keep them), so BatchNorm's running statistics stay as the inner
+    loop left them: a re-evaluation is not another step."""
+    modules = module.modules() if isinstance(module, torch.nn.Module) else ()
+    slots = [(m, name) for m in modules for name, _ in m.named_buffers(recurse=False)]
+    kept = [getattr(m, name) for m, name in slots]
+    for (m, name), b in zip(slots, kept):
+        setattr(m, name, b.clone())
+    try:
+        yield
+    finally:
+        for (m, name), b in zip(slots, kept):
+            setattr(m, name, b)
 
 
 def predict_query(forward: Callable, model: nn.Module, support_x: torch.Tensor,
@@ -166,8 +183,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-
-MODELS = ("conv4", "conv4-strided", "resnet12", "mlp")
 
 
 def build_model(name: str | None, input_shape: tuple, num_outputs: int, channels: int = 64,

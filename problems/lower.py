@@ -5,7 +5,7 @@ Two Betty problem types, one per way of differentiating through the adaptation:
 - ``ImplicitLower`` (iMAML): an ``ImplicitProblem`` whose objective is the proximally
   regularized support loss  g(φ, θ) = L_support(φ) + λ/2·‖φ − θ‖²  (Rajeswaran et al., 2019,
   eq. 3, same λ). Its meta-gradient comes from the implicit function theorem through the
-  solver named in ``config.type`` (see ``imaml.hypergrad``), so memory does not grow with
+  solver named in ``config.type`` (see ``imaml.solvers``), so memory does not grow with
   the number of inner steps.
 - ``UnrolledLower`` (MAML): an ``IterativeProblem`` whose inner SGD updates are themselves
   differentiable, so the meta-gradient flows through every step (second order), or, with
@@ -30,10 +30,10 @@ from betty.configs import Config
 from betty.problems import ImplicitProblem, IterativeProblem
 from torch.func import functional_call
 
-from imaml.hypergrad import register_with_betty, scratch_buffers
+from imaml import betty_glue, solvers
 from imaml.inner_optimizers import INNER_OPTIMIZERS, NEEDS_HVP, InnerLoop, InnerStep, rows, task_norms
 from imaml.metrics import global_norm, task_loss
-from imaml.models import predict_query
+from imaml.models import predict_query, scratch_buffers
 from imaml.recompute import recompute_in_backward
 from problems.upper import MetaInit
 
@@ -53,7 +53,7 @@ class LowerConfig(Config):
     lam: float = 1.0
     weight_decay: float = 0.0  # iMAML: part of the inner objective, so the implicit gradient sees it
     cg_tol: float = 1e-5
-    cg_trust_region: bool = True  # ‖x‖ ≤ ‖v‖/λ, see imaml.hypergrad.trust_radius
+    cg_trust_region: bool = True  # ‖x‖ ≤ ‖v‖/λ, see imaml.solvers.trust_radius
     cg_damping: float = 0.0  # cg-damped: μ in (A + μI) x = v
     inner_optimizer: str = "sgd"  # iMAML: sgd, armijo or hessian-free (imaml.inner_optimizers)
     inner_tol: float = 1e-2  # iMAML: a task stops once ‖∇g(φ_k)‖ ≤ tol·‖∇g(φ_0)‖
@@ -80,6 +80,11 @@ class _TaskAdaptation:
     num_tasks = 1  # tasks adapted at once (stacked along dim 0 by problems.vectorized)
 
     @property
+    def in_training(self) -> bool:
+        """Meta-training (True) or evaluation (False): Betty's mode of this problem."""
+        return betty_glue.is_training(self)
+
+    @property
     def meta_problem(self):
         """The Upper problem holding θ (Betty's parent in the dependency graph)."""
         return self.parents[0]
@@ -98,7 +103,7 @@ class _TaskAdaptation:
     def begin_task(self) -> None:
         """Make the next ``step()`` start a fresh inner loop from θ, in any mode. (Betty only
         re-arms this after a training inner loop hands over to the Upper problem.)"""
-        self._inner_loop_start = True
+        betty_glue.restart_inner_loop(self)
         self.inner_losses = []
 
     def one_step_descent(self, batch=None):
@@ -120,7 +125,7 @@ class _TaskAdaptation:
         """After a meta-training task: keep the running statistics its forward passes
         accumulated (inductive BatchNorm), so they carry over to the next task and to
         meta-test. Non-finite statistics (a diverged task) are dropped."""
-        if not self._training:
+        if not self.in_training:
             return
         mine = list(self.adapted_buffers())
         if all(torch.isfinite(b).all() for b in mine if b.is_floating_point()):
@@ -158,14 +163,15 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
     """
 
     def __init__(self, name, config: LowerConfig, module, optimizer, device=None):
-        register_with_betty()  # the corrected solvers named by config.type
+        solvers.install()  # the corrected solvers named by config.type (under our own keys)
         super().__init__(name, config, module=module, optimizer=optimizer, device=device)
-        self.hypergrad_info = None
+        self.hypergrad_infos: list = []  # the solver's SolveInfo of each task of the last inner loop
         self.inner = InnerLoop(config.inner_tol)
         self._final_norms: Optional[torch.Tensor] = None
 
     def begin_task(self) -> None:
         super().begin_task()
+        self.hypergrad_infos = []
         self.inner = InnerLoop(self.config.inner_tol)
         self._final_norms = None
 
@@ -173,7 +179,8 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
         """One step of ``config.inner_optimizer`` on g, for the tasks not yet within
         ``config.inner_tol`` (``imaml.inner_optimizers``); once all are, the loop's remaining
         steps are no-ops, so Betty's step count (and its hand-over to the Upper problem) stays."""
-        self.cur_batch = batch = self.get_batch() if batch is None else batch
+        batch = self.get_batch() if batch is None else batch
+        betty_glue.remember_batch(self, batch)
         if self.inner.done:
             self.inner_losses.append(self.inner_losses[-1])
             return {"loss": self.inner_losses[-1] * self.num_tasks}
@@ -181,7 +188,7 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
         params = list(self.trainable_parameters())
         values = None  # g per task: only the line searches need it
         if name == "sgd":  # the objective as Betty computes it (one scalar for all tasks)
-            loss = self.training_step_exec(batch)
+            loss = betty_glue.objective(self, batch)
         else:
             values = self.task_objectives(batch)
             loss = values.sum()
@@ -230,7 +237,8 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
     def _gradient_norms(self) -> torch.Tensor:
         params = list(self.trainable_parameters())
         with scratch_buffers(self.module):
-            grads = torch.autograd.grad(self.training_step_exec(self.cur_batch), params, allow_unused=True)
+            grads = torch.autograd.grad(betty_glue.objective(self, betty_glue.last_batch(self)), params,
+                                        allow_unused=True)
         return task_norms([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)], self.num_tasks)
 
     def training_step(self, batch) -> torch.Tensor:
@@ -276,9 +284,10 @@ class _RecomputedSteps:
     recomputable: ClassVar[bool] = True
 
     def one_step_descent(self, batch=None):
-        if not (self.config.grad_checkpoint and self._training and not self._first_order):
+        if not (self.config.grad_checkpoint and self.in_training and betty_glue.differentiates_inner_steps(self)):
             return super().one_step_descent(batch)
-        self.cur_batch = batch = self.get_batch() if batch is None else batch
+        batch = self.get_batch() if batch is None else batch
+        betty_glue.remember_batch(self, batch)
         n_params, buffers, state = len(self.params), self.buffers, self.optimizer.state
         slots = _tensor_slots(state)
         plain_step = super().one_step_descent
@@ -354,7 +363,7 @@ class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
 
     def initialize(self, engine_config):
         super().initialize(engine_config)
-        self._first_order = self.config.first_order  # Betty derives it from the parent's config
+        betty_glue.set_first_order(self, self.config.first_order)  # Betty derives it from the parent's config
 
     def patch_modules(self):
         """Functional view of the module with ``torch.func`` (Betty uses the deprecated
@@ -395,7 +404,7 @@ class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
 
     def on_inner_loop_start(self) -> None:
         theta = self.meta_problem.initial_parameters()
-        if self._training:
+        if self.in_training:
             self.params = tuple(t.clone() for t in theta)  # keeps the graph to θ
         else:
             self.params = tuple(t.detach().clone().requires_grad_() for t in theta)
@@ -412,15 +421,15 @@ class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
 
     # Evaluation adapts without building a graph for meta-gradients it will never take.
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
-        super().backward(loss, params, paths, create_graph=create_graph and self._training,
-                         retain_graph=retain_graph and self._training, allow_unused=allow_unused)
+        super().backward(loss, params, paths, create_graph=create_graph and self.in_training,
+                         retain_graph=retain_graph and self.in_training, allow_unused=allow_unused)
 
     def custom_optimizer_step(self, *args, **kwargs) -> tuple:
         return differentiable_sgd(self.params, self.optimizer)
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        if not self._training:
+        if not self.in_training:
             self.params = tuple(p.detach().requires_grad_() for p in self.params)
 
 
@@ -435,7 +444,7 @@ def differentiable_sgd(params: Sequence[torch.Tensor], optimizer) -> tuple:
     without a gradient from the tuple it returns.
     """
     new = list(params)
-    for group, mapping in zip(optimizer.param_groups, optimizer.param_mappings):
+    for group, mapping in zip(optimizer.param_groups, betty_glue.parameter_indices(optimizer)):
         lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
         for i in mapping:
             grad = params[i].grad

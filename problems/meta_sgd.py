@@ -67,6 +67,6 @@ class MetaSGDLower(UnrolledLower):
 
     def custom_optimizer_step(self, *args, **kwargs) -> tuple:
         lrs = self.meta_problem.inner_lrs
-        if not self._training:
+        if not self.in_training:
             lrs = [a.detach() for a in lrs]  # meta-test: no graph to α
         return tuple(p if p.grad is None else p - a * p.grad for p, a in zip(self.params, lrs))

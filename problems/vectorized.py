@@ -6,7 +6,7 @@ its own BatchNorm statistics (``imaml.vectorize.TaskGroupedModel``), and the obj
 the *sum* of the per-task objectives. Tasks are independent, so the gradient of that sum
 with respect to φ_t is task t's own gradient: every task takes exactly the SGD steps it
 would take alone. The Hessian of the sum is block-diagonal, so the iMAML solvers run with
-per-task scalars (``imaml.hypergrad``: one row per task), and the Upper problem averages the
+per-task scalars (``imaml.solvers``: one row per task), and the Upper problem averages the
 per-task query losses, giving the same meta-gradient as the per-task path.
 
 The engine hands these problems the whole meta-batch (``FewShotEnv.select_all``) and runs
@@ -100,7 +100,7 @@ class VectorizedUnrolledLower(_TaskStacked, UnrolledLower):
 
     def on_inner_loop_start(self):
         stacked = stack_for_tasks(self.meta_problem.trainable_parameters(), self._count_tasks())
-        if self._training:
+        if self.in_training:
             self.params = tuple(t.clone() for t in stacked)  # keeps the graph to θ
         else:
             self.params = tuple(t.detach().clone().requires_grad_() for t in stacked)

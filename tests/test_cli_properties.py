@@ -97,7 +97,7 @@ def scratch(tmp_path_factory) -> Path:
 def _every_flag(scratch: Path):
     paths = _paths(scratch)
     strategies = {name: _any_value(name) for name in FIELDS}
-    choices = {"algo": config_module.ALGOS, "hypergrad": config_module.HYPERGRADS + ("imaml.hypergrad:dense_solve",),
+    choices = {"algo": config_module.ALGOS, "hypergrad": config_module.HYPERGRADS + ("imaml.solvers:dense_solve",),
                "execution": config_module.EXECUTIONS, "bn_mode": config_module.BN_MODES,
                "wandb_mode": config_module.WANDB_MODES, "meta_optimizer": config_module.META_OPTIMIZERS,
                "lr_schedule": config_module.LR_SCHEDULES, "dist_backend": config_module.DIST_BACKENDS,

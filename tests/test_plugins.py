@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from envs import FewShotEnv
-from imaml.hypergrad import conjugate_gradient
+from imaml.solvers import conjugate_gradient
 from problems import UnrolledLower
 
 calls = {"lower": [], "env": 0, "solver": 0}

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from imaml.hypergrad import (SOLVERS, conjugate_gradient, damped_cg, dense_solve, minres, neumann_series,
-                             normal_cg, register_with_betty)
+from imaml.solvers import (SOLVERS, conjugate_gradient, damped_cg, dense_solve, install, minres, neumann_series,
+                           normal_cg)
 from problems import LowerConfig
 
 F64 = torch.float64
@@ -97,12 +97,13 @@ def test_cg_converges_to_the_dense_solution_without_diverging():
     assert errors[-1] <= 1e-6
     assert errors[3] <= 1e-2  # 13 steps solve a 13-dimensional system, up to lost orthogonality
     assert all(later <= earlier * 1.5 for earlier, later in zip(errors, errors[1:])), errors
-    assert lower.hypergrad_info.converged
+    assert lower.hypergrad_infos[0].converged
 
 
-def test_betty_cg_is_defective_and_replaced():
+def test_betty_cg_is_defective_and_ours_is_registered_beside_it():
     """betty-ml 0.1.1's CG (direction updated with the old residual) diverges on this problem;
-    after registration, Betty's own name 'cg' dispatches to the corrected solver."""
+    after registration, our key 'imaml_cg' dispatches to the corrected solver and Betty's own
+    'cg' and 'darts' stay Betty's (issue 19: the table as Betty ships it)."""
     from betty import hypergradient
     from betty.hypergradient.cg import cg as betty_cg
 
@@ -110,10 +111,11 @@ def test_betty_cg_is_defective_and_replaced():
     exact, _ = _exact(lower, v)
     lower.config = LowerConfig(cg_iterations=50, cg_tol=1e-14, cg_trust_region=False)
     assert _rel(betty_cg(v, lower, upper)[0], exact) > 0.1
-    register_with_betty()
-    assert hypergradient.jvp_fn_mapping["cg"] is SOLVERS["cg"]
-    assert hypergradient.jvp_fn_mapping["darts"] is SOLVERS["darts"]
-    assert _rel(hypergradient.jvp_fn_mapping["cg"](v, lower, upper)[0], exact) < 1e-6
+    install()
+    assert hypergradient.jvp_fn_mapping["imaml_cg"] is SOLVERS["cg"]
+    assert hypergradient.jvp_fn_mapping["imaml_darts"] is SOLVERS["darts"]
+    assert hypergradient.jvp_fn_mapping["cg"] is betty_cg
+    assert _rel(hypergradient.jvp_fn_mapping["imaml_cg"](v, lower, upper)[0], exact) < 1e-6
 
 
 def test_cg_core_on_random_spd_systems():
@@ -345,8 +347,8 @@ def test_indefinite_solvers_give_the_dense_implicit_gradient_through_betty(name)
     exact, _ = _exact(lower, v)
     got = SOLVERS[name](v, lower, upper)[0]
     assert _rel(got, exact) < 1e-8
-    assert lower.hypergrad_info.solver == name and lower.hypergrad_info.converged
-    register_with_betty()
+    assert lower.hypergrad_infos[0].solver == name and lower.hypergrad_infos[0].converged
+    install()
     assert hypergradient.jvp_fn_mapping[f"imaml_{name}"] is SOLVERS[name]
 
 
@@ -358,7 +360,7 @@ def test_cg_damped_reads_the_damping_from_the_lower_config():
     undamped, _ = _exact(lower, v)
     got = SOLVERS["cg-damped"](v, lower, upper)[0]
     assert _rel(got, damped) < 1e-8 and _rel(got, undamped) > 1e-3
-    info = lower.hypergrad_info
+    info = lower.hypergrad_infos[0]
     assert info.converged and info.damped_residual <= 1e-11 and info.residual > 1e-3  # the bias, in the logs
 
 

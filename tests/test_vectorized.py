@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from engines import build_engine
 from imaml.errors import UsageError
-from imaml.hypergrad import conjugate_gradient, dense_solve, neumann_series
+from imaml.solvers import conjugate_gradient, dense_solve, neumann_series
 from imaml.models import MLP, Conv4
 from imaml.vectorize import TaskGroupedModel, why_not_vectorizable
 from tests.reference import engine_meta_gradient, relative_error

@@ -1,0 +1,22 @@
+"""The values each named option takes, torch-free: the CLI checks them before any heavy import,
+and the modules that act on them (models, solvers, inner optimizers) name the same tuples."""
+
+__all__ = ["ALGOS", "HYPERGRADS", "WANDB_MODES", "BN_MODES", "META_OPTIMIZERS", "LR_SCHEDULES", "DIST_BACKENDS",
+           "EXECUTIONS", "INNER_OPTIMIZERS", "OMNIGLOT_BACKGROUNDS", "OMNIGLOT_VALS", "EPISODES", "OMNIGLOT_TASKS",
+           "ON_DIVERGENCE", "MODELS"]
+
+ALGOS = ("imaml", "maml", "fomaml", "pretrain")
+HYPERGRADS = ("cg", "neumann", "darts", "exact", "minres", "normal-cg", "cg-damped")
+WANDB_MODES = ("online", "offline", "disabled")
+BN_MODES = ("transductive", "inductive", "episodic")
+META_OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("none", "cosine", "step")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
+EXECUTIONS = ("auto", "per-task", "vectorized")
+INNER_OPTIMIZERS = ("sgd", "armijo", "hessian-free")
+OMNIGLOT_BACKGROUNDS = ("full", "small1", "small2")
+OMNIGLOT_VALS = ("auto", "alphabets", "characters")
+EPISODES = ("any", "within-alphabet")
+OMNIGLOT_TASKS = ("omniglot", "omniglot-lake")
+ON_DIVERGENCE = ("stop", "skip")
+MODELS = ("conv4", "conv4-strided", "resnet12", "mlp")

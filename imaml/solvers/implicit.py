@@ -1,0 +1,117 @@
+"""The implicit-gradient adapter: a linear solver becomes a Betty hypergradient function.
+
+For a lower problem φ*(θ) = argmin_φ g(φ, θ) and an upper loss f(φ*), the implicit
+function theorem gives
+
+    df/dθ = −(∂²g/∂θ∂φ) · A⁻¹ · ∇φ f,    A = ∂²g/∂φ²  (the Hessian of the lower objective).
+
+For iMAML, g = L_support(φ) + λ/2·‖φ − θ‖², so A = H + λI, −∂²g/∂θ∂φ = λI and
+
+    df/dθ = λ (H + λI)⁻¹ ∇φ f = (I + H/λ)⁻¹ ∇φ f        (Rajeswaran et al., 2019, eq. 6).
+
+``implicit_gradient(solve)`` gives the solver the lower objective's Hessian-vector product and
+applies the cross term with one more autograd call, so it serves any lower objective, not just
+the proximal one. The contract of ``solve(matvec, b, config) -> (x, infos)``: b and x are
+[T, n], one row per task of the inner loop (T = 1 when tasks run one at a time), ``matvec``
+maps [T, n] to [T, n], and ``infos`` is a list of one ``SolveInfo`` per row.
+
+The core works on flat vectors (one ``torch.cat``), so there is no Python loop over
+parameters inside the solver iterations.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from imaml import betty_glue
+from imaml.metrics import global_norm
+from imaml.models import scratch_buffers
+from imaml.solvers.base import SolveInfo
+
+__all__ = ["implicit_gradient", "lower_objective", "flat"]
+
+
+def flat(tensors: Sequence[torch.Tensor], tasks: Optional[int] = None) -> torch.Tensor:
+    """One flat vector, or with ``tasks`` one row per task ([T, n]) of task-stacked tensors."""
+    if tasks is None:
+        return torch.cat([t.reshape(-1) for t in tensors])
+    return torch.cat([t.reshape(tasks, -1) for t in tensors], dim=1)
+
+
+def _num_tasks(curr) -> int:
+    """Tasks stacked along dim 0 of the lower parameters (our Lower problems say how many; a
+    plain Betty problem adapts one, unstacked)."""
+    return getattr(curr, "num_tasks", 1)
+
+
+def lower_objective(curr) -> torch.Tensor:
+    """The lower objective g at the current φ, re-evaluated for the solver."""
+    with scratch_buffers(getattr(curr, "module", None)):
+        out = betty_glue.objective(curr, betty_glue.last_batch(curr))
+    return out["loss"] if isinstance(out, dict) else out
+
+
+def _lower_grad(curr) -> tuple:
+    """∇φ g at the current lower parameters, with its graph (for HVPs and the cross term), as
+    [T, n]: the lower objective of T stacked tasks is the sum of theirs, so row t is ∇φ_t g_t."""
+    loss = lower_objective(curr)
+    params = list(curr.trainable_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+    return flat(grads, _num_tasks(curr)), params
+
+
+def _cross_term(flat_grad: torch.Tensor, x: torch.Tensor, curr, prev) -> tuple:
+    """−(∂/∂θ)(∇φ g · x): the cross term applied to the solve's result, summed over tasks,
+    and each task's norm ([T] floats). A Lower problem whose objective reads θ through per-task
+    views ([T, ...]) names them in ``task_meta_parameters``; they give the per-task terms in the
+    same single backward pass. Otherwise θ is read as it is, by one task."""
+    per_task = getattr(curr, "task_meta_parameters", None)
+    inputs = list(per_task) if per_task is not None else list(prev.trainable_parameters())
+    grads = torch.autograd.grad(flat_grad, inputs, grad_outputs=x, allow_unused=True)
+    grads = [None if g is None else -g for g in grads]
+    if per_task is None:
+        return grads, [float(global_norm(grads))]
+    norms = torch.stack([g.reshape(len(x), -1).norm(dim=1) for g in grads if g is not None]).norm(dim=0)
+    return [None if g is None else g.sum(0) for g in grads], norms.tolist()
+
+
+def _check(solve: Callable, out, tasks: int) -> tuple:
+    """``out`` as the contract has it, (x [T, n], T SolveInfo), or a TypeError naming the solver."""
+    infos = out[1] if isinstance(out, tuple) and len(out) == 2 else None
+    if not (isinstance(infos, list) and len(infos) == tasks and all(isinstance(i, SolveInfo) for i in infos)):
+        raise TypeError(f"hypergradient solver {getattr(solve, '__name__', solve)!r} returned "
+                        f"{type(out).__name__}; it must return (x, SolveInfo) for each of the {tasks} systems: "
+                        f"x [T, n] and a list of T SolveInfo")
+    return out
+
+
+def implicit_gradient(solve: Callable) -> Callable:
+    """Turn ``solve(matvec, b, config) -> (x, infos)`` (b, x: [T, n]) into a Betty jvp function.
+
+    The Lower problem gets ``hypergrad_infos`` (one ``SolveInfo`` per task, its ``norm`` the
+    task's hypergradient norm) and, where it has ``record_final_gradient``, ∇g(φ_K) per task."""
+
+    def jvp(vector, curr, prev):
+        flat_grad, params = _lower_grad(curr)
+        tasks = _num_tasks(curr)
+        if hasattr(curr, "record_final_gradient"):  # the inner loop's stationarity, at no extra cost
+            curr.record_final_gradient(flat_grad)
+
+        def matvec(u: torch.Tensor) -> torch.Tensor:
+            return flat(torch.autograd.grad(flat_grad, params, grad_outputs=u, retain_graph=True), tasks)
+
+        with torch.no_grad():
+            x, infos = _check(solve, solve(matvec, flat(vector, tasks).detach(), curr.config), tasks)
+        implicit, norms = _cross_term(flat_grad, x, curr, prev)
+        for info, norm in zip(infos, norms):
+            info.norm = norm
+        curr.hypergrad_infos = infos  # one per task
+        return implicit
+
+    jvp.__name__ = solve.__name__
+    return jvp
