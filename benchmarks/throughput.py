@@ -105,8 +105,8 @@ class _InProcess:
         if self.engine is None:
             return {}
         out = {"execution": "vectorized" if self.engine.vectorized else "per-task"}
-        if self.engine.solves:
-            out["cg_iterations"] = sum(i.iterations for i in self.engine.solves) / len(self.engine.solves)
+        if self.engine.records.solves:
+            out["cg_iterations"] = sum(i.iterations for i in self.engine.records.solves) / len(self.engine.records.solves)
         return out
 
     def close(self) -> None:

@@ -4,26 +4,29 @@ Env, model, problems and engine together."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
-from betty.configs import Config
 from betty.logging.logger_base import get_logger as get_betty_logger
 
 from envs import build_task_sources
 from engines import distributed
 from engines.extensions import Parts, choose_parts, make_model
+from engines.divergence import DivergenceGuard
 from engines.meta_engine import MetaEngine
+from engines.records import TaskRecords
+from engines.run_control import RunControl
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 from imaml.reporting import RunLog
 from imaml.vectorize import why_not_vectorizable
-from problems import LowerConfig, VectorizedImplicitLower, VectorizedUnrolledLower
+from problems import LowerConfig, UpperConfig, VectorizedImplicitLower, VectorizedUnrolledLower
 
-__all__ = ["build_engine", "resolve_device", "use_vectorized"]
+__all__ = ["build_engine", "resolve_device", "use_vectorized", "build_upper_config", "say_to"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,13 +161,31 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     # task-vectorized Lower problem hands over all of them at once, already averaged).
     implicit = config.algo == "imaml"
     vectorized = use_vectorized(config, model, device, train.input_shape, parts)
-    upper_config = Config(first_order=implicit, retain_graph=implicit,
-                          gradient_accumulation=1 if vectorized else len(distributed.shard(config.meta_batch_size)),
-                          gradient_clipping=config.meta_grad_clip)
+    tasks = len(distributed.shard(config.meta_batch_size))  # this process's tasks per meta-batch
+    upper_config = build_upper_config(config, log, implicit, tasks_per_update=1 if vectorized else tasks,
+                                      share=tasks / config.meta_batch_size)
     upper = parts.upper("upper", upper_config, module=model,
                         optimizer=build_meta_optimizer(config, model.parameters()), device=device)
     upper.lr_schedule = build_lr_schedule(config, upper.optimizer)  # over every group (Meta-SGD's rates too)
     lower = build_lower(config, model, device, parts, vectorized)
 
     get_betty_logger().setLevel(logging.WARNING)  # Betty prints its problem graph at INFO
-    return MetaEngine(upper, lower, env, config, log=log, checkpoint_dir=checkpoint_dir)
+    return MetaEngine(upper, lower, env, config, log=log, control=RunControl(checkpoint_dir),
+                      records=TaskRecords(config, say_to(log)))
+
+
+def say_to(log: Optional[RunLog]) -> Callable[[str], None]:
+    """Where a run's one-line messages go: its log (which prints them), or nowhere."""
+    return log.say if log else (lambda line: None)
+
+
+def build_upper_config(config: RunConfig, log: Optional[RunLog], first_order: bool, tasks_per_update: int,
+                       share: float, guard_class: type = DivergenceGuard) -> UpperConfig:
+    """The Upper problem's config: how Betty differentiates through the Lower problem
+    (``first_order``: the implicit path, our solver; otherwise through the unrolled steps), the
+    inner loops averaged into one meta-update, clipping, the divergence guard, and under
+    ``torchrun`` the gradient all-reduce (``share``: this process's part of the mean)."""
+    sync = functools.partial(distributed.all_reduce_gradients, scale=share) if distributed.world_size() > 1 else None
+    return UpperConfig(first_order=first_order, retain_graph=first_order, gradient_accumulation=tasks_per_update,
+                       gradient_clipping=config.meta_grad_clip, divergence_guard=guard_class(config, say_to(log)),
+                       gradient_sync=sync)

@@ -9,18 +9,19 @@ through the same inner loop (``FineTune``'s adaptation), the logs, checkpoints, 
 from __future__ import annotations
 
 import copy
-import functools
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 import torch
-from betty.configs import Config
 
 from envs import build_task_sources
 from envs.pooled import PretrainEnv
 from engines import distributed
 from engines.extensions import choose_parts, make_model
+from engines.divergence import PretrainDivergenceGuard
 from engines.meta_engine import MetaEngine
+from engines.records import TaskRecords
+from engines.run_control import RunControl
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 from imaml.plugins import qualname
@@ -36,18 +37,10 @@ class PretrainEngine(MetaEngine):
     classes. Under ``torchrun`` every process draws the same mini-batch (the same stream)
     and computes the loss on its share of the rows; the gradients are averaged over all rows."""
 
-    def __init__(self, upper, lower, env, run_config: RunConfig, log: Optional[RunLog] = None,
-                 checkpoint_dir: Optional[Path] = None):
-        super().__init__(upper, lower, env, run_config, log=log, checkpoint_dir=checkpoint_dir)
-        if distributed.world_size() > 1:
-            share = len(distributed.shard(env.batch_size)) / env.batch_size
-            self.upper.gradient_sync = functools.partial(distributed.all_reduce_gradients, scale=share)
-
     def train_step(self) -> None:
         x, y = self.env.labelled_batch()
         mine = distributed.shard(len(y))
-        self._batch_problem = None
-        self._task_index = 0
+        self.guard.start_meta_batch(self.upper, self.global_step)
         self.upper.supervised_step(x[mine.start::mine.step], y[mine.start::mine.step])
         self.tasks_seen += self.run_config.meta_batch_size  # as many images as a meta-batch's tasks
         distributed.average_buffers(self.upper.module)
@@ -55,14 +48,8 @@ class PretrainEngine(MetaEngine):
         if self.upper.lr_schedule is not None:
             self.upper.lr_schedule.step()
 
-    def _check_task(self) -> Optional[str]:
-        """What, if anything, diverged in the step just taken (the divergence guard asks)."""
-        if self.upper.task_stats and not torch.isfinite(self.upper.task_stats[-1][0]):
-            return f"the training loss is {self.upper.task_stats[-1][0].item()}"
-        return None
-
     def _train_record(self) -> Dict[str, float]:
-        stats = self._drain_task_records()[0]  # (query-stats slot) here: (loss, accuracy) per step
+        stats = self.records.drain(self.upper)[0]  # (query-stats slot) here: (loss, accuracy) per step
         record = {"train/loss": stats[:, 0].mean().item(), "train/accuracy": stats[:, 1].mean().item(),
                   "train/meta_lr": self.meta_lr}
         if self.upper.meta_grad_norm is not None:
@@ -78,7 +65,7 @@ def build_pretrain_engine(config: RunConfig, log: Optional[RunLog] = None, dtype
     """Env + θ (a classifier over all training classes) + the fine-tuning Lower problem +
     engine, with extensions as ``build_engine`` takes them (the Lower problem a subclass of
     ``FineTune``, the Env of ``PretrainEnv``, the Upper of ``Pretrained``)."""
-    from engines.build import build_lr_schedule, build_meta_optimizer, resolve_device
+    from engines.build import build_lr_schedule, build_meta_optimizer, build_upper_config, resolve_device, say_to
 
     if solver is not None:
         raise UsageError("solver=: --algo pretrain has no implicit meta-gradient to solve for")
@@ -94,8 +81,9 @@ def build_pretrain_engine(config: RunConfig, log: Optional[RunLog] = None, dtype
     torch.manual_seed(config.seed)
     env = parts.env(sources, config.meta_batch_size, config.seed, device, dtype)
     model = make_model(config, parts, env.pooled.input_shape, env.pooled.num_classes).to(device, dtype)
-    upper_config = Config(first_order=False, retain_graph=False, gradient_accumulation=1,
-                          gradient_clipping=config.meta_grad_clip)
+    rows = len(distributed.shard(env.batch_size))
+    upper_config = build_upper_config(config, log, first_order=False, tasks_per_update=1, share=rows / env.batch_size,
+                                      guard_class=PretrainDivergenceGuard)
     upper = parts.upper("upper", upper_config, module=model,
                         optimizer=build_meta_optimizer(config, model.parameters()), device=device)
     upper.lr_schedule = build_lr_schedule(config, upper.optimizer)
@@ -104,4 +92,5 @@ def build_pretrain_engine(config: RunConfig, log: Optional[RunLog] = None, dtype
                             weight_decay=config.inner_weight_decay)
     lower = parts.lower("lower", LowerConfig(unroll_steps=config.test_inner_steps, first_order=True),
                         module=module, optimizer=inner, device=device)
-    return PretrainEngine(upper, lower, env, config, log=log, checkpoint_dir=checkpoint_dir)
+    return PretrainEngine(upper, lower, env, config, log=log, control=RunControl(checkpoint_dir),
+                          records=TaskRecords(config, say_to(log)))

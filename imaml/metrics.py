@@ -1,4 +1,9 @@
-"""Task losses, scores and the confidence interval every evaluation reports."""
+"""Task losses, scores and the confidence interval every evaluation reports.
+
+``task_loss``/``task_score`` score one task (outputs [B, ...]); ``stacked_losses``/
+``stacked_scores`` each task of a task-stacked batch (outputs [T, B, ...]). The Lower problem
+picks the one its tensors need, and everything downstream sees its ``task_losses``/
+``task_scores``: [T] (``problems.adaptation``)."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["task_loss", "task_score", "task_losses", "task_scores", "metric_name", "mean_ci95", "global_norm"]
+__all__ = ["task_loss", "task_score", "stacked_losses", "stacked_scores", "metric_name", "mean_ci95", "global_norm"]
 
 
 def task_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -25,7 +30,7 @@ def task_score(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.T
     return F.mse_loss(output, target)
 
 
-def task_losses(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def stacked_losses(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``task_loss`` of each task of a task-stacked batch (output [T, B, ...]): shape [T]."""
     if kind == "classification":
         per_example = F.cross_entropy(output.flatten(0, 1), target.flatten(0, 1), reduction="none")
@@ -33,7 +38,7 @@ def task_losses(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.
     return (output - target).pow(2).flatten(1).mean(1)
 
 
-def task_scores(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def stacked_scores(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``task_score`` of each task of a task-stacked batch (output [T, B, ...]): shape [T]."""
     if kind == "classification":
         return (output.argmax(-1) == target).float().mean(1)

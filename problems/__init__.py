@@ -1,8 +1,8 @@
 """The two levels of the bilevel problem, as Betty problems."""
 
 from problems.lower import ImplicitLower, LowerConfig, UnrolledLower
-from problems.upper import MetaInit
+from problems.upper import MetaInit, UpperConfig
 from problems.vectorized import VectorizedImplicitLower, VectorizedUnrolledLower
 
-__all__ = ["MetaInit", "ImplicitLower", "UnrolledLower", "LowerConfig", "VectorizedImplicitLower",
+__all__ = ["MetaInit", "UpperConfig", "ImplicitLower", "UnrolledLower", "LowerConfig", "VectorizedImplicitLower",
            "VectorizedUnrolledLower"]

@@ -22,119 +22,22 @@ the hooks to override and the plumbing to leave alone (docs/extending.md walks t
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Sequence, Type
+from typing import List, Optional
 
 import torch
-from betty.configs import Config
 from betty.problems import ImplicitProblem, IterativeProblem
 from torch.func import functional_call
 
 from imaml import betty_glue, solvers
 from imaml.inner_optimizers import INNER_OPTIMIZERS, NEEDS_HVP, InnerLoop, InnerStep, rows, task_norms
-from imaml.metrics import global_norm, task_loss
-from imaml.models import predict_query, scratch_buffers
-from imaml.recompute import recompute_in_backward
-from problems.upper import MetaInit
+from imaml.models import scratch_buffers
+from problems.adaptation import LowerConfig, TaskAdaptation
+from problems.unrolled_steps import RecomputedSteps, differentiable_sgd
 
 __all__ = ["LowerConfig", "ImplicitLower", "UnrolledLower", "differentiable_sgd"]
 
 
-@dataclass
-class LowerConfig(Config):
-    """Betty's problem ``Config`` plus what our inner loop and solvers read.
-
-    For the Lower problem, ``first_order`` means first-order MAML (inner gradients are not
-    differentiated); it has no effect on ``ImplicitLower``.
-    """
-
-    type: str = "imaml_cg"
-    first_order: bool = False
-    lam: float = 1.0
-    weight_decay: float = 0.0  # iMAML: part of the inner objective, so the implicit gradient sees it
-    cg_tol: float = 1e-5
-    cg_trust_region: bool = True  # ‖x‖ ≤ ‖v‖/λ, see imaml.solvers.trust_radius
-    cg_damping: float = 0.0  # cg-damped: μ in (A + μI) x = v
-    inner_optimizer: str = "sgd"  # iMAML: sgd, armijo or hessian-free (imaml.inner_optimizers)
-    inner_tol: float = 1e-2  # iMAML: a task stops once ‖∇g(φ_k)‖ ≤ tol·‖∇g(φ_0)‖
-    inner_cg_steps: int = 5  # iMAML hessian-free: CG steps per Newton direction
-    neumann_alpha: Optional[float] = None  # None: 1/λ_max by power iteration
-    grad_checkpoint: bool = False  # UnrolledLower: recompute each inner step in the backward pass
-
-
-class _TaskAdaptation:
-    """What both Lower problems share: the data they read and how a task starts.
-
-    Class attributes an extension may set:
-
-    - ``upper_class``: the Upper problem this Lower needs (e.g. Meta-SGD's, which holds the
-      learned learning rates); the builder uses it when no ``--upper-problem`` is given and
-      rejects an Upper that is not a subclass of it.
-    - ``variable_ways``: True if the Lower adapts to tasks with any number of classes (a
-      head it creates per task), so ``--test-ways`` may differ from ``--ways``.
-    """
-
-    upper_class: ClassVar[Type[MetaInit]] = MetaInit
-    variable_ways: ClassVar[bool] = False
-
-    num_tasks = 1  # tasks adapted at once (stacked along dim 0 by problems.vectorized)
-
-    @property
-    def in_training(self) -> bool:
-        """Meta-training (True) or evaluation (False): Betty's mode of this problem."""
-        return betty_glue.is_training(self)
-
-    @property
-    def meta_problem(self):
-        """The Upper problem holding θ (Betty's parent in the dependency graph)."""
-        return self.parents[0]
-
-    def get_batch(self):
-        return self.env.support
-
-    def support_loss(self, x, y):
-        """The task loss on the support set (summed over tasks when they are stacked)."""
-        return task_loss(self.env.kind, self(x), y)
-
-    def adapted_norms(self) -> torch.Tensor:
-        """‖φ‖ of each task being adapted ([1] here; one per task when tasks are stacked)."""
-        return global_norm(self.trainable_parameters()).reshape(1)
-
-    def begin_task(self) -> None:
-        """Make the next ``step()`` start a fresh inner loop from θ, in any mode. (Betty only
-        re-arms this after a training inner loop hands over to the Upper problem.)"""
-        betty_glue.restart_inner_loop(self)
-        self.inner_losses = []
-
-    def one_step_descent(self, batch=None):
-        """Betty's inner step, keeping the objective it minimized (for the inner-loop curves)."""
-        loss_dict = super().one_step_descent(batch)
-        self.inner_losses.append(loss_dict["loss"] / self.num_tasks)  # per task
-        return loss_dict
-
-    def predict(self, query_x: torch.Tensor) -> torch.Tensor:
-        """The adapted model's predictions for the current task's queries (episodic BatchNorm
-        takes its statistics from the support set, so that travels along)."""
-        return predict_query(self, self.module, self.env.current.support_x, query_x)
-
-    def adapted_buffers(self):
-        """The buffers the adapted model ran with (BatchNorm running statistics)."""
-        return self.module.buffers()
-
-    def finish_task(self) -> None:
-        """After a meta-training task: keep the running statistics its forward passes
-        accumulated (inductive BatchNorm), so they carry over to the next task and to
-        meta-test. Non-finite statistics (a diverged task) are dropped."""
-        if not self.in_training:
-            return
-        mine = list(self.adapted_buffers())
-        if all(torch.isfinite(b).all() for b in mine if b.is_floating_point()):
-            with torch.no_grad():
-                for stored, new in zip(self.meta_problem.module.buffers(), mine):
-                    stored.copy_(new)
-
-
-class ImplicitLower(_TaskAdaptation, ImplicitProblem):
+class ImplicitLower(TaskAdaptation, ImplicitProblem):
     """iMAML's inner problem: minimize  L_support(φ) + λ/2·‖φ − θ‖²  from φ = θ with
     ``config.inner_optimizer`` (SGD, or a line-search method of ``imaml.inner_optimizers``),
     each task stopping at ``config.inner_tol`` stationarity (``stationarity()`` reports it).
@@ -266,72 +169,7 @@ class ImplicitLower(_TaskAdaptation, ImplicitProblem):
         self.optimizer.state.clear()  # no momentum carried over from the previous task
 
 
-class _RecomputedSteps:
-    """With ``config.grad_checkpoint``, each differentiable inner step keeps only its input for
-    the backward pass and recomputes its own graph there, so memory holds K copies of φ (and
-    of any momentum buffers) plus one step's graph instead of K steps' graphs.
-
-    The step recomputed is Betty's own ``one_step_descent``, so it goes through the same hooks
-    as without checkpointing (``training_step``, ``forward``, ``trainable_parameters``,
-    ``backward``, ``custom_optimizer_step``, ``param_callback``) and gives the same
-    meta-gradient for any Lower problem that keeps its state where this looks for it: φ in
-    ``self.params``, BatchNorm statistics in ``self.buffers``, optimizer state (momentum) in
-    ``self.optimizer.state``, and meta-parameters it reads directly (Meta-SGD's rates) among
-    the Upper problem's ``trainable_parameters()``. A class that keeps other state across
-    inner steps sets ``recomputable = False``; the builder then refuses ``--grad-checkpoint``.
-    """
-
-    recomputable: ClassVar[bool] = True
-
-    def one_step_descent(self, batch=None):
-        if not (self.config.grad_checkpoint and self.in_training and betty_glue.differentiates_inner_steps(self)):
-            return super().one_step_descent(batch)
-        batch = self.get_batch() if batch is None else batch
-        betty_glue.remember_batch(self, batch)
-        n_params, buffers, state = len(self.params), self.buffers, self.optimizer.state
-        slots = _tensor_slots(state)
-        plain_step = super().one_step_descent
-
-        def step(carried):  # runs again in the backward pass: leaves everything as it was
-            saved = self.params, self.buffers, self.optimizer.state
-            self.params, self.buffers = tuple(carried[:n_params]), buffers
-            self.optimizer.state = _with_tensors(state, slots, carried[n_params:])
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-                    loss_dict = plain_step(batch)
-                new_state = self.optimizer.state
-                new_slots = _tensor_slots(new_state)
-                new = (*self.params, *(new_state[i][key] for i, key in new_slots))
-                return new, (loss_dict, self.buffers, new_state, new_slots)
-            finally:
-                self.params, self.buffers, self.optimizer.state = saved
-                for t in carried:  # Betty's zero_grad clears the new φ's: the input's .grad and its graph
-                    t.grad = None  # would hold each other (and the step's graph) alive forever
-
-        carried = (*self.params, *(state[i][key] for i, key in slots))
-        new, (loss_dict, self.buffers, new_state, new_slots) = recompute_in_backward(
-            step, carried, reads=self.meta_problem.trainable_parameters())
-        self.params = new[:n_params]
-        self.optimizer.state = _with_tensors(new_state, new_slots, new[n_params:])
-        return loss_dict
-
-
-def _tensor_slots(state: list) -> List[tuple]:
-    """(entry, key) of every tensor in a patched optimizer's per-parameter state dicts."""
-    return [(i, key) for i, entries in enumerate(state) for key, value in (entries or {}).items()
-            if torch.is_tensor(value)]
-
-
-def _with_tensors(state: list, slots: List[tuple], tensors: Sequence[torch.Tensor]) -> list:
-    """A copy of ``state`` (new dicts) with ``tensors`` at ``slots``."""
-    out = [None if entries is None else dict(entries) for entries in state]
-    for (i, key), tensor in zip(slots, tensors):
-        out[i][key] = tensor
-    return out
-
-
-class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
+class UnrolledLower(TaskAdaptation, RecomputedSteps, IterativeProblem):
     """MAML's inner problem: differentiable SGD steps from φ₀ = θ (a graph-connected clone).
 
     Betty wiring that makes this exactly second-order MAML (verified against plain autograd
@@ -354,7 +192,7 @@ class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
     - ``on_inner_loop_start()``: set ``self.params``/``self.buffers`` from θ for a new task;
       in training they must stay connected to θ's graph (``clone``, not ``detach``).
     - ``recomputable``: False if an inner step reads or writes state that ``--grad-checkpoint``
-      would not restore when it recomputes the step (see ``_RecomputedSteps``); default True.
+      would not restore when it recomputes the step (see ``problems.unrolled_steps.RecomputedSteps``); default True.
 
     Leave alone: ``__init__``'s signature, ``patch_modules`` (extend it with ``super()``),
     ``step``, ``one_step_descent``, ``backward``, ``optimizer_step``, ``begin_task``,
@@ -431,32 +269,3 @@ class UnrolledLower(_TaskAdaptation, _RecomputedSteps, IterativeProblem):
         super().optimizer_step(*args, **kwargs)
         if not self.in_training:
             self.params = tuple(p.detach().requires_grad_() for p in self.params)
-
-
-def differentiable_sgd(params: Sequence[torch.Tensor], optimizer) -> tuple:
-    """``torch.optim.SGD``'s update (weight decay, momentum, dampening, Nesterov) of the entries
-    of ``params`` that have a ``.grad``, from differentiable ops; the others pass through.
-
-    ``optimizer`` is Betty's patched inner optimizer (``param_groups``, ``param_mappings`` into
-    ``params``, a ``state`` dict per entry for the momentum buffer). Betty's own
-    DifferentiableSGD computes 0·buf + 1·∇ at momentum 0 — two more products per parameter and
-    step, kept in the graph the meta-gradient backpropagates through — and drops entries
-    without a gradient from the tuple it returns.
-    """
-    new = list(params)
-    for group, mapping in zip(optimizer.param_groups, betty_glue.parameter_indices(optimizer)):
-        lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        for i in mapping:
-            grad = params[i].grad
-            if grad is None:
-                continue
-            if weight_decay:
-                grad = grad + weight_decay * params[i]
-            if momentum:
-                state = optimizer.state[i]
-                buf = state.get("momentum_buffer")
-                buf = grad if buf is None else momentum * buf + (1 - group["dampening"]) * grad
-                state["momentum_buffer"] = buf
-                grad = grad + momentum * buf if group["nesterov"] else buf
-            new[i] = params[i] - lr * grad
-    return tuple(new)

@@ -9,15 +9,15 @@ would take alone. The Hessian of the sum is block-diagonal, so the iMAML solvers
 per-task scalars (``imaml.solvers``: one row per task), and the Upper problem averages the
 per-task query losses, giving the same meta-gradient as the per-task path.
 
-The engine hands these problems the whole meta-batch (``FewShotEnv.select_all``) and runs
-one inner loop per meta-batch instead of one per task.
+``tasks_at_once = None``: the engine hands these problems the whole meta-batch
+(``FewShotEnv.select_all``) and runs one inner loop per meta-batch instead of one per task.
 """
 
 from __future__ import annotations
 
 import torch
 
-from imaml.metrics import task_losses
+from imaml.metrics import stacked_losses, stacked_scores
 from imaml.vectorize import TaskGroupedModel, stack_for_tasks
 from problems.lower import ImplicitLower, UnrolledLower
 
@@ -27,11 +27,17 @@ __all__ = ["VectorizedImplicitLower", "VectorizedUnrolledLower"]
 class _TaskStacked:
     """What both task-vectorized Lower problems share."""
 
-    vectorized = True
+    tasks_at_once = None  # the whole meta-batch
 
     def support_loss(self, x, y):
         """Σ_t L_support,t(φ_t): x is [T, B, ...]; the sum gives each φ_t its own gradient."""
-        return task_losses(self.env.kind, self(x), y).sum()
+        return stacked_losses(self.env.kind, self(x), y).sum()
+
+    def task_losses(self, output, target):
+        return stacked_losses(self.env.kind, output, target)
+
+    def task_scores(self, output, target):
+        return stacked_scores(self.env.kind, output, target)
 
     def adapted_norms(self) -> torch.Tensor:
         """‖φ_t‖ for each task t: [T]."""
@@ -70,7 +76,7 @@ class VectorizedImplicitLower(_TaskStacked, ImplicitLower):
         tasks = self.num_tasks
         per_row = lambda tensors: sum(t.pow(2).reshape(tasks, -1).sum(1) for t in tensors)  # noqa: E731
         phi = self.trainable_parameters()
-        values = task_losses(self.env.kind, self(x), y)
+        values = stacked_losses(self.env.kind, self(x), y)
         values = values + 0.5 * self.config.lam * per_row([p - t for p, t in zip(phi, self.anchor())])
         if self.config.weight_decay:
             values = values + 0.5 * self.config.weight_decay * per_row(phi)

@@ -165,7 +165,7 @@ def test_solver_decisions_match_task_by_task(make_config):
                                                         meta_batch_size=4))
     engine_meta_gradient(per_task)
     engine_meta_gradient(vectorized)
-    p, v = per_task.solves, vectorized.solves
+    p, v = per_task.records.solves, vectorized.records.solves
     assert [(i.iterations, i.boundary, i.converged) for i in p] == [(i.iterations, i.boundary, i.converged) for i in v]
     assert [i.norm for i in v] == pytest.approx([i.norm for i in p], rel=1e-8)
     assert any(i.boundary for i in p)  # the truncated path is exercised

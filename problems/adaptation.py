@@ -1,0 +1,134 @@
+"""What every Lower problem shares, per-task or task-vectorized: its config and ``TaskAdaptation``.
+
+A Lower problem adapts the T tasks of one inner loop: one at a time (T = 1, tensors as one task
+has them) or a whole meta-batch stacked along dim 0 (``problems.vectorized``). Either way it
+reports per-task tensors of one shape, [T]: ``task_losses``, ``task_scores``,
+``adapted_norms``, ``stationarity`` and, after a solve, ``hypergrad_infos`` (T of them), which is
+all the engine, the divergence guard and the records read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence, Type
+
+import torch
+from betty.configs import Config
+
+from imaml import betty_glue
+from imaml.metrics import global_norm, task_loss, task_score
+from imaml.models import predict_query
+from problems.upper import MetaInit
+
+__all__ = ["LowerConfig", "TaskAdaptation"]
+
+
+@dataclass
+class LowerConfig(Config):
+    """Betty's problem ``Config`` plus what our inner loop and solvers read.
+
+    For the Lower problem, ``first_order`` means first-order MAML (inner gradients are not
+    differentiated); it has no effect on ``ImplicitLower``.
+    """
+
+    type: str = "imaml_cg"
+    first_order: bool = False
+    lam: float = 1.0
+    weight_decay: float = 0.0  # iMAML: part of the inner objective, so the implicit gradient sees it
+    cg_tol: float = 1e-5
+    cg_trust_region: bool = True  # ‖x‖ ≤ ‖v‖/λ, see imaml.solvers.trust_radius
+    cg_damping: float = 0.0  # cg-damped: μ in (A + μI) x = v
+    inner_optimizer: str = "sgd"  # iMAML: sgd, armijo or hessian-free (imaml.inner_optimizers)
+    inner_tol: float = 1e-2  # iMAML: a task stops once ‖∇g(φ_k)‖ ≤ tol·‖∇g(φ_0)‖
+    inner_cg_steps: int = 5  # iMAML hessian-free: CG steps per Newton direction
+    neumann_alpha: Optional[float] = None  # None: 1/λ_max by power iteration
+    grad_checkpoint: bool = False  # UnrolledLower: recompute each inner step in the backward pass
+
+
+class TaskAdaptation:
+    """What both Lower problems share: the data they read and how a task starts.
+
+    Class attributes an extension may set:
+
+    - ``upper_class``: the Upper problem this Lower needs (e.g. Meta-SGD's, which holds the
+      learned learning rates); the builder uses it when no ``--upper-problem`` is given and
+      rejects an Upper that is not a subclass of it.
+    - ``variable_ways``: True if the Lower adapts to tasks with any number of classes (a
+      head it creates per task), so ``--test-ways`` may differ from ``--ways``.
+    """
+
+    upper_class: ClassVar[Type[MetaInit]] = MetaInit
+    variable_ways: ClassVar[bool] = False
+
+    # tasks of a meta-batch one inner loop adapts: 1 (one at a time, unstacked), or None (the
+    # whole meta-batch at once, stacked along dim 0: problems.vectorized)
+    tasks_at_once: ClassVar[Optional[int]] = 1
+    num_tasks = 1  # T, the tasks of the current inner loop
+    hypergrad_infos: Sequence = ()  # after a solve (iMAML): the solver's SolveInfo of each task
+
+    @property
+    def in_training(self) -> bool:
+        """Meta-training (True) or evaluation (False): Betty's mode of this problem."""
+        return betty_glue.is_training(self)
+
+    @property
+    def meta_problem(self):
+        """The Upper problem holding θ (Betty's parent in the dependency graph)."""
+        return self.parents[0]
+
+    def get_batch(self):
+        return self.env.support
+
+    def support_loss(self, x, y):
+        """The task loss on the support set (summed over tasks when they are stacked)."""
+        return task_loss(self.env.kind, self(x), y)
+
+    def task_losses(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of each task of the inner loop, [T] (here T = 1: one task, unstacked)."""
+        return task_loss(self.env.kind, output, target).reshape(1)
+
+    def task_scores(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Accuracy (classification) or MSE of each task of the inner loop, [T]."""
+        return task_score(self.env.kind, output, target).reshape(1)
+
+    def stationarity(self) -> Optional[torch.Tensor]:
+        """‖∇g(φ_K)‖/‖∇g(φ_0)‖ of each task of the inner loop just run ([T]); None where the
+        Lower problem does not measure it (unrolled MAML: no stationarity assumption)."""
+        return None
+
+    def adapted_norms(self) -> torch.Tensor:
+        """‖φ‖ of each task being adapted ([1] here; one per task when tasks are stacked)."""
+        return global_norm(self.trainable_parameters()).reshape(1)
+
+    def begin_task(self) -> None:
+        """Make the next ``step()`` start a fresh inner loop from θ, in any mode. (Betty only
+        re-arms this after a training inner loop hands over to the Upper problem.)"""
+        betty_glue.restart_inner_loop(self)
+        self.inner_losses = []
+
+    def one_step_descent(self, batch=None):
+        """Betty's inner step, keeping the objective it minimized (for the inner-loop curves)."""
+        loss_dict = super().one_step_descent(batch)
+        self.inner_losses.append(loss_dict["loss"] / self.num_tasks)  # per task
+        return loss_dict
+
+    def predict(self, query_x: torch.Tensor) -> torch.Tensor:
+        """The adapted model's predictions for the current task's queries (episodic BatchNorm
+        takes its statistics from the support set, so that travels along)."""
+        return predict_query(self, self.module, self.env.current.support_x, query_x)
+
+    def adapted_buffers(self):
+        """The buffers the adapted model ran with (BatchNorm running statistics)."""
+        return self.module.buffers()
+
+    def finish_task(self) -> None:
+        """After a meta-training task: keep the running statistics its forward passes
+        accumulated (inductive BatchNorm), so they carry over to the next task and to
+        meta-test. Non-finite statistics (a diverged task) are dropped."""
+        if not self.in_training:
+            return
+        mine = list(self.adapted_buffers())
+        if all(torch.isfinite(b).all() for b in mine if b.is_floating_point()):
+            with torch.no_grad():
+                for stored, new in zip(self.meta_problem.module.buffers(), mine):
+                    stored.copy_(new)
