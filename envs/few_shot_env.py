@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from betty.envs import Env
 
-from envs.episodes import Episodes, Task
+from envs.meta_batch import MetaBatch, Task
 from envs.omniglot import OneShotRuns
 from envs.tasks import TaskSource
 
@@ -30,7 +30,7 @@ class FewShotEnv(Env):
     identical across algorithms and runs.
 
     Extensions (``--env module:Class``) are built as ``Class(sources, meta_batch_size, seed,
-    device, dtype)`` and may override: ``step() -> Episodes`` (what the next meta-batch is,
+    device, dtype)`` and may override: ``step() -> MetaBatch`` (what the next meta-batch is,
     e.g. a curriculum; it must ``load`` it), the ``support``/``query`` properties (what each
     level sees of the current task, e.g. augmentation), ``episodes(split, n)`` (keep it a
     fixed stream per split, or evaluations stop being comparable) and ``state_dict`` /
@@ -47,7 +47,7 @@ class FewShotEnv(Env):
         self.device = torch.device(device)
         self.dtype = dtype
         self.train_rng = self._stream("train")
-        self.batch: Episodes | None = None
+        self.batch: MetaBatch | None = None
         self.current: Task | None = None
 
     @property
@@ -57,11 +57,11 @@ class FewShotEnv(Env):
     def _stream(self, split: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, _SPLIT_STREAM[split]])
 
-    def step(self) -> Episodes:
+    def step(self) -> MetaBatch:
         """Draw the next meta-training batch and make its first task current."""
         return self.load(self.sources["train"].sample(self.train_rng, self.meta_batch_size))
 
-    def load(self, batch: Episodes) -> Episodes:
+    def load(self, batch: MetaBatch) -> MetaBatch:
         self.batch = batch.to(self.device, self.dtype)
         self.select(0)
         return self.batch
@@ -84,7 +84,7 @@ class FewShotEnv(Env):
     def query(self) -> tuple:
         return self.current.query_x, self.current.query_y
 
-    def episodes(self, split: str, num_tasks: int, batch_size: int | None = None) -> Iterator[Episodes]:
+    def episodes(self, split: str, num_tasks: int, batch_size: int | None = None) -> Iterator[MetaBatch]:
         """The fixed evaluation tasks of ``split``, in batches (same tasks whatever the batch size)."""
         rng = self._stream(split)
         batch_size = batch_size or self.meta_batch_size

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from envs.episodes import Episodes
+from envs.meta_batch import MetaBatch
 from imaml.errors import UsageError
 
 __all__ = ["SETS", "BACKGROUNDS", "OmniglotSet", "OneShotRun", "read_set", "read_runs", "OneShotRuns",
@@ -260,14 +260,14 @@ class OneShotRuns:
         self.description = {"set": "all_runs", "runs": [run.name for run in self.runs], "ways": self.ways,
                             "shots": self.shots, "query_per_class": self.query_shots}
 
-    def batches(self, num_tasks: int, batch_size: int) -> Iterator[Episodes]:
+    def batches(self, num_tasks: int, batch_size: int) -> Iterator[MetaBatch]:
         if num_tasks != len(self.runs):
             raise UsageError(f"--test-tasks {num_tasks}: the omniglot-lake meta-test is the {len(self.runs)} "
                              f"official runs; use --test-tasks {len(self.runs)}")
         for start in range(0, num_tasks, batch_size):
             chosen = self.runs[start:start + batch_size]
             scale = lambda x: x.float().div(255.0)  # noqa: E731
-            yield Episodes(
+            yield MetaBatch(
                 support_x=torch.stack([scale(run.training) for run in chosen]),
                 support_y=torch.arange(self.ways).expand(len(chosen), self.ways).clone(),
                 query_x=torch.stack([scale(run.test) for run in chosen]),

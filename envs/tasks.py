@@ -14,7 +14,7 @@ from typing import Callable, Optional, Protocol, Sequence, Tuple
 import numpy as np
 import torch
 
-from envs.episodes import Episodes
+from envs.meta_batch import MetaBatch
 from imaml.errors import UsageError
 
 __all__ = ["TaskSource", "ClassPool", "ArrayPool", "RotatedClasses", "ClassImageTasks", "SinusoidTasks",
@@ -28,7 +28,7 @@ class TaskSource(Protocol):
     input_shape: tuple
     num_outputs: int
 
-    def sample(self, rng: np.random.Generator, num_tasks: int) -> Episodes: ...
+    def sample(self, rng: np.random.Generator, num_tasks: int) -> MetaBatch: ...
 
 
 class ClassPool(Protocol):
@@ -130,14 +130,14 @@ class ClassImageTasks:
                                  f"(the largest has {largest}); use --ways <= {largest} or --episodes any")
         self.description = description
 
-    def sample(self, rng: np.random.Generator, num_tasks: int) -> Episodes:
+    def sample(self, rng: np.random.Generator, num_tasks: int) -> MetaBatch:
         n, k, q = self.ways, self.shots, self.query_shots
         tasks = [self._task(rng) for _ in range(num_tasks)]
         x = torch.stack(tasks)  # [T, N, K+Q, *input]
         labels = torch.arange(n).view(1, n, 1)
         support_y = labels.expand(num_tasks, n, k).reshape(num_tasks, n * k)
         query_y = labels.expand(num_tasks, n, q).reshape(num_tasks, n * q)
-        return Episodes(
+        return MetaBatch(
             support_x=x[:, :, :k].reshape(num_tasks, n * k, *self.input_shape),
             support_y=support_y,
             query_x=x[:, :, k:].reshape(num_tasks, n * q, *self.input_shape),
@@ -214,7 +214,7 @@ class SinusoidTasks:
     input_shape: tuple = (1,)
     num_outputs: int = 1
 
-    def sample(self, rng: np.random.Generator, num_tasks: int) -> Episodes:
+    def sample(self, rng: np.random.Generator, num_tasks: int) -> MetaBatch:
         k, q = self.shots, self.query_shots
         rows = []
         for _ in range(num_tasks):
@@ -223,4 +223,4 @@ class SinusoidTasks:
             rows.append((x, amplitude * np.sin(x - phase)))
         x = torch.from_numpy(np.stack([r[0] for r in rows])).float()
         y = torch.from_numpy(np.stack([r[1] for r in rows])).float()
-        return Episodes(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+        return MetaBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])

@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import sys
 from pathlib import Path
 from typing import Optional
 
-from imaml.config import RunConfig, checkpoint_path, parse_args, prepare_output_dir
+from imaml.arguments import config_from_flags, parse_flags
+from imaml.config import FIELDS, RunConfig
+from imaml.errors import UsageError
 from imaml.reporting import RunLog, write_json
 
-__all__ = ["run_from_args", "configure_process", "main"]
+__all__ = ["run_from_args", "load_config", "configure_process", "checkpoint_path", "prepare_output_dir", "main"]
+
+
+def load_config(argv: Optional[list] = None) -> RunConfig:
+    """The run's configuration: flags over preset over defaults (``imaml.arguments``); resuming
+    (``--resume``) or evaluating a checkpoint (``--eval-only``), the checkpoint's own settings
+    with the flags given now over them."""
+    cli, preset_flag = parse_flags(argv)
+    saved = _saved_config(cli)
+    if saved is None:
+        return config_from_flags(cli, preset_flag)
+    merged = {**saved, **cli}
+    if cli.get("resume"):
+        merged["output_dir"] = cli["resume"]
+    return RunConfig(**merged).validate()
 
 
 def run_from_args(argv: Optional[list] = None) -> dict:
     """Everything ``python run.py ...`` does; returns the results it wrote. Launched by
     ``torchrun``, every process runs this, sharing the work (docs/distributed.md)."""
-    config = parse_args(argv)
+    config = load_config(argv)
     from engines import distributed  # heavy imports only once the flags are known good
 
     configure_process(config)
@@ -112,13 +129,13 @@ def _describe(config: RunConfig, kind: str, processes: int) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     """Console-script entry point (same behaviour as run.py)."""
-    from imaml.errors import RunStopped, UsageError
+    from imaml.errors import RunStopped
 
     # every process of a torchrun job meets the same error: only the first (RANK 0) says it
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *args, **kwargs: None)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        config = parse_args(argv)
+        config = load_config(argv)
         from engines import distributed
 
         processes = distributed.local_processes(config)
@@ -138,6 +155,54 @@ def main(argv: Optional[list] = None) -> int:
         say("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def checkpoint_path(config: RunConfig) -> Optional[Path]:
+    """The checkpoint a resumed or evaluation-only run starts from."""
+    if config.resume:
+        return Path(config.resume) / "checkpoints" / "latest.pt"
+    if config.eval_only:
+        return Path(config.checkpoint)
+    return None
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Create ``--output-dir`` (and its parents) and check that files can be written there, so
+    a bad one stops the run before any work, not at its first write; a UsageError names the
+    path and the problem."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--output-dir {path}: exists and is not a directory") from None
+    except OSError as err:
+        raise UsageError(f"--output-dir {path}: cannot create this directory ({err.strerror or err})") from None
+    try:
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--output-dir {path}: cannot write files in it ({err.strerror or err})") from None
+    for sub in ("checkpoints", "plots"):
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise UsageError(f"--output-dir {path}: {out / sub} exists and is not a directory")
+    return out
+
+
+def _saved_config(cli: dict) -> Optional[dict]:
+    """The configuration stored in the checkpoint that ``--resume``/``--eval-only`` names."""
+    probe = RunConfig(**{k: v for k, v in cli.items() if k in ("resume", "eval_only", "checkpoint")})
+    if probe.eval_only and not probe.checkpoint:
+        probe.validate()  # the one-line error
+    path = checkpoint_path(probe)
+    if path is None:
+        return None
+    from imaml import checkpoint
+
+    saved = checkpoint.load(path)["config"]
+    run_control = ("resume", "eval_only", "checkpoint")
+    if probe.eval_only:  # a meta-test of a checkpoint is a W&B run of its own
+        run_control += ("wandb_id",)
+    return {k: v for k, v in saved.items() if k in FIELDS and k not in run_control}
 
 
 if __name__ == "__main__":  # the workers of a local multi-process job (engines.distributed)

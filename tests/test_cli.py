@@ -94,7 +94,7 @@ def test_unknown_yaml_key_is_an_error(tmp_path, capsys):
 
 
 def test_cli_flag_overrides_preset(tmp_path):
-    from imaml.config import parse_args
+    from imaml.arguments import parse_args
 
     preset = tmp_path / "p.yaml"
     preset.write_text("task: sinusoid\nways: null\ninner_lr: 0.02\nshots: 7\n")
@@ -113,7 +113,7 @@ def test_errors_print_no_traceback_from_the_real_entry_point(tmp_path):
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_preset_is_valid_and_names_its_task(preset):
     from envs import TASKS
-    from imaml.config import parse_args
+    from imaml.arguments import parse_args
 
     config = parse_args(["--config", str(ROOT / "configs" / preset)])
     assert config.task in TASKS and preset.startswith(f"{config.task}-{config.algo}")
@@ -185,13 +185,13 @@ def test_run_applies_the_allocator_setting_on_cpu_unless_told_not_to(monkeypatch
 def test_every_boolean_option_is_a_switch_with_an_optional_value(switch):
     """``--x`` on, ``--no-x`` off, ``--x VALUE`` / ``--x=VALUE`` as given (W&B sweeps pass
     ``--x=true``); the last one wins."""
-    from imaml.config import _coerce, build_parser
+    from imaml.arguments import build_parser, coerce
 
     flag = "--" + switch.replace("_", "-")
     negated = "--no-" + flag[2:]
 
     def parsed(*argv):
-        return _coerce(switch, vars(build_parser().parse_args(list(argv)))[switch], flag)
+        return coerce(switch, vars(build_parser().parse_args(list(argv)))[switch], flag)
 
     assert parsed(flag) is True and parsed(negated) is False
     assert parsed(flag, "false") is False and parsed(flag, "true") is True

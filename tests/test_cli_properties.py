@@ -23,11 +23,13 @@ from hypothesis import strategies as st
 
 from imaml import config as config_module
 from imaml.cli import main, run_from_args
-from imaml.config import RunConfig, parse_args, prepare_output_dir
+from imaml.arguments import parse_args
+from imaml.cli import prepare_output_dir
+from imaml.config import RunConfig
 from imaml.errors import UsageError
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-SWITCHES = [name for name in FIELDS if config_module._field_type(name) is bool]
+SWITCHES = [name for name in FIELDS if config_module.field_type(name) is bool]
 EXTENSIONS = ["problems.anil:ANILUnrolled", "problems.anil:ANILImplicit", "problems.meta_sgd:MetaSGDLower",
               "problems.zero_head:ZeroHeadUnrolled", "problems.zero_head:ZeroHeadImplicit", "problems:MetaInit",
               "problems.nope:Missing", "imaml.config:RunConfig", "not a path"]
@@ -71,7 +73,7 @@ def _any_value(name: str):
     """Values by type for any field (garbage included), so a field added later is covered."""
     if name in SWITCHES:
         return _switch(name)
-    typ = config_module._field_type(name)
+    typ = config_module.field_type(name)
     if typ is int:
         numbers = st.one_of(st.integers(-5, 40), st.sampled_from([2**31, 2**32 - 1, 2**32, 2**63, 10**30]))
         return st.one_of(numbers.map(str), st.sampled_from(GARBAGE)).map(lambda v: [_flag(name), v])

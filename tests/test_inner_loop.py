@@ -163,7 +163,7 @@ def test_vectorized_objectives_are_the_per_task_terms(make_config):
     (["--algo", "imaml", "--inner-cg-steps", "0"], "--inner-cg-steps"),
 ])
 def test_inner_loop_options_are_refused_where_they_do_not_apply(flags, message):
-    from imaml.config import parse_args
+    from imaml.arguments import parse_args
 
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         parse_args(flags).validate()

@@ -124,11 +124,11 @@ def test_meta_batch_gradient_is_the_mean_of_per_task_gradients(make_config, algo
     engine = _engine(make_config, task="glyphs", algo=algo, hypergrad="cg", cg_steps=50, cg_tol=1e-12,
                      inner_steps=2, meta_batch_size=3, inner_lr=0.3)
     batch_grad, tasks = engine_meta_gradient(engine)
-    from envs import Episodes
+    from envs import MetaBatch
 
     per_task = []
     for task in tasks:
-        one = Episodes(*(t.unsqueeze(0) for t in (task.support_x, task.support_y, task.query_x, task.query_y)))
+        one = MetaBatch(*(t.unsqueeze(0) for t in (task.support_x, task.support_y, task.query_x, task.query_y)))
         engine.env.step = lambda one=one: engine.env.load(one)
         engine.upper.gas = 1  # one task per meta-update
         grads, _ = engine_meta_gradient(engine)

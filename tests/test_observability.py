@@ -143,7 +143,7 @@ def test_a_local_multi_process_job_shares_one_runs_dir(tmp_path, data_root, monk
 
 
 def test_w_and_b_run_ids_and_output_dirs(tmp_path, monkeypatch):
-    from imaml.config import parse_args
+    from imaml.arguments import parse_args
     from imaml.errors import UsageError
 
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
@@ -185,7 +185,8 @@ def test_online_wandb_without_login_falls_back_to_offline(tmp_path, data_root, m
 def test_sweep_file_names_real_flags():
     import yaml
 
-    from imaml.config import CONFIG_DIR, build_parser, parse_args
+    from imaml.arguments import build_parser, parse_args
+    from imaml.config import CONFIG_DIR
 
     sweep = yaml.safe_load((CONFIG_DIR / "sweeps" / "glyphs-imaml.yaml").read_text())
     assert sweep["program"] == "run.py" and "${args}" in sweep["command"]

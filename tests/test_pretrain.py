@@ -213,7 +213,7 @@ def test_a_pretrain_run_writes_what_a_meta_learning_run_writes(tmp_path, data_ro
 
 
 def test_the_glyphs_preset_selects_pretrain(tmp_path):
-    from imaml.config import parse_args
+    from imaml.arguments import parse_args
 
     config = parse_args(["--algo", "pretrain", "--output-dir", str(tmp_path)])
     assert config.config.endswith("glyphs-pretrain.yaml") and config.meta_steps == 400

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Episodes", "Task"]
+__all__ = ["MetaBatch", "Task"]
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Task:
 
 
 @dataclass(frozen=True)
-class Episodes:
+class MetaBatch:
     """T tasks stacked: ``support_x`` is [T, N·K, *input], ``support_y`` is [T, N·K], and the
     same for the query set with N·Q examples. Labels are 0..N-1 within each task
     (classification) or targets (regression)."""
@@ -38,7 +38,7 @@ class Episodes:
         return Task(self.support_x[index], self.support_y[index],
                     self.query_x[index], self.query_y[index])
 
-    def to(self, device, dtype: torch.dtype = torch.float32) -> "Episodes":
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "MetaBatch":
         """On ``device``, floating-point tensors (inputs, regression targets) as ``dtype``."""
-        return Episodes(*(t.to(device, dtype if t.is_floating_point() else None, non_blocking=True)
+        return MetaBatch(*(t.to(device, dtype if t.is_floating_point() else None, non_blocking=True)
                           for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
