@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.measure import PeakMemory, SavedTensorPeak, machine, run_isolated
 from benchmarks.synthetic import SHAPES
-from benchmarks.throughput import _engine_config
+from benchmarks.shared import build_benchmark_engine
 
 MODULE = "benchmarks.memory"
 VARIANTS = {  # column -> engine settings
@@ -40,11 +40,9 @@ def measure_one(spec: dict) -> dict:
 
     import torch.nn.functional as F
 
-    from engines import build_engine
-
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    engine = build_engine(_engine_config(spec))
+    engine = build_benchmark_engine(spec)
     engine.train()
     batch = engine.env.step()
     model = engine.upper.module

@@ -25,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.synthetic import SHAPES
-from benchmarks.throughput import _InProcess
+from benchmarks.shared import InProcess
 
 IMPLS = ("engine-per-task", "engine-vectorized", "betty", "plain")
 
@@ -45,7 +45,7 @@ def count_ops(spec: dict, impls=IMPLS) -> Dict[str, collections.Counter]:
     torch.set_num_threads(spec["threads"])
     counts = {}
     for impl in impls:
-        runner = _InProcess(impl, spec)
+        runner = InProcess(impl, spec)
         runner.step()
         with _CountOps() as counter:
             runner.step()

@@ -12,10 +12,9 @@ from typing import Dict
 import numpy as np
 import torch
 
-from envs.registry import SPLITS, TASKS
 from envs.tasks import ClassImageTasks
 
-__all__ = ["SHAPES", "Shape", "synthetic_source", "register_synthetic_tasks"]
+__all__ = ["SHAPES", "Shape", "synthetic_source"]
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,3 @@ def synthetic_source(shape: str, ways: int, shots: int, query_shots: int, seed: 
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(spec.classes, spec.samples, *spec.input_shape), dtype=np.uint8)
     return ClassImageTasks(torch.from_numpy(images), ways, shots, query_shots, name=f"synthetic {shape}")
-
-
-def register_synthetic_tasks() -> None:
-    """Make ``--task synthetic-omniglot`` / ``synthetic-miniimagenet`` buildable by the engine
-    builder, in this process only (the project's registry stays as it is)."""
-    for shape in SHAPES:
-        def build(config, shape=shape):
-            source = synthetic_source(shape, config.ways, config.shots, config.query_shots, config.seed)
-            return {split: source for split in SPLITS}
-
-        TASKS[f"synthetic-{shape}"] = build

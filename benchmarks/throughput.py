@@ -43,74 +43,11 @@ import torch
 
 from benchmarks.measure import (PeakMemory, StepWorker, describe_error, format_speedup, keep_freed_memory, machine,
                                 paired_speedup, run_isolated, serve_steps, taking_turns, timed_step)
-from benchmarks.synthetic import SHAPES, register_synthetic_tasks, synthetic_source
+from benchmarks.shared import InProcess, Skipped, build_benchmark_engine, engine_config
+from benchmarks.synthetic import SHAPES, synthetic_source
 
 IMPLS = ("engine-per-task", "engine-vectorized", "engine-processes", "betty", "plain")
 MODULE = "benchmarks.throughput"
-
-
-def _engine_config(spec: dict, execution: str = "auto"):
-    from imaml.config import RunConfig
-
-    register_synthetic_tasks()
-    return RunConfig(
-        task=f"synthetic-{spec['shape']}", algo=spec["algo"], ways=spec["ways"], shots=spec["shots"],
-        query_shots=spec["query_shots"], channels=SHAPES[spec["shape"]].channels,
-        meta_batch_size=spec["meta_batch_size"], inner_steps=spec["inner_steps"], inner_lr=spec["inner_lr"],
-        meta_lr=spec["meta_lr"], lam=spec["lam"], hypergrad="cg", cg_steps=spec["cg_steps"], cg_tol=1e-30,
-        cg_trust_region=False, device=spec["device"], seed=spec["seed"], execution=execution,
-        grad_checkpoint=spec.get("grad_checkpoint", False), processes=spec.get("processes", 0),
-    ).validate()
-
-
-def build_reference(loop_class, spec: dict, prepare_model=lambda model: model):
-    """A reference meta-learner (``loop_class``: BettyReference, PlainLoop or a variant) on the
-    synthetic tasks of ``spec``, from the engine's θ₀; ``prepare_model`` may change the
-    network first (layout, compilation)."""
-    from imaml.models import build_model
-
-    device = torch.device(spec["device"])
-    source = synthetic_source(spec["shape"], spec["ways"], spec["shots"], spec["query_shots"], spec["seed"])
-    torch.manual_seed(spec["seed"])  # the engine's θ₀
-    model = build_model("conv4", source.input_shape, spec["ways"], SHAPES[spec["shape"]].channels).to(device)
-    return loop_class(spec["algo"], prepare_model(model), source, spec["meta_batch_size"], spec["inner_steps"],
-                      spec["inner_lr"], spec["meta_lr"], spec["lam"], spec["cg_steps"], spec["seed"], device)
-
-
-class _Skipped(Exception):
-    """An implementation that does not apply here (its message says why)."""
-
-
-class _InProcess:
-    """One implementation built in this process; ``step()`` runs one meta-step."""
-
-    def __init__(self, impl: str, spec: dict):
-        self.engine = None
-        if impl.startswith("engine"):
-            from engines import build_engine
-
-            self.engine = build_engine(_engine_config(spec, execution=impl.split("-", 1)[1]))
-            self.engine.train()
-            self.step = self.engine.train_step
-        elif impl == "betty":
-            from benchmarks.betty_reference import BettyReference
-
-            self.step = build_reference(BettyReference, spec).meta_step
-        else:
-            from benchmarks.plain_loop import PlainLoop
-
-            self.step = build_reference(PlainLoop, spec).meta_step
-
-    def extra(self) -> dict:
-        if self.engine is None:
-            return {}
-        out = {"execution": "vectorized" if self.engine.vectorized else "per-task"}
-        if self.engine.records.solves:
-            out["cg_iterations"] = sum(i.iterations for i in self.engine.records.solves) / len(self.engine.records.solves)
-        return out
-
-    def close(self) -> None:
-        pass
 
 
 class _Processes:
@@ -122,9 +59,9 @@ class _Processes:
     def __init__(self, spec: dict):
         from engines.distributed import local_job_environment, local_processes
 
-        self.processes = local_processes(_engine_config(spec))
+        self.processes = local_processes(engine_config(spec))
         if self.processes < 2:
-            raise _Skipped("skipped: run.py uses one process here (one core, or a GPU)")
+            raise Skipped("skipped: run.py uses one process here (one core, or a GPU)")
         env = local_job_environment(self.processes)
         self.workers = [StepWorker(MODULE, spec, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
                         for rank in range(self.processes)]
@@ -145,13 +82,13 @@ class _Processes:
 
 def serve_worker(spec: dict) -> None:
     """One process of ``_Processes``, set up as run.py sets up each of its processes."""
-    from engines import build_engine, distributed
+    from engines import distributed
     from imaml.cli import configure_process
 
-    config = _engine_config(spec)
+    config = engine_config(spec)
     configure_process(config)
     with distributed.process_group(config):
-        engine = build_engine(config)
+        engine = build_benchmark_engine(spec)
         engine.train()
         serve_steps(engine.train_step, torch.device(config.device))
 
@@ -167,7 +104,7 @@ def _set_up_process(spec: dict) -> None:
 def measure_memory(spec: dict) -> dict:
     """The memory one meta-step of ``spec["impl"]`` adds (in a fresh process of its own)."""
     _set_up_process(spec)
-    runner = _InProcess(spec["impl"], spec)
+    runner = InProcess(spec["impl"], spec)
     memory = PeakMemory(torch.device(spec["device"]))
     memory.start()
     runner.step()
@@ -196,9 +133,9 @@ def measure_size(spec: dict) -> Dict[str, dict]:
 
     for impl in spec["impls"]:
         try:
-            runners[impl] = _Processes(spec) if impl == "engine-processes" else _InProcess(impl, spec)
+            runners[impl] = _Processes(spec) if impl == "engine-processes" else InProcess(impl, spec)
             times[impl] = []
-        except _Skipped as skipped:
+        except Skipped as skipped:
             results[impl] = {"error": str(skipped)}
         except Exception as error:
             results[impl] = {"error": describe_error(error)}
@@ -371,7 +308,7 @@ def _default_impl(spec: dict) -> str:
     from engines.distributed import local_processes
     from imaml.models import build_model
 
-    config = _engine_config(spec)
+    config = engine_config(spec)
     if local_processes(config) > 1:
         return "engine-processes"
     source = synthetic_source(spec["shape"], spec["ways"], spec["shots"], spec["query_shots"])

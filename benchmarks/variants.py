@@ -31,7 +31,7 @@ from benchmarks.measure import (StepWorker, describe_error, format_speedup, keep
                                 serve_steps, taking_turns)
 from benchmarks.plain_loop import PlainLoop
 from benchmarks.synthetic import SHAPES
-from benchmarks.throughput import _InProcess, build_reference
+from benchmarks.shared import InProcess, build_reference
 
 MODULE = "benchmarks.variants"
 VARIANTS = ("eager", "channels-last", "compile", "keep-freed-memory")
@@ -53,7 +53,7 @@ def build_variant(spec: dict):
     if variant == "keep-freed-memory":
         keep_freed_memory()
     if spec["loop"] == "engine":
-        return _InProcess("engine-per-task", spec).step
+        return InProcess("engine-per-task", spec).step
     if variant == "channels-last":
         return build_reference(ChannelsLastLoop, spec, lambda model: model.to(memory_format=torch.channels_last)).meta_step
     if variant == "compile":

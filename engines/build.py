@@ -134,21 +134,24 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
                  dtype: torch.dtype = torch.float32, checkpoint_dir: Optional[Path] = None, *,
                  lower_cls: Optional[type] = None, upper_cls: Optional[type] = None,
                  env_cls: Optional[type] = None, model: Union[torch.nn.Module, type, None] = None,
-                 solver: Optional[Callable] = None) -> MetaEngine:
+                 solver: Optional[Callable] = None, sources: Optional[dict] = None) -> MetaEngine:
     """Env + model + Upper/Lower problems + engine for ``config`` (already validated).
 
     ``dtype=torch.float64`` is for exactness tests and diagnostics. The keyword arguments
     replace built-in parts from Python (classes, a model or model class, a hypergradient
-    solver), as the import paths in ``config`` do from the CLI; see engines/extensions.py."""
+    solver), as the import paths in ``config`` do from the CLI; see engines/extensions.py.
+    ``sources`` (``{"train", "val", "test"}`` task sources) replaces ``config.task``'s, e.g. the
+    benchmarks' synthetic tasks."""
     if config.algo == "pretrain":  # the supervised baseline: engines/pretrain.py
         from engines.pretrain import build_pretrain_engine
 
         return build_pretrain_engine(config, log, dtype, checkpoint_dir, lower_cls=lower_cls, upper_cls=upper_cls,
-                                     env_cls=env_cls, model=model, solver=solver)
+                                     env_cls=env_cls, model=model, solver=solver, sources=sources)
     parts = choose_parts(config, lower_cls, upper_cls, env_cls, model, solver)
     device = resolve_device(config.device)
-    with distributed.node_main_first():  # one download / generation per node
-        sources = build_task_sources(config)
+    if sources is None:
+        with distributed.node_main_first():  # one download / generation per node
+            sources = build_task_sources(config)
     torch.manual_seed(config.seed)
     env = parts.env(sources, config.meta_batch_size, config.seed, device, dtype)
     train = sources["train"]

@@ -61,7 +61,7 @@ def build_pretrain_engine(config: RunConfig, log: Optional[RunLog] = None, dtype
                           checkpoint_dir: Optional[Path] = None, *, lower_cls: Optional[type] = None,
                           upper_cls: Optional[type] = None, env_cls: Optional[type] = None,
                           model: Union[torch.nn.Module, type, None] = None,
-                          solver: Optional[Callable] = None) -> PretrainEngine:
+                          solver: Optional[Callable] = None, sources: Optional[dict] = None) -> PretrainEngine:
     """Env + θ (a classifier over all training classes) + the fine-tuning Lower problem +
     engine, with extensions as ``build_engine`` takes them (the Lower problem a subclass of
     ``FineTune``, the Env of ``PretrainEnv``, the Upper of ``Pretrained``)."""
@@ -76,8 +76,9 @@ def build_pretrain_engine(config: RunConfig, log: Optional[RunLog] = None, dtype
         if not issubclass(got, base):
             raise UsageError(f"{flag} {qualname(got)}: --algo pretrain needs a subclass of {qualname(base)}")
     device = resolve_device(config.device)
-    with distributed.node_main_first():
-        sources = build_task_sources(config)
+    if sources is None:
+        with distributed.node_main_first():
+            sources = build_task_sources(config)
     torch.manual_seed(config.seed)
     env = parts.env(sources, config.meta_batch_size, config.seed, device, dtype)
     model = make_model(config, parts, env.pooled.input_shape, env.pooled.num_classes).to(device, dtype)

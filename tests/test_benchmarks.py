@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.betty_reference import BettyReference
 from benchmarks.plain_loop import PlainLoop
-from benchmarks.synthetic import register_synthetic_tasks, synthetic_source
+from benchmarks.synthetic import synthetic_source
 from engines import build_engine
 from imaml.config import RunConfig
 from imaml.models import build_model
@@ -18,11 +18,12 @@ SIZE = dict(ways=3, shots=1, query_shots=2, meta_batch_size=3, inner_steps=3, in
 
 
 def _engine_gradient(algo, cg_steps):
-    register_synthetic_tasks()
     config = RunConfig(task="synthetic-omniglot", algo=algo, channels=4, hypergrad="cg", cg_tol=1e-30,
                        cg_trust_region=False, execution="per-task",
                        **{**SIZE, "cg_steps": cg_steps}).validate()
-    grads, _ = engine_meta_gradient(build_engine(config, dtype=F64))
+    source = synthetic_source("omniglot", config.ways, config.shots, config.query_shots, config.seed)
+    sources = {split: source for split in ("train", "val", "test")}
+    grads, _ = engine_meta_gradient(build_engine(config, dtype=F64, sources=sources))
     return grads
 
 
