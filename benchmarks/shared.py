@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.measure import StepWorker, serve_steps
 from benchmarks.synthetic import SHAPES, synthetic_source
 
-__all__ = ["engine_config", "build_benchmark_engine", "build_reference", "InProcess", "Skipped"]
+__all__ = ["engine_config", "build_benchmark_engine", "build_reference", "InProcess", "EngineProcesses",
+           "serve_engine_worker", "Skipped"]
 
 
 def engine_config(spec: dict, execution: str = "auto"):
@@ -85,3 +87,46 @@ class InProcess:
 
     def close(self) -> None:
         pass
+
+
+class EngineProcesses:
+    """The engine as ``python run.py`` runs on a CPU by default: one single-thread process per
+    core (at most one per task) sharing each meta-batch (``engines.distributed``), started as
+    run.py starts them; ``step()`` has every worker take one meta-step (they end it together,
+    in the all-reduce); ``peak_mib`` is the memory their steps have added so far, summed."""
+
+    def __init__(self, spec: dict, worker_module: str):
+        from engines.distributed import local_job_environment, local_processes
+
+        self.processes = local_processes(engine_config(spec))
+        if self.processes < 2:
+            raise Skipped("skipped: run.py uses one process here (one core, or a GPU)")
+        env = local_job_environment(self.processes)
+        self.workers = [StepWorker(worker_module, spec, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                        for rank in range(self.processes)]
+        self.peak_mib = 0.0
+
+    def step(self) -> None:
+        for worker in self.workers:
+            worker.request()
+        self.peak_mib = sum(worker.reply()["peak_mib"] for worker in self.workers)
+
+    def extra(self) -> dict:
+        return {"processes": self.processes, "peak_mib": self.peak_mib}
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+
+def serve_engine_worker(spec: dict) -> None:
+    """One process of ``EngineProcesses`` (``worker_module`` runs this for ``--worker``), set up as run.py sets up each of its processes."""
+    from engines import distributed
+    from imaml.cli import configure_process
+
+    config = engine_config(spec)
+    configure_process(config)
+    with distributed.process_group(config):
+        engine = build_benchmark_engine(spec)
+        engine.train()
+        serve_steps(engine.train_step, torch.device(config.device))

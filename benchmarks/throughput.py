@@ -41,56 +41,13 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.measure import (PeakMemory, StepWorker, describe_error, format_speedup, keep_freed_memory, machine,
-                                paired_speedup, run_isolated, serve_steps, taking_turns, timed_step)
-from benchmarks.shared import InProcess, Skipped, build_benchmark_engine, engine_config
+from benchmarks.measure import (PeakMemory, describe_error, format_speedup, keep_freed_memory, machine, paired_speedup,
+                                run_isolated, taking_turns, timed_step)
+from benchmarks.shared import EngineProcesses, InProcess, Skipped, engine_config, serve_engine_worker
 from benchmarks.synthetic import SHAPES, synthetic_source
 
 IMPLS = ("engine-per-task", "engine-vectorized", "engine-processes", "betty", "plain")
 MODULE = "benchmarks.throughput"
-
-
-class _Processes:
-    """The engine as ``python run.py`` runs on a CPU by default: one single-thread process per
-    core (at most one per task) sharing each meta-batch (``engines.distributed``), started as
-    run.py starts them; ``step()`` has every worker take one meta-step (they end it together,
-    in the all-reduce); ``peak_mib`` is the memory their steps have added so far, summed."""
-
-    def __init__(self, spec: dict):
-        from engines.distributed import local_job_environment, local_processes
-
-        self.processes = local_processes(engine_config(spec))
-        if self.processes < 2:
-            raise Skipped("skipped: run.py uses one process here (one core, or a GPU)")
-        env = local_job_environment(self.processes)
-        self.workers = [StepWorker(MODULE, spec, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
-                        for rank in range(self.processes)]
-        self.peak_mib = 0.0
-
-    def step(self) -> None:
-        for worker in self.workers:
-            worker.request()
-        self.peak_mib = sum(worker.reply()["peak_mib"] for worker in self.workers)
-
-    def extra(self) -> dict:
-        return {"processes": self.processes, "peak_mib": self.peak_mib}
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.close()
-
-
-def serve_worker(spec: dict) -> None:
-    """One process of ``_Processes``, set up as run.py sets up each of its processes."""
-    from engines import distributed
-    from imaml.cli import configure_process
-
-    config = engine_config(spec)
-    configure_process(config)
-    with distributed.process_group(config):
-        engine = build_benchmark_engine(spec)
-        engine.train()
-        serve_steps(engine.train_step, torch.device(config.device))
 
 
 def _set_up_process(spec: dict) -> None:
@@ -133,7 +90,7 @@ def measure_size(spec: dict) -> Dict[str, dict]:
 
     for impl in spec["impls"]:
         try:
-            runners[impl] = _Processes(spec) if impl == "engine-processes" else InProcess(impl, spec)
+            runners[impl] = EngineProcesses(spec, MODULE) if impl == "engine-processes" else InProcess(impl, spec)
             times[impl] = []
         except Skipped as skipped:
             results[impl] = {"error": str(skipped)}
@@ -162,7 +119,7 @@ def _fmt(value, digits=2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: time one size (JSON)
     parser.add_argument("--memory", help=argparse.SUPPRESS)  # internal: one implementation's memory
@@ -193,9 +150,58 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="one tiny size, one timed round: a smoke run")
     parser.add_argument("--json", help="also write all results to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _measure(spec: dict, impls: List[str], device: torch.device, per_task_memory: Dict[tuple, dict]) -> dict:
+    """Every implementation's timing at one size (one fresh process) and its peak memory (a fresh
+    process each; the per-task implementations' once per shape, ways and algorithm)."""
+    memory, skipped = {}, {}
+    for impl in impls:
+        if impl == "engine-processes":
+            continue
+        per_task = memory.get("engine-per-task", {}).get("peak_mib")
+        skip = _vectorized_too_big(per_task, spec, device) if impl == "engine-vectorized" else None
+        if skip:
+            skipped[impl] = {"error": skip}
+        elif impl == "engine-vectorized":
+            memory[impl] = run_isolated(MODULE, {**spec, "impl": impl}, flag="--memory")
+        else:
+            key = (spec["shape"], spec["ways"], spec["algo"], impl)
+            if key not in per_task_memory:
+                per_task_memory[key] = run_isolated(MODULE, {**spec, "impl": impl}, flag="--memory")
+            memory[impl] = per_task_memory[key]
+    timed = [impl for impl in impls if impl not in skipped]
+    results = run_isolated(MODULE, {**spec, "impls": timed})
+    if "error" in results:  # the measuring process itself failed
+        results = {impl: results for impl in timed}
+    return {**skipped, **{impl: {**memory.get(impl, {}), **result} for impl, result in results.items()}}
+
+
+COLUMNS = {"engine-per-task": "engine per-task", "engine-vectorized": "engine vectorized",
+           "engine-processes": "engine processes", "betty": "Betty ref.", "plain": "plain loop"}
+
+
+def _row(spec: dict, results: dict, cg_steps: int) -> str:
+    """One size's row of the table."""
+    default = _default_impl(spec)
+    rate = {impl: results.get(impl, {}).get("tasks_per_s") for impl in COLUMNS}
+    versus_betty = _speedup(results, default, "betty")
+    overhead = _speedup(results, "engine-per-task", "plain")
+    peaks = " / ".join(_fmt(results.get(i, {}).get("peak_mib"), 0) for i in COLUMNS)
+    cg = [r["cg_iterations"] for r in results.values() if "cg_iterations" in r]
+    note = f" (CG iterations {min(cg):.2f})" if cg and min(cg) < cg_steps else ""
+    shape = "×".join(map(str, SHAPES[spec["shape"]].input_shape))
+    return (f"| {shape} | {spec['ways']} | {spec['meta_batch_size']} | {spec['algo']} "
+            f"| {_fmt(rate[default])} ({COLUMNS[default].split(' ', 1)[1]}) | "
+            + " | ".join(_fmt(rate[i]) for i in COLUMNS)
+            + f" | {format_speedup(versus_betty)} | {format_speedup(overhead)} | {peaks} |{note}")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     if args.worker:
-        serve_worker(json.loads(args.worker))
+        serve_engine_worker(json.loads(args.worker))
         return 0
     if args.one:
         print(json.dumps(measure_size(json.loads(args.one))))
@@ -205,7 +211,6 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.shapes, args.ways, args.meta_batch_sizes, args.rounds = ["omniglot"], [5], [4], 1
-
     device = torch.device(args.device)
     common = dict(device=args.device, threads=args.threads, shots=args.shots, query_shots=args.query_shots,
                   inner_steps=args.inner_steps, cg_steps=args.cg_steps, inner_lr=args.inner_lr,
@@ -217,48 +222,15 @@ def main(argv=None) -> int:
           f"CG {args.cg_steps} steps (iMAML); per size, in one process, {args.warmup} warm-up + {args.rounds} "
           f"timed meta-step(s) of each implementation, interleaved"
           + ("; run.py's malloc setting in every process" if args.keep_freed_memory else ""))
-    columns = {"engine-per-task": "engine per-task", "engine-vectorized": "engine vectorized",
-               "engine-processes": "engine processes", "betty": "Betty ref.", "plain": "plain loop"}
-    print("| input | ways | meta-batch | algo | engine, run.py default | " + " | ".join(columns.values())
-          + " | default / Betty | per-task / plain | peak MiB: " + " / ".join(columns.values()) + " |")
-    print("|---" * (9 + len(columns)) + "|")
-    records = []
-    per_task_memory: Dict[tuple, dict] = {}  # one task at a time: the same at every meta-batch size
+    print("| input | ways | meta-batch | algo | engine, run.py default | " + " | ".join(COLUMNS.values())
+          + " | default / Betty | per-task / plain | peak MiB: " + " / ".join(COLUMNS.values()) + " |")
+    print("|---" * (9 + len(COLUMNS)) + "|")
+    records, per_task_memory = [], {}  # one task at a time: the same memory at every meta-batch size
     for size in _sizes(args):
         spec = {**common, **size}
-        memory, skipped = {}, {}
-        for impl in impls:
-            if impl == "engine-processes":
-                continue
-            per_task = memory.get("engine-per-task", {}).get("peak_mib")
-            skip = _vectorized_too_big(per_task, size, device) if impl == "engine-vectorized" else None
-            if skip:
-                skipped[impl] = {"error": skip}
-            elif impl == "engine-vectorized":
-                memory[impl] = run_isolated(MODULE, {**spec, "impl": impl}, flag="--memory")
-            else:
-                key = (size["shape"], size["ways"], size["algo"], impl)
-                if key not in per_task_memory:
-                    per_task_memory[key] = run_isolated(MODULE, {**spec, "impl": impl}, flag="--memory")
-                memory[impl] = per_task_memory[key]
-        timed = [impl for impl in impls if impl not in skipped]
-        results = run_isolated(MODULE, {**spec, "impls": timed})
-        if "error" in results:  # the measuring process itself failed
-            results = {impl: results for impl in timed}
-        results = {**skipped, **{impl: {**memory.get(impl, {}), **result} for impl, result in results.items()}}
+        results = _measure(spec, impls, device, per_task_memory)
         records.append({**spec, "results": results})
-        default = _default_impl(spec)
-        rate = {impl: results.get(impl, {}).get("tasks_per_s") for impl in columns}
-        versus_betty = _speedup(results, default, "betty")
-        overhead = _speedup(results, "engine-per-task", "plain")
-        peaks = " / ".join(_fmt(results.get(i, {}).get("peak_mib"), 0) for i in columns)
-        cg = [r["cg_iterations"] for r in results.values() if "cg_iterations" in r]
-        note = f" (CG iterations {min(cg):.2f})" if cg and min(cg) < args.cg_steps else ""
-        shape = "×".join(map(str, SHAPES[size["shape"]].input_shape))
-        print(f"| {shape} | {size['ways']} | {size['meta_batch_size']} | {size['algo']} "
-              f"| {_fmt(rate[default])} ({columns[default].split(' ', 1)[1]}) | "
-              + " | ".join(_fmt(rate[i]) for i in columns)
-              + f" | {format_speedup(versus_betty)} | {format_speedup(overhead)} | {peaks} |{note}", flush=True)
+        print(_row(spec, results, args.cg_steps), flush=True)
         for impl, result in results.items():
             if "error" in result:
                 print(f"#   {impl}: {result['error']}", file=sys.stderr)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -14,12 +13,10 @@ from betty.engine import Engine
 from engines import distributed
 from engines.divergence import DivergenceGuard, Diverged
 from engines.progress import describe_result, peak_memory_mb, progress_bar
-from engines.records import TaskRecords, mean_curve
-from engines.run_control import RunControl
-from envs.omniglot import OneShotRuns
+from engines.records import TaskRecords, summarize_evaluation
+from engines.run_control import RunControl, engine_state, restore_engine_state
 from imaml.config import RunConfig
 from imaml.errors import RunStopped
-from imaml.metrics import mean_ci95, metric_name
 from imaml.reporting import RunLog
 
 __all__ = ["MetaEngine"]
@@ -153,19 +150,8 @@ class MetaEngine(Engine):
         finally:
             self.train()
         tasks = sorted((t for part in distributed.gather_objects(mine) for t in part), key=lambda t: t[0])
-        values, curves = [t[1] for t in tasks], [t[2] for t in tasks]
         self.probed = [t[3] for t in tasks if t[3] is not None]
-        mean, ci95 = mean_ci95(values)
-        result = {"metric": metric_name(self.env.kind), "mean": mean, "ci95": ci95, "num_tasks": len(values),
-                  "inner_curve": mean_curve(curves)}
-        measured = [t[4] for t in tasks if math.isfinite(t[4])]
-        if measured:  # iMAML: how close each task's inner loop came to a stationary point
-            result.update(inner_stationarity_mean=sum(measured) / len(measured),
-                          inner_converged=sum(v <= self.run_config.inner_tol for v in measured) / len(measured))
-        source = self.env.sources[split]
-        if isinstance(source, OneShotRuns):  # Lake's runs: the error rate of each run
-            result.update(source.report(values))
-        return result
+        return summarize_evaluation(tasks, self.env.kind, self.run_config.inner_tol, self.env.sources[split])
 
     def _evaluate_tasks(self, split: str, num_tasks: int, probe: bool) -> list:
         """(index, score, inner curve, probe or None, stationarity) of this process's tasks."""
@@ -209,37 +195,11 @@ class MetaEngine(Engine):
     # -------------------------------------------------------------------- state
     def state_dict(self, step: Optional[int] = None) -> dict:
         """Everything a resumed run needs to continue exactly as an uninterrupted one (``step``:
-        the meta-step to record, if not the current one)."""
-        return {
-            "step": self.global_step if step is None else step,
-            "config": self.run_config.to_dict(),
-            "upper": self.upper.state_dict(),
-            "env": self.env.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "tasks_seen": self.tasks_seen,
-            "train_seconds": self.train_seconds,
-            "before_meta_training": self.before,
-            "best_validation": self.best,
-            "validation": self.last_validation,
-            "skipped_meta_batches": self.guard.skipped,
-            "meta_gradient_health": self.records.health.state_dict(),
-            "lr_schedule": self.upper.lr_schedule.state_dict() if self.upper.lr_schedule else None,
-        }
+        the meta-step to record, if not the current one); ``engines.run_control.engine_state``."""
+        return engine_state(self, step)
 
     def load_state_dict(self, state: dict) -> None:
-        self.global_step = state["step"]
-        self.upper.load_state_dict(state["upper"])
-        self.env.load_state_dict(state["env"])
-        torch.set_rng_state(state["torch_rng"])
-        self.tasks_seen = state["tasks_seen"]
-        self.train_seconds = state["train_seconds"]
-        self.before = state["before_meta_training"]
-        self.best = state["best_validation"]
-        self.last_validation = state["validation"]
-        self.guard.skipped = state.get("skipped_meta_batches", 0)
-        self.records.health.load_state_dict(state.get("meta_gradient_health"))
-        if self.upper.lr_schedule is not None and state.get("lr_schedule"):
-            self.upper.lr_schedule.load_state_dict(state["lr_schedule"])
+        restore_engine_state(self, state)
 
     def save(self, name: str, step: Optional[int] = None) -> Optional[Path]:
         return self.control.save(name, self.state_dict(step))
@@ -254,12 +214,7 @@ class MetaEngine(Engine):
     def _stop_if_signalled(self) -> None:
         """After a SIGTERM/SIGINT (to any process of a job): save the checkpoint, then stop
         with a clear message."""
-        signum = self.control.signalled()
-        if signum is None:
-            return
-        where = self.save("latest")
-        hint = f"; checkpoint {where}, continue with --resume {self.run_config.output_dir}" if where else ""
-        raise RunStopped(f"{signum.name} after meta-step {self.global_step}{hint}", exit_code=128 + signum)
+        self.control.stop_if_signalled(lambda: self.save("latest"), self.global_step, self.run_config.output_dir)
 
     # -------------------------------------------------------------------- the whole run
     def run(self) -> Dict[str, object]:

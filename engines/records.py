@@ -9,6 +9,7 @@ inner stationarity), whether the loop adapted one task or a whole meta-batch. At
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Dict
 
 import torch
@@ -17,9 +18,10 @@ from engines import distributed
 from imaml import betty_glue
 from imaml.config import RunConfig
 from imaml.health import MetaGradientHealth
-from imaml.metrics import metric_name
+from envs.omniglot import OneShotRuns
+from imaml.metrics import mean_ci95, metric_name
 
-__all__ = ["TaskRecords", "mean_curve"]
+__all__ = ["TaskRecords", "mean_curve", "summarize_evaluation"]
 
 
 class TaskRecords:
@@ -73,3 +75,20 @@ class TaskRecords:
 def mean_curve(curves: list) -> list:
     """Mean over tasks of the inner objective at each inner step."""
     return [sum(values) / len(values) for values in zip(*curves)] if curves else []
+
+
+def summarize_evaluation(tasks: list, kind: str, inner_tol: float, source) -> dict:
+    """An evaluation's result from its tasks' (index, score, inner curve, probe, stationarity):
+    the mean and 95% CI of the scores, the mean inner curve, for iMAML how close each inner loop
+    came to a stationary point, and for Lake's runs the error rate of each run."""
+    values, curves = [t[1] for t in tasks], [t[2] for t in tasks]
+    mean, ci95 = mean_ci95(values)
+    result = {"metric": metric_name(kind), "mean": mean, "ci95": ci95, "num_tasks": len(values),
+              "inner_curve": mean_curve(curves)}
+    measured = [t[4] for t in tasks if math.isfinite(t[4])]
+    if measured:
+        result.update(inner_stationarity_mean=sum(measured) / len(measured),
+                      inner_converged=sum(v <= inner_tol for v in measured) / len(measured))
+    if isinstance(source, OneShotRuns):
+        result.update(source.report(values))
+    return result

@@ -1,5 +1,6 @@
 """Checkpoints and stop signals: how a run is saved, and stopped without losing it.
 
+``engine_state`` is what a checkpoint holds of an engine (``restore_engine_state`` puts it back);
 ``RunControl`` writes ``<output-dir>/checkpoints/<name>.pt`` (none without a checkpoint folder:
 library use, tests), catches SIGTERM/SIGINT while a run is in progress (``watching``) and says,
 at the points where every process of a job looks (``signalled``), whether any of them got one.
@@ -13,10 +14,13 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from engines import distributed
 from imaml import checkpoint
+from imaml.errors import RunStopped
 
-__all__ = ["RunControl"]
+__all__ = ["RunControl", "engine_state", "restore_engine_state"]
 
 
 class RunControl:
@@ -56,3 +60,50 @@ class RunControl:
         """The signal any process of the job got, or None (every process gets the same answer)."""
         signum = int(distributed.max_over_ranks(self._signal or 0))
         return signal.Signals(signum) if signum else None
+
+    def stop_if_signalled(self, save, step: int, output_dir: str) -> None:
+        """After a SIGTERM/SIGINT (to any process of a job): ``save()`` the checkpoint, then stop
+        with a clear message (``RunStopped``, exit 128 + the signal)."""
+        signum = self.signalled()
+        if signum is None:
+            return
+        where = save()
+        hint = f"; checkpoint {where}, continue with --resume {output_dir}" if where else ""
+        raise RunStopped(f"{signum.name} after meta-step {step}{hint}", exit_code=128 + signum)
+
+
+def engine_state(engine, step: Optional[int] = None) -> dict:
+    """Everything a resumed run of ``engine`` needs to continue exactly as an uninterrupted one
+    (``step``: the meta-step to record, if not the current one)."""
+    return {
+        "step": engine.global_step if step is None else step,
+        "config": engine.run_config.to_dict(),
+        "upper": engine.upper.state_dict(),
+        "env": engine.env.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "tasks_seen": engine.tasks_seen,
+        "train_seconds": engine.train_seconds,
+        "before_meta_training": engine.before,
+        "best_validation": engine.best,
+        "validation": engine.last_validation,
+        "skipped_meta_batches": engine.guard.skipped,
+        "meta_gradient_health": engine.records.health.state_dict(),
+        "lr_schedule": engine.upper.lr_schedule.state_dict() if engine.upper.lr_schedule else None,
+    }
+
+
+def restore_engine_state(engine, state: dict) -> None:
+    """Put ``engine`` back in the state ``engine_state`` recorded."""
+    engine.global_step = state["step"]
+    engine.upper.load_state_dict(state["upper"])
+    engine.env.load_state_dict(state["env"])
+    torch.set_rng_state(state["torch_rng"])
+    engine.tasks_seen = state["tasks_seen"]
+    engine.train_seconds = state["train_seconds"]
+    engine.before = state["before_meta_training"]
+    engine.best = state["best_validation"]
+    engine.last_validation = state["validation"]
+    engine.guard.skipped = state.get("skipped_meta_batches", 0)
+    engine.records.health.load_state_dict(state.get("meta_gradient_health"))
+    if engine.upper.lr_schedule is not None and state.get("lr_schedule"):
+        engine.upper.lr_schedule.load_state_dict(state["lr_schedule"])
