@@ -33,7 +33,8 @@ import torch
 
 from imaml.errors import UsageError
 
-__all__ = ["DATASETS", "BenchmarkSpec", "load_split", "download", "FlatPool", "DecodedPool", "alphabet_groups"]
+__all__ = ["DATASETS", "BenchmarkSpec", "load_split", "FlatPool", "DecodedPool", "alphabet_groups", "missing_files",
+           "import_learn2learn"]
 
 SPLITS = ("train", "val", "test")
 
@@ -219,7 +220,7 @@ def _fc100(root: Path, split: str):
     return FlatPool(torch.from_numpy(images).permute(0, 3, 1, 2), labels)
 
 
-def _learn2learn():
+def import_learn2learn():
     """``import learn2learn``, without the "unmaintained" notice its gym import prints."""
     with contextlib.redirect_stderr(io.StringIO()):
         import learn2learn
@@ -227,7 +228,7 @@ def _learn2learn():
 
 
 def _cifarfs(root: Path, split: str):
-    l2l = _learn2learn()
+    l2l = import_learn2learn()
     mode = {"train": "train", "val": "validation", "test": "test"}[split]
     try:  # learn2learn copies the split's classes into cifarfs/processed/<split>/ on first use
         with contextlib.redirect_stdout(io.StringIO()):
@@ -267,42 +268,3 @@ _LOADERS: Dict[str, Callable] = {
     "omniglot": _omniglot, "mini-imagenet": _mini_imagenet, "tiered-imagenet": _tiered_imagenet,
     "cifarfs": _cifarfs, "fc100": _fc100,
 }
-
-
-# ------------------------------------------------------------------------------ download
-_L2L_CLASSES = {"omniglot": "FullOmniglot", "mini-imagenet": "MiniImagenet",
-                "tiered-imagenet": "TieredImagenet", "cifarfs": "CIFARFS", "fc100": "FC100"}
-
-
-def download(spec: BenchmarkSpec, root: Path) -> None:
-    """``--download``: fetch what is missing with learn2learn's downloader, then check every
-    file; a failed or bogus download (an HTML page saved as a pickle) is removed and reported."""
-    if not missing_files(spec, root):
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    before = {p for p in root.rglob("*")}
-    dataset_cls = getattr(_learn2learn().vision.datasets, _L2L_CLASSES[spec.name])
-    modes = [None] if spec.name == "omniglot" else ["train", "validation", "test"]
-    error = None
-    for mode in modes:
-        try:
-            if mode is None:
-                dataset_cls(str(root), download=True)
-            else:
-                dataset_cls(str(root), mode=mode, download=True)
-        except Exception as err:  # noqa: BLE001 - any downloader failure is reported in one line
-            error = error or f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
-    bad = [p for p in sorted(set(root.rglob("*")) - before) if p.is_file() and _is_html(p)]
-    for path in bad:
-        path.unlink()
-    if bad:
-        raise UsageError(f"--download {spec.name}: the server sent an HTML page instead of "
-                         f"{bad[0].name} (removed); try again later or get {spec.source}")
-    if missing_files(spec, root):
-        raise UsageError(f"--download {spec.name}: the download failed ({error or 'files still missing'}); "
-                         f"get {spec.source}")
-
-
-def _is_html(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(512).lstrip().lower().startswith((b"<!doctype html", b"<html"))

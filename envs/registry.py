@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Dict
 
 from envs import datasets, glyphs, omniglot
+from envs.downloads import download
 from envs.tasks import (ArrayPool, ClassImageTasks, RotatedClasses, SinusoidTasks, TaskSource, random_affine,
                         random_crop_flip)
 from imaml.config import RunConfig
@@ -47,7 +48,7 @@ def _benchmark(name: str) -> Callable[[RunConfig], Dict[str, TaskSource]]:
     def build(config: RunConfig) -> Dict[str, TaskSource]:
         root = Path(config.data_root)
         if config.download:
-            datasets.download(spec, root)
+            download(spec, root)
         rotations = spec.class_rotations if config.class_rotations is None else config.class_rotations
         sources = {}
         for split in SPLITS:

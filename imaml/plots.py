@@ -72,6 +72,24 @@ def draw_inner_loop_grid(rows: List[dict], title: str = "", ylabel: str = "loss"
     return fig
 
 
+def _validation_figure(plt, records: list, results: dict, metric: str, title: str):
+    """meta_validation.png's figure (the mean with its 95% CI band), or None without validations."""
+    steps, mean = _series(records, f"val/{metric}")
+    if not steps:
+        return None
+    _, ci = _series(records, f"val/{metric}_ci95")
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(steps, mean, marker="o", label=f"meta-validation {metric}")
+    ax.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
+                    alpha=0.25, label="95% CI")
+    before = results.get("before_meta_training")
+    if before:
+        ax.axhline(before["mean"], color="gray", linestyle="--", label="initialization (meta-test)")
+    ax.set(xlabel="meta-step", ylabel=metric, title=f"{title}: meta-validation")
+    ax.legend()
+    return fig
+
+
 def write_plots(output_dir: str | Path) -> List[Path]:
     """meta_train_loss.png, meta_validation.png (mean with its 95% CI band),
     inner_loop.png (the inner objective per step, averaged over the meta-test tasks,
@@ -110,18 +128,8 @@ def write_plots(output_dir: str | Path) -> List[Path]:
         ax.legend()
         save(fig, "meta_train_loss.png")
 
-    steps, mean = _series(records, f"val/{metric}")
-    if steps:
-        _, ci = _series(records, f"val/{metric}_ci95")
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        ax.plot(steps, mean, marker="o", label=f"meta-validation {metric}")
-        ax.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
-                        alpha=0.25, label="95% CI")
-        before = results.get("before_meta_training")
-        if before:
-            ax.axhline(before["mean"], color="gray", linestyle="--", label="initialization (meta-test)")
-        ax.set(xlabel="meta-step", ylabel=metric, title=f"{title}: meta-validation")
-        ax.legend()
+    fig = _validation_figure(plt, records, results, metric, title)
+    if fig is not None:
         save(fig, "meta_validation.png")
 
     curves = {name: results.get(name, {}).get("inner_curve") for name in ("before_meta_training", "test")}

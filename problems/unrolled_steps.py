@@ -83,9 +83,9 @@ def differentiable_sgd(params: Sequence[torch.Tensor], optimizer) -> tuple:
     """``torch.optim.SGD``'s update (weight decay, momentum, dampening, Nesterov) of the entries
     of ``params`` that have a ``.grad``, from differentiable ops; the others pass through.
 
-    ``optimizer`` is Betty's patched inner optimizer (``param_groups``, ``param_mappings`` into
-    ``params``, a ``state`` dict per entry for the momentum buffer). Betty's own
-    DifferentiableSGD computes 0·buf + 1·∇ at momentum 0 — two more products per parameter and
+    ``optimizer`` is Betty's patched inner optimizer (``param_groups``, each group's indices into
+    ``params`` from ``betty_glue.parameter_indices``, a ``state`` dict per entry for the momentum
+    buffer). Betty's own DifferentiableSGD computes 0·buf + 1·∇ at momentum 0 — two more products per parameter and
     step, kept in the graph the meta-gradient backpropagates through — and drops entries
     without a gradient from the tuple it returns.
     """

@@ -1,0 +1,55 @@
+"""The house rules that keep the code readable (issue 19): small files and functions, Betty's
+internals named in one module, no per-task/vectorized dispatch by attribute lookup."""
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_FILE_LINES = 300
+MAX_FUNCTION_LINES = 60
+# Betty 0.1.1's private state and internal hooks; only imaml/betty_glue.py may name them
+BETTY_PRIVATE = ("_inner_loop_start", "_training", "_first_order", "cur_batch", "training_step_exec", "jvp_fn_mapping",
+                 "param_mappings", ".gas")
+
+
+def _sources(outside_tests: bool = True) -> list:
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files += subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "*.py"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    return sorted({f for f in files if (ROOT / f).is_file() and not (outside_tests and f.startswith("tests/"))})
+
+
+def test_no_source_file_outside_tests_is_over_300_lines():
+    long = {f: n for f in _sources() if (n := len((ROOT / f).read_text().splitlines())) > MAX_FILE_LINES}
+    assert not long, long
+
+
+def test_no_function_is_over_60_lines():
+    long = {}
+    for f in _sources():
+        for node in ast.walk(ast.parse((ROOT / f).read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long[f"{f}:{node.name}"] = length
+    assert not long, long
+
+
+def test_bettys_private_attributes_are_named_in_betty_glue_only():
+    pattern = re.compile("|".join(rf"\b{re.escape(name)}\b" if name[0] != "." else re.escape(name) + r"\b"
+                                  for name in BETTY_PRIVATE))
+    found = {}
+    for f in _sources():
+        if f == "imaml/betty_glue.py":
+            continue
+        for number, line in enumerate((ROOT / f).read_text().splitlines(), start=1):
+            if pattern.search(line.split("#")[0]):
+                found[f"{f}:{number}"] = line.strip()
+    assert not found, found
+
+
+def test_no_dispatch_on_a_vectorized_attribute():
+    found = [f for f in _sources() if re.search(r"getattr\([^)]*[\"']vectorized[\"']", (ROOT / f).read_text())]
+    assert not found, found
