@@ -17,13 +17,18 @@ import torch
 
 from engines import distributed
 from imaml.config import RunConfig
+from imaml.errors import RunStopped
 from imaml.metrics import global_norm
 
 __all__ = ["DivergenceGuard", "PretrainDivergenceGuard", "Diverged"]
 
 
-class Diverged(Exception):
-    """A meta-batch diverged and the run stops (``--on-divergence stop``); θ is not updated."""
+class Diverged(RunStopped):
+    """A meta-batch diverged and the run stops (``--on-divergence stop``, exit 3); θ is not
+    updated. The engine's loop adds where the last good state was saved."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=3)
 
 
 class DivergenceGuard:
