@@ -31,6 +31,7 @@ ALGOS = ("imaml", "maml", "fomaml", "pretrain")
 HYPERGRADS = ("cg", "neumann", "darts", "exact", "minres", "normal-cg", "cg-damped")
 WANDB_MODES = ("online", "offline", "disabled")
 BN_MODES = ("transductive", "inductive", "episodic")
+ACTIVATIONS = ("relu", "silu")  # imaml.models.ACTIVATIONS; the CLI does not import the models
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("none", "cosine", "step")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
@@ -102,6 +103,7 @@ class RunConfig:
     model: Optional[str] = None  # None: the task's default (conv4 for images, mlp for sinusoid)
     channels: int = 64
     bn_mode: str = "transductive"  # BatchNorm statistics at meta-train/meta-test, see imaml.models
+    activation: str = "relu"  # relu (the papers' networks) or silu (smooth: iMAML's theorem needs it)
     # extensions: import paths (module.sub:ClassName) replacing a built-in class; docs/extending.md
     lower_problem: Optional[str] = None
     upper_problem: Optional[str] = None
@@ -152,6 +154,7 @@ class RunConfig:
         _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
         _one_of("on_divergence", self.on_divergence, ("stop", "skip"))
         _one_of("bn_mode", self.bn_mode, BN_MODES)
+        _one_of("activation", self.activation, ACTIVATIONS)
         _one_of("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS)
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("meta_momentum", "inner_momentum"):
@@ -358,7 +361,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 # the options argparse restricts to a list (the rest are checked in RunConfig.validate)
 CHOICES = {"algo": ALGOS, "inner_optimizer": INNER_OPTIMIZERS, "wandb_mode": WANDB_MODES, "bn_mode": BN_MODES,
-           "dist_backend": DIST_BACKENDS,
+           "activation": ACTIVATIONS, "dist_backend": DIST_BACKENDS,
            "execution": EXECUTIONS, "omniglot_background": OMNIGLOT_BACKGROUNDS, "omniglot_val": OMNIGLOT_VALS,
            "episodes": EPISODES, "meta_optimizer": META_OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
            "on_divergence": ("stop", "skip")}
@@ -396,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bn_mode": "BatchNorm statistics: transductive (batch statistics at meta-train and meta-test, "
                    "the MAML paper), inductive (running statistics from meta-training used at "
                    "meta-test), episodic (support-set statistics applied to the queries)",
+        "activation": "the conv4 / conv4-strided / mlp nonlinearity: relu (the papers' networks) or silu "
+                      "(smooth: iMAML's inner loop and solve converge on it; ReLU's kinks stall them)",
         "meta_optimizer": "adam, adamw or sgd (with --meta-momentum)",
         "lr_schedule": "meta learning-rate schedule over --meta-steps: none, cosine, or step "
                        "(× --lr-gamma every --lr-step-every meta-steps)",
