@@ -82,7 +82,8 @@ def make_model(config: RunConfig, parts: Parts, input_shape: tuple, num_outputs:
     if isinstance(parts.model, nn.Module):
         return parts.model
     if parts.model is None:
-        return build_model(config.model, input_shape, num_outputs, config.channels, config.bn_mode)
+        return build_model(config.model, input_shape, num_outputs, config.channels, config.bn_mode,
+                           config.activation)
     try:  # the contract, checked before the call so that errors inside it keep their traceback
         inspect.signature(parts.model).bind(input_shape, num_outputs, config)
     except TypeError as err:

@@ -1,7 +1,7 @@
 """The values each named option takes, torch-free: the CLI checks them before any heavy import,
 and the modules that act on them (models, solvers, inner optimizers) name the same tuples."""
 
-__all__ = ["ALGOS", "HYPERGRADS", "WANDB_MODES", "BN_MODES", "META_OPTIMIZERS", "LR_SCHEDULES", "DIST_BACKENDS",
+__all__ = ["ALGOS", "HYPERGRADS", "WANDB_MODES", "BN_MODES", "ACTIVATIONS", "META_OPTIMIZERS", "LR_SCHEDULES", "DIST_BACKENDS",
            "EXECUTIONS", "INNER_OPTIMIZERS", "OMNIGLOT_BACKGROUNDS", "OMNIGLOT_VALS", "EPISODES", "OMNIGLOT_TASKS",
            "ON_DIVERGENCE", "MODELS"]
 
@@ -9,6 +9,7 @@ ALGOS = ("imaml", "maml", "fomaml", "pretrain")
 HYPERGRADS = ("cg", "neumann", "darts", "exact", "minres", "normal-cg", "cg-damped")
 WANDB_MODES = ("online", "offline", "disabled")
 BN_MODES = ("transductive", "inductive", "episodic")
+ACTIVATIONS = ("relu", "silu")  # imaml.models.ACTIVATIONS maps them to layers
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("none", "cosine", "step")
 DIST_BACKENDS = ("auto", "nccl", "gloo")

@@ -109,7 +109,8 @@ def _protocol(config: RunConfig, kind: str, splits: dict) -> dict:
     return {"test_tasks": config.test_tasks, "test_query_shots": queries,
             "test_inner_steps": config.test_inner_steps, "inner_steps": config.inner_steps,
             "bn_mode": config.bn_mode if kind == "classification" else None,
-            "model": config.model, "channels": config.channels, "meta_batch_size": config.meta_batch_size,
+            "model": config.model, "activation": config.activation, "channels": config.channels,
+            "meta_batch_size": config.meta_batch_size,
             "hypergrad": config.hypergrad if config.algo == "imaml" else None,
             "lam": config.lam if config.algo == "imaml" else None, "seed": config.seed}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from imaml.choices import (ALGOS, BN_MODES, DIST_BACKENDS, EPISODES, EXECUTIONS, HYPERGRADS, INNER_OPTIMIZERS,
+from imaml.choices import (ACTIVATIONS, ALGOS, BN_MODES, DIST_BACKENDS, EPISODES, EXECUTIONS, HYPERGRADS, INNER_OPTIMIZERS,
                            LR_SCHEDULES, META_OPTIMIZERS, OMNIGLOT_BACKGROUNDS, OMNIGLOT_TASKS, OMNIGLOT_VALS,
                            ON_DIVERGENCE, WANDB_MODES)
 from imaml.errors import UsageError
@@ -50,7 +50,6 @@ class RunConfig:
                                             'ways, e.g. the zero-init head)')
     shots: int = option(1, 'support examples per class (K); points per task for sinusoid')
     query_shots: int = option(5, 'query examples per class; points per task for sinusoid')
-    # data: --data-root holds the real benchmarks; --download lets learn2learn fetch them
     data_root: str = option("data", 'where datasets are (the embedded glyphs are generated and cached here)')
     download: bool = option(False, 'let learn2learn download a missing benchmark into --data-root')
     augment: bool = option(False, 'augment meta-training images: random crop + horizontal flip (mini-imagenet, '
@@ -92,7 +91,6 @@ class RunConfig:
     inner_tol: float = option(1e-2, "iMAML: a task's inner loop stops once ‖∇g(φ)‖ ≤ tol·‖∇g(θ)‖ (its "
                                     'stationarity, logged as train/inner_stationarity); 0: always --inner-steps')
     inner_cg_steps: int = option(5, 'iMAML hessian-free: conjugate-gradient steps per Newton direction')
-    # iMAML: proximal strength λ in  L_support(φ) + λ/2·‖φ − θ‖²  (iMAML paper, eq. 3)
     lam: float = option(1.0, 'iMAML proximal strength λ: inner objective L_support(φ) + λ/2·‖φ − θ‖²')
     hypergrad: str = option("cg", 'iMAML hypergradient solver: cg, neumann, darts, exact (dense; tiny models), '
                                   'minres (symmetric indefinite systems), normal-cg (CG on A²x = Av, two products '
@@ -125,6 +123,9 @@ class RunConfig:
                                           'meta-test, the MAML paper), inductive (running statistics from '
                                           'meta-training used at meta-test), episodic (support-set statistics '
                                           'applied to the queries)', choices=BN_MODES)
+    activation: str = option("relu", "the conv4 / conv4-strided / mlp nonlinearity: relu (the papers' networks) or silu "
+                                     "(smooth: iMAML's inner loop and solve converge on it; ReLU's kinks stall them)",
+                             choices=ACTIVATIONS)
     # extensions: import paths (module.sub:ClassName) replacing a built-in class; docs/extending.md
     lower_problem: Optional[str] = option(None, 'import path module:Class to a Lower problem replacing the '
                                                 'built-in one (subclass of ImplicitLower for imaml, UnrolledLower '
@@ -160,8 +161,6 @@ class RunConfig:
     wandb_name: Optional[str] = option(None, 'wandb name')
     wandb_group: Optional[str] = option(None, 'wandb group')
     wandb_tags: Optional[str] = option(None, 'W&B tags, comma-separated')
-    # the W&B run id; with W&B on and no --output-dir, the run writes to runs/<id> (so every trial
-    # of a sweep keeps its own files). None: WANDB_RUN_ID (a sweep agent sets it), else a new id
     wandb_id: Optional[str] = option(None, 'W&B run id; with W&B on and no --output-dir the run writes to '
                                            'runs/<id>; none: $WANDB_RUN_ID (as a sweep agent sets it) or a new id')
     wandb_log_checkpoints: bool = option(False, 'upload checkpoints/latest.pt and best.pt to W&B as a model '

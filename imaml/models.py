@@ -96,24 +96,35 @@ def predict_query(forward: Callable, model: nn.Module, support_x: torch.Tensor,
     return forward(query_x)
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
+
+
+def activation_layer(name: str) -> nn.Module:
+    """``relu`` (the papers' networks) or ``silu``: smooth, so the inner objective has the
+    continuous Hessian the implicit function theorem needs (docs/meta-gradients.md)."""
+    if name not in ACTIVATIONS:
+        raise UsageError(f"--activation {name}: unknown; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
 class Conv4(nn.Module):
-    """Four blocks of 3×3 conv → BatchNorm → ReLU → downsampling, then a linear head
+    """Four blocks of 3×3 conv → BatchNorm → ReLU (or ``activation``) → downsampling, then a linear head
     (Finn et al., 2017). ``pool="max"``: 2×2 max-pooling and the flattened feature map
     (their mini-ImageNet network, 32 filters); ``pool="stride"``: stride-2 convolutions and
     the spatial mean (their Omniglot network, 64 filters)."""
 
     def __init__(self, in_channels: int, num_outputs: int, channels: int = 64, image_size: int = 28,
-                 bn_mode: str = "transductive", pool: str = "max"):
+                 bn_mode: str = "transductive", pool: str = "max", activation: str = "relu"):
         super().__init__()
         blocks = []
         for i in range(4):
             conv_in = in_channels if i == 0 else channels
             if pool == "max":
                 blocks += [nn.Conv2d(conv_in, channels, 3, padding=1), norm2d(channels, bn_mode),
-                           nn.ReLU(), nn.MaxPool2d(2)]
+                           activation_layer(activation), nn.MaxPool2d(2)]
             else:
                 blocks += [nn.Conv2d(conv_in, channels, 3, stride=2, padding=1), norm2d(channels, bn_mode),
-                           nn.ReLU()]
+                           activation_layer(activation)]
         if pool == "max":
             side = image_size
             for _ in range(4):
@@ -169,13 +180,14 @@ class ResNet12(nn.Module):
 
 
 class MLP(nn.Module):
-    """The sinusoid regressor of the MAML paper: two hidden ReLU layers of 40 units."""
+    """The sinusoid regressor of the MAML paper: two hidden ReLU (or ``activation``) layers of 40 units."""
 
-    def __init__(self, in_features: int = 1, num_outputs: int = 1, hidden: Sequence[int] = (40, 40)):
+    def __init__(self, in_features: int = 1, num_outputs: int = 1, hidden: Sequence[int] = (40, 40),
+                 activation: str = "relu"):
         super().__init__()
         layers, width = [], in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), activation_layer(activation)]
             width = h
         layers.append(nn.Linear(width, num_outputs))
         self.net = nn.Sequential(*layers)
@@ -186,19 +198,23 @@ class MLP(nn.Module):
 
 
 def build_model(name: str | None, input_shape: tuple, num_outputs: int, channels: int = 64,
-                bn_mode: str = "transductive") -> nn.Module:
+                bn_mode: str = "transductive", activation: str = "relu") -> nn.Module:
     """The named backbone for inputs of ``input_shape``; ``None`` picks the task's default."""
     if name is None:
         name = "conv4" if len(input_shape) == 3 else "mlp"
+    activation_layer(activation)  # an unknown name fails here, for every model
+    if name == "resnet12" and activation != "relu":
+        raise UsageError(f"--activation {activation}: resnet12 keeps its leaky ReLUs; "
+                         "use --model conv4, conv4-strided or mlp")
     if name in ("conv4", "conv4-strided", "resnet12"):
         if len(input_shape) != 3:
             raise UsageError(f"--model {name} needs image inputs; this task's inputs have shape {input_shape}")
         if name == "resnet12":
             return ResNet12(input_shape[0], num_outputs, channels=channels, bn_mode=bn_mode)
         return Conv4(input_shape[0], num_outputs, channels=channels, image_size=input_shape[-1],
-                     bn_mode=bn_mode, pool="max" if name == "conv4" else "stride")
+                     bn_mode=bn_mode, pool="max" if name == "conv4" else "stride", activation=activation)
     if name == "mlp":
         if len(input_shape) != 1:
             raise UsageError(f"--model mlp needs vector inputs; this task's inputs have shape {input_shape}")
-        return MLP(input_shape[0], num_outputs)
+        return MLP(input_shape[0], num_outputs, activation=activation)
     raise UsageError(f"--model {name}: unknown model; choose one of {', '.join(MODELS)}")

@@ -101,6 +101,7 @@ def _every_flag(scratch: Path):
     strategies = {name: _any_value(name) for name in FIELDS}
     choices = {"algo": config_module.ALGOS, "hypergrad": config_module.HYPERGRADS + ("imaml.solvers:dense_solve",),
                "execution": config_module.EXECUTIONS, "bn_mode": config_module.BN_MODES,
+               "activation": config_module.ACTIVATIONS,
                "wandb_mode": config_module.WANDB_MODES, "meta_optimizer": config_module.META_OPTIMIZERS,
                "lr_schedule": config_module.LR_SCHEDULES, "dist_backend": config_module.DIST_BACKENDS,
                "task": ("glyphs", "sinusoid", "omniglot", "mini-imagenet", "nope"), "model": ("conv4", "mlp", "x:Y"),
@@ -171,7 +172,7 @@ def _small_runs(scratch: Path, trained: Path):
         "lam": [0.5, 2.0], "hypergrad": ["cg", "neumann", "darts", "exact"],
         "cg_steps": [1, 3], "neumann_terms": [1, 3], "neumann_alpha": [0.1, "none"], "darts_radius": [0.01],
         "execution": ["auto", "per-task", "vectorized"], "model": ["conv4", "conv4-strided", "mlp", "none"],
-        "channels": [2, 3], "bn_mode": ["transductive", "inductive", "episodic"],
+        "channels": [2, 3], "bn_mode": ["transductive", "inductive", "episodic"], "activation": ["relu", "silu"],
         "lower_problem": EXTENSIONS[:5], "upper_problem": ["problems:MetaInit", "problems.meta_sgd:MetaSGDInit"],
         "meta_optimizer": ["adam", "adamw", "sgd"], "lr_schedule": ["none", "cosine", "step"],
         "lr_step_every": [1], "lr_gamma": [0.5], "val_every": [1, 2], "val_tasks": [2], "test_tasks": [2, 3],
