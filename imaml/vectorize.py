@@ -9,7 +9,7 @@ activations as [B, T·C, ...] (task-major channels) and runs
 - every BatchNorm (batch statistics, no running statistics) as one BatchNorm over T·C
   channels, which normalizes each task's channels with that task's own batch statistics,
 - every linear layer as one batched matrix product,
-- ReLU, max-pooling and flattening unchanged (they act per channel or per element).
+- ReLU, SiLU, max-pooling and flattening unchanged (they act per channel or per element).
 
 So task t sees exactly the computation it would see alone, up to floating-point summation
 order. ``vmap`` over ``functional_call`` computes the same, but decomposes BatchNorm into
@@ -37,7 +37,7 @@ __all__ = ["TaskGroupedModel", "stack_for_tasks", "why_not_vectorizable"]
 # containers whose forward only chains their children (so the task-major layout survives)
 _CHAINS = (nn.Sequential, Conv4, MLP)
 # layers that act per element or per channel: correct on [B, T·C, ...] as they are
-_PER_CHANNEL = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d,
+_PER_CHANNEL = (nn.ReLU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d,
                 nn.Identity)
 
 

@@ -87,17 +87,24 @@ def test_armijo_never_increases_the_objective_where_a_fixed_step_does():
     assert float(fixed.relative()) > 1.0  # the same step without the search diverges
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "armijo", "hessian-free"])
-def test_converged_inner_loop_gives_the_unrolled_and_the_dense_implicit_meta_gradient(make_config, optimizer):
+@pytest.mark.parametrize("optimizer,activation", [("sgd", "relu"), ("armijo", "relu"), ("hessian-free", "relu"),
+                                                  ("hessian-free", "silu")])
+def test_converged_inner_loop_gives_the_unrolled_and_the_dense_implicit_meta_gradient(make_config, optimizer,
+                                                                                       activation):
     """Whichever optimizer reaches φ*, the implicit meta-gradient there is autograd through
     400 plain proximal GD steps (no implicit algebra) and the dense-Hessian implicit one."""
     lam, lr, steps = 10.0, 0.01, 400
     engine = build_engine(make_config(task="sinusoid", algo="imaml", hypergrad="exact", lam=lam, inner_lr=lr,
                                       inner_steps=steps, meta_batch_size=1, execution="per-task",
-                                      inner_optimizer=optimizer, inner_tol=1e-11), dtype=F64)
-    _shrink_mlp(engine)
+                                      inner_optimizer=optimizer, inner_tol=1e-11, activation=activation), dtype=F64)
+    _shrink_mlp(engine)  # a ReLU MLP; the smooth case swaps its nonlinearity in both copies
+    for net in (engine.upper.module.net, engine.lower.module.net):
+        for index, layer in enumerate(net):
+            if activation == "silu" and isinstance(layer, torch.nn.ReLU):
+                net[index] = torch.nn.SiLU()
     got, tasks = engine_meta_gradient(engine)
     model = engine.upper.module
+    assert any(isinstance(m, torch.nn.SiLU) for m in model.modules()) == (activation == "silu")
     assert float(engine.lower.stationarity()[0]) <= 1e-11
     if optimizer == "hessian-free":
         assert int(engine.lower.inner.moves[0]) < 20  # it stopped early: the remaining steps were no-ops

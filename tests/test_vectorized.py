@@ -38,7 +38,8 @@ def _sinusoid(**overrides):
 
 
 @pytest.mark.parametrize("model,shape", [(Conv4(3, 5, channels=4, image_size=28), (6, 3, 28, 28)),
-                                         (MLP(1, 1), (7, 1))])
+                                         (Conv4(3, 5, channels=4, image_size=28, activation="silu"), (6, 3, 28, 28)),
+                                         (MLP(1, 1), (7, 1)), (MLP(1, 1, activation="silu"), (7, 1))])
 def test_grouped_forward_equals_each_task_alone(model, shape):
     """Each task gets its own parameters and its own BatchNorm batch statistics."""
     model = model.to(F64)
@@ -130,10 +131,12 @@ def test_batched_neumann_and_dense_equal_separate_solves():
     dict(algo="imaml", hypergrad="cg", cg_steps=100, cg_tol=1e-12, lam=50.0, cg_trust_region=False,
          inner_optimizer="hessian-free", inner_steps=4),
     dict(algo="imaml", hypergrad="exact", lam=5.0, inner_lr=0.02, inner_tol=0.2, inner_steps=40),  # tasks stop apart
+    dict(algo="imaml", hypergrad="minres", cg_steps=200, cg_tol=1e-12, lam=10.0, activation="silu",
+         inner_optimizer="hessian-free", inner_steps=4),  # the smooth network of docs/meta-gradients.md
     dict(algo="maml"),
     dict(algo="fomaml"),
 ], ids=["imaml-cg3", "imaml-cg-converged", "imaml-exact", "imaml-neumann", "imaml-minres8", "imaml-minres-converged",
-        "imaml-armijo", "imaml-hessian-free", "imaml-inner-tol", "maml", "fomaml"])
+        "imaml-armijo", "imaml-hessian-free", "imaml-inner-tol", "imaml-silu", "maml", "fomaml"])
 def test_vectorized_meta_gradient_equals_per_task(make_config, task, options):
     if options.get("hypergrad") == "exact" and task is _glyphs:
         options = dict(options, channels=2)  # keep the dense solve small
