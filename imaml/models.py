@@ -196,7 +196,6 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-
 def build_model(name: str | None, input_shape: tuple, num_outputs: int, channels: int = 64,
                 bn_mode: str = "transductive", activation: str = "relu") -> nn.Module:
     """The named backbone for inputs of ``input_shape``; ``None`` picks the task's default."""

@@ -1,6 +1,8 @@
 """--activation: the conv and MLP nonlinearity, smooth (SiLU) where iMAML needs a Hessian that
 does not jump (docs/meta-gradients.md), ReLU by default, recorded with the run's protocol."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -30,7 +32,6 @@ def test_every_nonlinearity_of_the_network_is_the_one_asked_for(name, shape):
 def test_silu_makes_the_support_gradient_continuous_where_relu_jumps():
     """Why the option exists: across a ReLU kink the gradient jumps by a finite amount however
     small the step; with SiLU it changes in proportion to the step."""
-    torch.manual_seed(0)
     x, w2 = torch.zeros(1, 1), torch.ones(1, 1)
     for name, expect_jump in (("relu", True), ("silu", False)):
         act = ACTIVATIONS[name]()
@@ -54,7 +55,6 @@ def test_a_bad_activation_stops_with_one_line(tmp_path, data_root, capsys, argv,
 
 
 def test_the_protocol_records_the_activation(tmp_path, data_root):
-    import json
     out = tmp_path / "out"
     code = main(["--task", "sinusoid", "--algo", "imaml", "--activation", "silu", "--meta-steps", "1",
                  "--meta-batch-size", "2", "--test-tasks", "2", "--val-tasks", "2", "--inner-steps", "2",
