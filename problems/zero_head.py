@@ -11,7 +11,9 @@ The θ model keeps its head as a placeholder, zeroed when the run starts; it nev
 meta-gradient, so it stays zero. Select with
 ``--lower-problem problems.zero_head:ZeroHeadUnrolled`` (``--algo maml``/``fomaml``) or
 ``problems.zero_head:ZeroHeadImplicit`` (``--algo imaml``, where the proximal term pulls
-the head towards its zero start: λ/2·(‖φ_enc − θ_enc‖² + ‖φ_h‖²)). Why a Lower problem and
+the head towards its zero start: λ/2·(‖φ_enc − θ_enc‖² + ‖φ_h‖²)), or
+``problems.zero_head:ZeroHeadANILImplicit`` (``--algo imaml``, the head alone adapted: see its
+docstring for why its inner problem is convex). Why a Lower problem and
 not a model wrapper: resetting per task and sizing to the task are adaptation rules, and
 the Lower problem is where a task's adaptation starts; any model whose output layer is one
 ``nn.Linear`` works unchanged.
@@ -25,10 +27,11 @@ import torch
 from torch import nn
 
 from imaml.errors import UsageError
+from problems.anil import ANILImplicit
 from problems.head import find_head, head_names
 from problems.lower import ImplicitLower, UnrolledLower
 
-__all__ = ["ZeroHeadUnrolled", "ZeroHeadImplicit"]
+__all__ = ["ZeroHeadUnrolled", "ZeroHeadImplicit", "ZeroHeadANILImplicit"]
 
 
 class _ZeroHead:
@@ -102,3 +105,18 @@ class ZeroHeadImplicit(_ZeroHead, ImplicitLower):
         anchored = zip(self.module.named_parameters(), self.meta_problem.initial_parameters())
         return 0.5 * self.config.lam * sum((phi if name in self._head else phi - theta).pow(2).sum()
                                            for (name, phi), theta in anchored)
+
+
+class ZeroHeadANILImplicit(ZeroHeadImplicit, ANILImplicit):
+    """iMAML over the head alone, from zero, on θ's encoder (ANIL's split with the zero head):
+    g(φ_h; θ) = L_support(φ_h; θ_enc) + λ/2·‖φ_h‖², a ridge-regularized softmax regression on
+    θ's features. Cross-entropy is convex in a linear layer's weights, so g is λ-strongly convex
+    whatever the encoder or activation: A = H_h + λI ⪰ λI, the minimizer is unique, Newton-type
+    inner steps reach it in a few iterations and the solve is well posed (the implicit function
+    theorem's assumptions hold by construction). Meta-gradient: the encoder's direct effect on
+    the query loss plus the implicit term through the head (``problems.anil``); the zero
+    start and sizing per task are the zero head's."""
+
+    def regularizer(self) -> torch.Tensor:
+        """λ/2·‖φ_h‖²: the proximal term towards the head's zero start."""
+        return 0.5 * self.config.lam * sum(p.pow(2).sum() for p in self.trainable_parameters())

@@ -31,8 +31,10 @@ from tests.reference import relative_error
 F64 = torch.float64
 WORLD = 2
 META_STEPS = 3
-# (task, algo, meta-batch size): 3 tasks over 2 processes is the uneven split (2 + 1)
-SCENARIOS = [("sinusoid", "maml", 4), ("sinusoid", "imaml", 3), ("glyphs", "maml", 3), ("glyphs", "imaml", 4)]
+# (task, algo, meta-batch size, Lower problem): 3 tasks over 2 processes is the uneven split (2 + 1);
+# the last one is the Omniglot iMAML preset's Lower problem
+SCENARIOS = [("sinusoid", "maml", 4, None), ("sinusoid", "imaml", 3, None), ("glyphs", "maml", 3, None),
+             ("glyphs", "imaml", 4, None), ("glyphs", "imaml", 3, "problems.zero_head:ZeroHeadANILImplicit")]
 
 
 def _meta_train(config: RunConfig) -> dict:
@@ -44,7 +46,8 @@ def _meta_train(config: RunConfig) -> dict:
     apply = engine.upper.optimizer.step
 
     def capture(*args, **kwargs):
-        grads.append([p.grad.detach().clone() for p in engine.upper.trainable_parameters()])
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()  # a zero head: None
+                      for p in engine.upper.trainable_parameters()])
         return apply(*args, **kwargs)
 
     engine.upper.optimizer.step = capture
@@ -117,8 +120,8 @@ def job(tmp_path_factory, data_root):
     configs = [RunConfig(task=task, algo=algo, **(images if task == "glyphs" else points), channels=4,
                          meta_batch_size=batch, meta_steps=META_STEPS, inner_steps=2, test_inner_steps=2,
                          meta_lr=0.01, test_tasks=5, data_root=data_root, output_dir=str(tmp / "unused"),
-                         execution="per-task").validate()  # as the sharded processes run
-               for task, algo, batch in SCENARIOS]
+                         execution="per-task", lower_problem=lower).validate()  # as the sharded processes run
+               for task, algo, batch, lower in SCENARIOS]
     cli_out = str(tmp / "cli")
     context = mp.spawn(_worker, args=(_free_port(), configs, data_root, cli_out, str(tmp)), nprocs=WORLD,
                        join=False)
