@@ -40,7 +40,7 @@ def test_offline_wandb_run_records_config_history_and_summary(tmp_path, data_roo
     kinds = [r.WhichOneof("record_type") for r in records]
     run = _of(records, "run")[0]
     config = _items(run.config.update)
-    assert config["algo"] == "imaml" and config["lam"] == 0.5 and config["meta_steps"] == 4  # preset + flags
+    assert config["algo"] == "imaml" and config["lam"] == 0.1 and config["meta_steps"] == 4  # preset + flags
     assert run.project == "imaml-tests" and list(run.tags) == ["ci", "smoke"] and run.run_group == "g"
     rows = [_items(h.item) for h in _of(records, "history")]
     logged = [row for row in rows if "train/query_loss" in row]
@@ -198,7 +198,7 @@ def test_sweep_file_names_real_flags():
     sampled = [f"--{name}={spec.get('min', (spec.get('values') or [None])[0])}"
                for name, spec in sweep["parameters"].items()]
     config = parse_args(fixed + sampled)
-    assert config.wandb_mode == "online" and config.inner_steps == 5 and config.lam == 0.1
+    assert config.wandb_mode == "online" and config.inner_cg_steps == 5 and config.lam == 0.01
 
 
 def test_global_norm_is_the_norm_of_all_entries_together():

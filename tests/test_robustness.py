@@ -45,8 +45,10 @@ def _glyph_args(data_root, out, *extra):
 @pytest.mark.parametrize("execution", ["per-task", "vectorized"])
 @pytest.mark.parametrize("algo", ["maml", "imaml"])
 def test_divergence_stops_with_a_message_and_a_loadable_checkpoint(tmp_path, data_root, capsys, algo, execution):
+    # iMAML: the built-in Lower problem with plain SGD (the preset's line search would not diverge)
+    plain = ["--lower-problem", "none", "--inner-optimizer", "sgd"] if algo == "imaml" else []
     code = main(_glyph_args(data_root, tmp_path / "out", "--algo", algo, "--inner-lr", "1e6", "--meta-steps", "5",
-                            "--execution", execution))
+                            "--execution", execution, *plain))
     err = capsys.readouterr().err.strip()
     assert code == 3 and len(err.splitlines()) == 1, err
     assert "diverged at meta-step 1, task 0" in err and "--inner-lr" in err and "Traceback" not in err
