@@ -25,6 +25,7 @@ from imaml.errors import UsageError
 from imaml.reporting import RunLog
 from imaml.vectorize import why_not_vectorizable
 from problems import LowerConfig, UpperConfig, VectorizedImplicitLower, VectorizedUnrolledLower
+from problems.head_only import HeadOnFeatures
 
 __all__ = ["build_engine", "resolve_device", "use_vectorized", "build_upper_config", "say_to"]
 
@@ -49,7 +50,8 @@ def use_vectorized(config: RunConfig, model: torch.nn.Module, device: torch.devi
     ``vectorized`` was asked for and this run cannot have it. ``auto`` vectorizes where the
     benchmarks found it faster: on CUDA, for MLPs, and for conv nets on CPU while a task's
     first-layer activations stay below ``CPU_VECTORIZE_MAX_ACTIVATIONS``."""
-    reason = why_not_vectorizable(model)
+    head = parts is not None and issubclass(parts.lower, HeadOnFeatures)
+    reason = None if head else why_not_vectorizable(model)  # the head alone: any encoder, run per task
     if reason is None and config.algo == "imaml" and config.hypergrad == "darts":
         reason = "the darts solver perturbs one task's weights at a time"
     if reason is None and config.bn_mode != "transductive":
@@ -67,6 +69,8 @@ def use_vectorized(config: RunConfig, model: torch.nn.Module, device: torch.devi
         return True
     if reason is not None:
         return False
+    if head:  # the encoder runs per task either way; the head's steps batch over the meta-batch
+        return True
     conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if device.type == "cuda" or conv is None:
         return True
@@ -94,13 +98,18 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device,
             cg_iterations=config.cg_steps, cg_tol=config.cg_tol, cg_trust_region=config.cg_trust_region,
             cg_damping=config.cg_damping, neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
             darts_alpha=config.darts_radius, inner_optimizer=config.inner_optimizer, inner_tol=config.inner_tol,
-            inner_cg_steps=config.inner_cg_steps)
-        lower_cls = VectorizedImplicitLower if vectorized else parts.lower
-        return lower_cls("lower", lower_config, module, optimizer, device=device)
-    lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",
-                               retain_graph=config.algo == "maml", grad_checkpoint=config.grad_checkpoint)
-    lower_cls = VectorizedUnrolledLower if vectorized else parts.lower
-    return lower_cls("lower", lower_config, module=module, optimizer=optimizer, device=device)
+            inner_cg_steps=config.inner_cg_steps, head_init=config.head_init)
+    else:
+        lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",
+                                   retain_graph=config.algo == "maml", grad_checkpoint=config.grad_checkpoint,
+                                   head_init=config.head_init)
+    lower_cls = parts.lower
+    if vectorized and not issubclass(lower_cls, HeadOnFeatures):  # the head's core runs T tasks as it is
+        lower_cls = VectorizedImplicitLower if implicit else VectorizedUnrolledLower
+    lower = lower_cls("lower", lower_config, module=module, optimizer=optimizer, device=device)
+    if vectorized:
+        lower.tasks_at_once = None  # the whole meta-batch at once
+    return lower
 
 
 def build_meta_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:

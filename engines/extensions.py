@@ -21,7 +21,11 @@ from imaml.errors import UsageError
 from imaml.solvers import register_solver, solver_key
 from imaml.models import build_model
 from imaml.plugins import check_class, is_import_path, load_class, load_object, qualname
-from problems import ImplicitLower, MetaInit, UnrolledLower
+from problems import HeadImplicit, HeadUnrolled, ImplicitLower, MetaInit, UnrolledLower
+
+# the Lower problems the settings choose (--algo × --adapt); --head-init is read by each
+BUILT_IN_LOWERS = {("imaml", "all"): ImplicitLower, ("imaml", "head"): HeadImplicit,
+                   ("unrolled", "all"): UnrolledLower, ("unrolled", "head"): HeadUnrolled}
 
 __all__ = ["Parts", "choose_parts", "make_model"]
 
@@ -42,7 +46,7 @@ class Parts:
     def built_in(self) -> bool:
         """No extension replaces a problem class or the solver (so the task-vectorized path,
         which has its own problem classes, computes the same thing)."""
-        return (self.lower in (ImplicitLower, UnrolledLower) and self.upper is MetaInit
+        return (self.lower in BUILT_IN_LOWERS.values() and self.upper is MetaInit
                 and (self.solver is None or self.solver in {solver_key(name) for name in HYPERGRADS}))
 
 
@@ -54,6 +58,8 @@ def choose_parts(config: RunConfig, lower_cls: Optional[type] = None, upper_cls:
     lower_base = ImplicitLower if implicit else UnrolledLower
     lower = _pick(lower_cls, "lower_cls", config.lower_problem, "--lower-problem", lower_base,
                   f"--algo {config.algo}")
+    if lower is lower_base:  # no extension: the settings choose
+        lower = BUILT_IN_LOWERS["imaml" if implicit else "unrolled", config.adapt]
     needs = lower.upper_class  # MetaInit, or the Upper this Lower relies on (Meta-SGD's)
     upper = _pick(upper_cls, "upper_cls", config.upper_problem, "--upper-problem", needs,
                   f"the Lower problem {qualname(lower)}" if needs is not MetaInit else "")
@@ -67,12 +73,12 @@ def choose_parts(config: RunConfig, lower_cls: Optional[type] = None, upper_cls:
         raise UsageError(f"--grad-checkpoint: the Lower problem {qualname(lower)} keeps state that recomputing "
                          f"an inner step in the backward pass would not restore (recomputable = False); "
                          f"drop the flag")
-    if config.test_ways is not None and config.test_ways != config.ways and not lower.variable_ways:
+    zero_head = (getattr(lower, "fixed_head_init", None) or config.head_init) == "zero"
+    if config.test_ways is not None and config.test_ways != config.ways and not (lower.variable_ways or zero_head):
         raise UsageError(
             f"--test-ways {config.test_ways}: the Lower problem {qualname(lower)} adapts a head with "
             f"--ways {config.ways} outputs, so it meta-tests only at {config.ways} ways; a zero-initialized "
-            f"head adapts to any number: --lower-problem problems.zero_head:"
-            f"{'ZeroHeadImplicit' if implicit else 'ZeroHeadUnrolled'}")
+            f"head adapts to any number: --head-init zero")
     return Parts(lower, upper, env, chosen_model, _solver_key(config, solver) if implicit else None)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from imaml.choices import (ACTIVATIONS, ALGOS, BN_MODES, DIST_BACKENDS, EPISODES, EXECUTIONS, HYPERGRADS, INNER_OPTIMIZERS,
+from imaml.choices import (ACTIVATIONS, ADAPTS, HEAD_INITS, ALGOS, BN_MODES, DIST_BACKENDS, EPISODES, EXECUTIONS, HYPERGRADS, INNER_OPTIMIZERS,
                            LR_SCHEDULES, META_OPTIMIZERS, OMNIGLOT_BACKGROUNDS, OMNIGLOT_TASKS, OMNIGLOT_VALS,
                            ON_DIVERGENCE, WANDB_MODES)
 from imaml.errors import UsageError
@@ -113,6 +113,12 @@ class RunConfig:
                                     'faster and supported)', choices=EXECUTIONS)
     grad_checkpoint: bool = option(False, "MAML: keep only each inner step's input and recompute the step in the "
                                           "backward pass, so memory stays near one step's")
+    # what the inner loop adapts and where a task's head starts: settings of every --algo
+    adapt: str = option("all", "what the inner loop adapts: all (the whole network, from θ) or head (the output "
+                               "layer alone, on θ's features computed once per task; ANIL with maml/fomaml)",
+                        choices=ADAPTS)
+    head_init: str = option("theta", "where each task's head starts: theta (θ's head) or zero (zeros, one row per "
+                                     "class, so --test-ways may differ from --ways)", choices=HEAD_INITS)
     # model
     model: Optional[str] = option(None, 'conv4 (max-pool; mini-ImageNet), conv4-strided (stride-2, '
                                         "average-pooled; MAML's Omniglot), resnet12, or mlp; or an import path "
@@ -195,6 +201,7 @@ class RunConfig:
             raise UsageError(f"--lr-gamma {self.lr_gamma}: must be in (0, 1]")
         self._validate_omniglot()
         self._validate_inner_loop()
+        self._validate_adaptation()
         if self.grad_checkpoint and self.algo != "maml":
             raise UsageError(f"--grad-checkpoint applies to --algo maml (memory through the unrolled inner loop); "
                              f"{self.algo}'s memory does not grow with inner steps: drop the flag")
@@ -230,6 +237,13 @@ class RunConfig:
         if self.wandb_id is not None and not WANDB_ID.fullmatch(self.wandb_id):
             raise UsageError(f"--wandb-id {self.wandb_id!r}: use 1 to 64 letters, digits, '-' or '_'")
         return self
+
+    def _validate_adaptation(self) -> None:
+        if self.lower_problem and self.adapt != "all":
+            raise UsageError(f"--adapt {self.adapt} with --lower-problem {self.lower_problem}: the Lower problem "
+                             f"decides what adapts; drop one of the two")
+        if self.algo == "pretrain" and (self.adapt, self.head_init) != ("all", "theta"):
+            raise UsageError("--adapt/--head-init: --algo pretrain fine-tunes its own prototype head; drop them")
 
     def _validate_inner_loop(self) -> None:
         if self.algo != "imaml":

@@ -1,8 +1,9 @@
 """The two levels of the bilevel problem, as Betty problems."""
 
+from problems.head_only import HeadImplicit, HeadUnrolled
 from problems.lower import ImplicitLower, LowerConfig, UnrolledLower
 from problems.upper import MetaInit, UpperConfig
 from problems.vectorized import VectorizedImplicitLower, VectorizedUnrolledLower
 
 __all__ = ["MetaInit", "UpperConfig", "ImplicitLower", "UnrolledLower", "LowerConfig", "VectorizedImplicitLower",
-           "VectorizedUnrolledLower"]
+           "VectorizedUnrolledLower", "HeadImplicit", "HeadUnrolled"]

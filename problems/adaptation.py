@@ -10,17 +10,40 @@ all the engine, the divergence guard and the records read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Sequence, Type
+from typing import ClassVar, List, Optional, Sequence, Type
 
 import torch
 from betty.configs import Config
+from torch import nn
 
 from imaml import betty_glue
+from imaml.errors import UsageError
 from imaml.metrics import global_norm, task_loss, task_score
 from imaml.models import predict_query
+from problems.head import find_head, head_names
 from problems.upper import MetaInit
 
-__all__ = ["LowerConfig", "TaskAdaptation"]
+__all__ = ["LowerConfig", "TaskAdaptation", "proximal", "head_start"]
+
+
+def proximal(phi: Sequence[torch.Tensor], centre: Sequence[torch.Tensor], lam: float,
+             tasks: Optional[int] = None) -> torch.Tensor:
+    """λ/2·‖φ − c‖², the proximal term of the iMAML paper (eq. 3), written once for every
+    Lower problem: summed over everything, or with ``tasks`` one value per task row ([T])."""
+    if tasks is None:
+        return 0.5 * lam * sum((p - c).pow(2).sum() for p, c in zip(phi, centre))
+    return 0.5 * lam * sum((p - c).pow(2).reshape(tasks, -1).sum(1) for p, c in zip(phi, centre))
+
+
+def head_start(theta_head: Sequence[torch.Tensor], head_init: str, ways: int,
+               tasks: Optional[int] = None) -> List[torch.Tensor]:
+    """Where a task's head starts (``--head-init``): θ's head, or zeros with ``ways`` rows (one
+    per class of the task, so meta-test may have another number of ways). With ``tasks``, a
+    leading task dimension ([T, ...]: views of θ's, or fresh zeros)."""
+    if head_init == "zero":
+        lead = () if tasks is None else (tasks,)
+        return [torch.zeros((*lead, ways, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in theta_head]
+    return list(theta_head) if tasks is None else [t.unsqueeze(0).expand(tasks, *t.shape) for t in theta_head]
 
 
 @dataclass
@@ -43,6 +66,7 @@ class LowerConfig(Config):
     inner_cg_steps: int = 5  # iMAML hessian-free: CG steps per Newton direction
     neumann_alpha: Optional[float] = None  # None: 1/λ_max by power iteration
     grad_checkpoint: bool = False  # UnrolledLower: recompute each inner step in the backward pass
+    head_init: str = "theta"  # where the adapted head starts: θ's head, or zero (--head-init)
 
 
 class TaskAdaptation:
@@ -59,12 +83,46 @@ class TaskAdaptation:
 
     upper_class: ClassVar[Type[MetaInit]] = MetaInit
     variable_ways: ClassVar[bool] = False
+    # a class that always starts its head one way sets this ("theta" or "zero"); otherwise the
+    # config's head_init (--head-init) decides
+    fixed_head_init: ClassVar[Optional[str]] = None
 
     # tasks of a meta-batch one inner loop adapts: 1 (one at a time, unstacked), or None (the
     # whole meta-batch at once, stacked along dim 0: problems.vectorized)
     tasks_at_once: ClassVar[Optional[int]] = 1
     num_tasks = 1  # T, the tasks of the current inner loop
     hypergrad_infos: Sequence = ()  # after a solve (iMAML): the solver's SolveInfo of each task
+
+    @property
+    def head_init(self) -> str:
+        """Where each task's head starts: "theta" (θ's head) or "zero" (zeros, one row per class)."""
+        return self.fixed_head_init or getattr(self.config, "head_init", "theta")
+
+    def find_head_names(self) -> List[str]:
+        """The output layer's parameter names; a zero-started head must be one ``nn.Linear``."""
+        name, layer = find_head(self.module)
+        if self.head_init == "zero" and not isinstance(layer, nn.Linear):
+            raise UsageError(f"--head-init zero needs an output layer that is one nn.Linear; "
+                             f"{type(self.module).__name__}.{name} is a {type(layer).__name__}")
+        return head_names(self.module)
+
+    def task_ways(self) -> int:
+        """Outputs the current task(s) need: the number of classes (labels are 0..N−1, every
+        class in the support set), or the model's output size for regression."""
+        if self.env.kind == "classification":
+            return int(self.env.current.support_y.max()) + 1
+        return find_head(self.meta_problem.module)[1].out_features
+
+    def zero_theta_head(self) -> None:
+        """With a zero-started head, θ's head is a placeholder that never gets a meta-gradient:
+        zero it once, so the saved θ says what every task starts from."""
+        if self.head_init != "zero":
+            return
+        head = set(self.find_head_names())
+        with torch.no_grad():
+            for name, theta in self.meta_problem.module.named_parameters():
+                if name in head:
+                    theta.zero_()
 
     @property
     def in_training(self) -> bool:

@@ -31,7 +31,7 @@ from torch.func import functional_call
 from imaml import betty_glue, solvers
 from imaml.inner_optimizers import INNER_OPTIMIZERS, NEEDS_HVP, InnerLoop, InnerStep, rows, task_norms
 from imaml.models import scratch_buffers
-from problems.adaptation import LowerConfig, TaskAdaptation
+from problems.adaptation import LowerConfig, TaskAdaptation, head_start, proximal
 from problems.unrolled_steps import RecomputedSteps, differentiable_sgd
 
 __all__ = ["LowerConfig", "ImplicitLower", "UnrolledLower", "differentiable_sgd"]
@@ -71,6 +71,11 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         self.hypergrad_infos: list = []  # the solver's SolveInfo of each task of the last inner loop
         self.inner = InnerLoop(config.inner_tol)
         self._final_norms: Optional[torch.Tensor] = None
+        self._zero_head = set(self.find_head_names()) if self.head_init == "zero" else set()
+
+    def initialize(self, engine_config):
+        super().initialize(engine_config)
+        self.zero_theta_head()
 
     def begin_task(self) -> None:
         super().begin_task()
@@ -152,18 +157,26 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         return loss
 
     def anchor(self) -> List[torch.Tensor]:
-        """θ as the proximal term sees it (a task-vectorized problem stacks it per task)."""
-        return self.meta_problem.initial_parameters()
+        """Where each task starts, the proximal centre: θ, with a zero-started head's entries at
+        zero (a task-vectorized problem stacks it per task)."""
+        theta = self.meta_problem.initial_parameters()
+        if not self._zero_head:
+            return theta
+        named = zip(self.module.named_parameters(), theta)
+        return [torch.zeros_like(phi) if name in self._zero_head else t for (name, phi), t in named]
 
     def regularizer(self) -> torch.Tensor:
-        """λ/2·‖φ − θ‖², the proximal term of the iMAML paper (eq. 3)."""
-        proximal = sum((phi - t).pow(2).sum() for phi, t in zip(self.trainable_parameters(), self.anchor()))
-        return 0.5 * self.config.lam * proximal
+        """λ/2·‖φ − φ₀‖², the proximal term of the iMAML paper (eq. 3), φ₀ = ``anchor()``."""
+        return proximal(self.trainable_parameters(), self.anchor(), self.config.lam)
 
     def on_inner_loop_start(self) -> None:
+        ways = self.task_ways() if self._zero_head else 0
         with torch.no_grad():
-            for phi, theta in zip(self.module.parameters(), self.meta_problem.module.parameters()):
-                phi.copy_(theta)
+            for (name, phi), theta in zip(self.module.named_parameters(), self.meta_problem.module.parameters()):
+                if name in self._zero_head:  # resized in place: the optimizer keeps the same tensor
+                    phi.data = head_start([theta], "zero", ways)[0]
+                else:
+                    phi.copy_(theta)
             for mine, theirs in zip(self.module.buffers(), self.meta_problem.module.buffers()):
                 mine.copy_(theirs)
         self.optimizer.state.clear()  # no momentum carried over from the previous task
@@ -202,6 +215,7 @@ class UnrolledLower(TaskAdaptation, RecomputedSteps, IterativeProblem):
     def initialize(self, engine_config):
         super().initialize(engine_config)
         betty_glue.set_first_order(self, self.config.first_order)  # Betty derives it from the parent's config
+        self.zero_theta_head()
 
     def patch_modules(self):
         """Functional view of the module with ``torch.func`` (Betty uses the deprecated
@@ -211,6 +225,8 @@ class UnrolledLower(TaskAdaptation, RecomputedSteps, IterativeProblem):
         self.params = tuple(self.module.parameters())
         self.buffers = tuple(self.module.buffers())
         self.fmodule = self._functional_forward
+        head = set(self.find_head_names()) if self.head_init == "zero" else set()
+        self._zero_started = [i for i, name in enumerate(self._param_names) if name in head]
 
     def _functional_forward(self, params, buffers, x):
         tensors = dict(zip(self._param_names, params))
@@ -246,6 +262,11 @@ class UnrolledLower(TaskAdaptation, RecomputedSteps, IterativeProblem):
             self.params = tuple(t.clone() for t in theta)  # keeps the graph to θ
         else:
             self.params = tuple(t.detach().clone().requires_grad_() for t in theta)
+        if self._zero_started:  # a zero-started head: fresh leaves with the task's classes as rows
+            params, ways = list(self.params), self.task_ways()
+            for i in self._zero_started:
+                params[i] = head_start([params[i]], "zero", ways)[0].requires_grad_()
+            self.params = tuple(params)
         self.buffers = tuple(b.clone() for b in self.meta_problem.module.buffers())
         for state in self.optimizer.state:
             state.clear()

@@ -31,6 +31,13 @@ class RecomputedSteps:
 
     recomputable: ClassVar[bool] = True
 
+    def step_reads(self) -> List[torch.Tensor]:
+        """The tensors needing a gradient that a step reads besides ``self.params``: by default
+        the meta-parameters (Meta-SGD's rates). The recomputed step differentiates into them and
+        no further, so a class whose steps read θ only through tensors computed once per inner
+        loop (the head's features) names those instead."""
+        return list(self.meta_problem.trainable_parameters())
+
     def one_step_descent(self, batch=None):
         if not (self.config.grad_checkpoint and self.in_training and betty_glue.differentiates_inner_steps(self)):
             return super().one_step_descent(batch)
@@ -59,7 +66,7 @@ class RecomputedSteps:
 
         carried = (*self.params, *(state[i][key] for i, key in slots))
         new, (loss_dict, self.buffers, new_state, new_slots) = recompute_in_backward(
-            step, carried, reads=self.meta_problem.trainable_parameters())
+            step, carried, reads=self.step_reads())
         self.params = new[:n_params]
         self.optimizer.state = _with_tensors(new_state, new_slots, new[n_params:])
         return loss_dict

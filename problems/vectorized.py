@@ -19,6 +19,7 @@ import torch
 
 from imaml.metrics import stacked_losses, stacked_scores
 from imaml.vectorize import TaskGroupedModel, stack_for_tasks
+from problems.adaptation import head_start
 from problems.lower import ImplicitLower, UnrolledLower
 
 __all__ = ["VectorizedImplicitLower", "VectorizedUnrolledLower"]
@@ -49,6 +50,12 @@ class _TaskStacked:
         self.num_tasks = self.env.support[0].shape[0]
         return self.num_tasks
 
+    def _start(self, stacked: list, zero_started: list) -> list:
+        """φ₀ per task: θ's rows, with a zero-started head's entries at zeros ([T, ways, ...])."""
+        ways = self.task_ways() if zero_started else 0
+        return [head_start([t[0]], "zero", ways, len(t))[0] if i in zero_started else t
+                for i, t in enumerate(stacked)]
+
 
 class VectorizedImplicitLower(_TaskStacked, ImplicitLower):
     """iMAML's inner problem for T tasks at once: SGD on Σ_t L_support,t(φ_t) + λ/2·‖φ_t − θ‖²
@@ -57,6 +64,7 @@ class VectorizedImplicitLower(_TaskStacked, ImplicitLower):
 
     def __init__(self, name, config, module, optimizer, device=None):
         super().__init__(name, config, module, optimizer, device=device)
+        self._zero_index = [i for i, (n, _) in enumerate(module.named_parameters()) if n in self._zero_head]
         self.grouped = TaskGroupedModel(module)
         self.phi: list = []
         self.task_meta_parameters = None
@@ -84,12 +92,13 @@ class VectorizedImplicitLower(_TaskStacked, ImplicitLower):
 
     def anchor(self):
         self.task_meta_parameters = stack_for_tasks(self.meta_problem.trainable_parameters(), self.num_tasks)
-        return self.task_meta_parameters
+        return [torch.zeros_like(self.phi[i]) if i in self._zero_index else t
+                for i, t in enumerate(self.task_meta_parameters)]
 
     def on_inner_loop_start(self):
         tasks = self._count_tasks()
-        theta = self.meta_problem.trainable_parameters()
-        self.phi = [t.detach().clone().requires_grad_() for t in stack_for_tasks(theta, tasks)]
+        theta = [t.detach() for t in self.meta_problem.trainable_parameters()]
+        self.phi = [t.clone().requires_grad_() for t in self._start(stack_for_tasks(theta, tasks), self._zero_index)]
         self.optimizer.param_groups[0]["params"] = self.phi  # the inner SGD steps these tensors
         self.optimizer.state.clear()
 
@@ -106,8 +115,9 @@ class VectorizedUnrolledLower(_TaskStacked, UnrolledLower):
 
     def on_inner_loop_start(self):
         stacked = stack_for_tasks(self.meta_problem.trainable_parameters(), self._count_tasks())
-        if self.in_training:
-            self.params = tuple(t.clone() for t in stacked)  # keeps the graph to θ
+        stacked = self._start(stacked, self._zero_started)
+        if self.in_training:  # keeps the graph to θ (a zero start has none: a fresh leaf)
+            self.params = tuple(t.clone() if t.requires_grad else t.requires_grad_() for t in stacked)
         else:
             self.params = tuple(t.detach().clone().requires_grad_() for t in stacked)
         self.buffers = ()  # vectorizable models have none

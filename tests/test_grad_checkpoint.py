@@ -193,4 +193,10 @@ def test_a_run_gives_the_same_results_with_and_without_checkpointing(tmp_path, d
     checkpointed = run_from_args(common + ["--grad-checkpoint", "true", "--output-dir", str(tmp_path / "gc")])
     written = json.loads((tmp_path / "gc" / "results.json").read_text())
     assert written["config"]["grad_checkpoint"] is True
-    assert checkpointed["test"] == plain["test"] == written["test"]
+    assert checkpointed["test"] == written["test"]
+    if lower == META_SGD:
+        assert checkpointed["test"] == plain["test"]
+    else:  # the head's steps read the encoder through features computed once per inner loop: the
+        # recomputed steps add their gradients into those in another order (float32 rounding)
+        for key, value in plain["test"].items():
+            assert checkpointed["test"][key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-6)), key

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_FILE_LINES = 300
+MAX_FILE_LINES = 400  # one idea per file; issue 28 raised it from 300
 MAX_FUNCTION_LINES = 60
 # Betty 0.1.1's private state and internal hooks; only imaml/betty_glue.py may name them
 BETTY_PRIVATE = ("_inner_loop_start", "_training", "_first_order", "cur_batch", "training_step_exec", "jvp_fn_mapping",
@@ -21,7 +21,7 @@ def _sources(outside_tests: bool = True) -> list:
     return sorted({f for f in files if (ROOT / f).is_file() and not (outside_tests and f.startswith("tests/"))})
 
 
-def test_no_source_file_outside_tests_is_over_300_lines():
+def test_no_source_file_outside_tests_is_over_the_line_cap():
     long = {f: n for f in _sources() if (n := len((ROOT / f).read_text().splitlines())) > MAX_FILE_LINES}
     assert not long, long
 

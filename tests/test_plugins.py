@@ -168,7 +168,7 @@ BAD_PATHS = [
     (["--algo", "imaml", "--hypergrad", "my_ext.parts:calls"], "is a dict, not a function"),
     (["--test-ways", "5"], "--test-ways 5: the Lower problem problems.lower.UnrolledLower adapts a head with --ways 3 "
                            "outputs, so it meta-tests only at 3 ways; a zero-initialized head adapts to any number: "
-                           "--lower-problem problems.zero_head:ZeroHeadUnrolled"),
+                           "--head-init zero"),
     (["--task", "sinusoid", "--ways", "none", "--test-ways", "5"], "--test-ways 5: only for classification tasks"),
 ]
 

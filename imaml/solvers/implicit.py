@@ -29,7 +29,7 @@ import torch
 from imaml import betty_glue
 from imaml.metrics import global_norm
 from imaml.models import scratch_buffers
-from imaml.solvers.base import SolveInfo
+from imaml.solvers.base import SolveInfo, measured
 
 __all__ = ["implicit_gradient", "lower_objective", "flat"]
 
@@ -90,11 +90,23 @@ def _check(solve: Callable, out, tasks: int) -> tuple:
     return out
 
 
-def implicit_gradient(solve: Callable) -> Callable:
+def _closed_form(exact: Callable, matvec: Callable, b: torch.Tensor) -> tuple:
+    """A Lower problem's own exact solve (``solve_exactly(b) -> x``, e.g. the head's closed
+    form), with its residual measured by one autograd Hessian-vector product: the check that
+    the closed form is A's."""
+    x = exact(b)
+    infos = measured("exact", matvec, x, b, torch.ones(len(b), dtype=torch.long), torch.ones(len(b), dtype=torch.bool),
+                     1e-6, False)[1]
+    return x, infos
+
+
+def implicit_gradient(solve: Callable, structured: bool = False) -> Callable:
     """Turn ``solve(matvec, b, config) -> (x, infos)`` (b, x: [T, n]) into a Betty jvp function.
 
     The Lower problem gets ``hypergrad_infos`` (one ``SolveInfo`` per task, its ``norm`` the
-    task's hypergradient norm) and, where it has ``record_final_gradient``, ∇g(φ_K) per task."""
+    task's hypergradient norm) and, where it has ``record_final_gradient``, ∇g(φ_K) per task.
+    ``structured``: an exact solver, which a Lower problem's ``solve_exactly`` (a closed form of
+    the same A⁻¹b) replaces."""
 
     def jvp(vector, curr, prev):
         flat_grad, params = _lower_grad(curr)
@@ -105,8 +117,11 @@ def implicit_gradient(solve: Callable) -> Callable:
         def matvec(u: torch.Tensor) -> torch.Tensor:
             return flat(torch.autograd.grad(flat_grad, params, grad_outputs=u, retain_graph=True), tasks)
 
+        exact = getattr(curr, "solve_exactly", None) if structured else None
         with torch.no_grad():
-            x, infos = _check(solve, solve(matvec, flat(vector, tasks).detach(), curr.config), tasks)
+            b = flat(vector, tasks).detach()
+            out = _closed_form(exact, matvec, b) if exact is not None else solve(matvec, b, curr.config)
+            x, infos = _check(solve, out, tasks)
         implicit, norms = _cross_term(flat_grad, x, curr, prev)
         for info, norm in zip(infos, norms):
             info.norm = norm

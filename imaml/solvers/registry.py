@@ -76,7 +76,7 @@ SOLVERS = {
     "cg": implicit_gradient(_cg),
     "neumann": implicit_gradient(_neumann),
     "darts": darts,
-    "exact": implicit_gradient(_exact),
+    "exact": implicit_gradient(_exact, structured=True),
     "minres": implicit_gradient(_minres),
     "normal-cg": implicit_gradient(_normal_cg),
     "cg-damped": implicit_gradient(_cg_damped),
