@@ -16,7 +16,7 @@ from envs import glyphs
 from envs.omniglot import CACHE, read_set
 from imaml.cli import main
 from imaml.errors import UsageError
-from tests.benchmark_files import official_omniglot_set, read_code, write_files
+from tests.benchmark_files import official_omniglot_set, read_code, write_cifarfs, write_files
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(NUM_CLASSES=9, SPLITS={"train": (0, 3), "val": (3, 6), "test": (6, 9)})
@@ -187,3 +187,24 @@ def test_a_cache_whose_source_is_gone_is_one_line_naming_the_fix(tmp_path):
     (tmp_path / "omniglot-py" / f"{SET}.zip").unlink()  # nothing to check the cache against
     with pytest.raises(UsageError, match=f"neither .* exists; get {SET}.zip from github.com/brendenlake/omniglot"):
         read_set(tmp_path, SET)
+
+
+# ------------------------------------------------------------------------------ CIFAR-FS
+def test_cifarfs_reads_its_classes_in_place_as_learn2learn_lists_them(tmp_path):
+    from envs.datasets import DATASETS, import_learn2learn, load_split
+
+    write_cifarfs(tmp_path)
+    ours = {split: load_split(DATASETS["cifarfs"], tmp_path, split) for split in ("train", "val", "test")}
+    l2l = import_learn2learn()
+    for split, mode in (("train", "train"), ("val", "validation"), ("test", "test")):
+        theirs = l2l.vision.datasets.CIFARFS(str(tmp_path), mode=mode).samples  # makes cifarfs/processed/
+        names = lambda items: [(Path(p).parent.name, Path(p).name) for p in items]  # noqa: E731
+        assert names(ours[split].items) == names(p for p, _ in theirs)
+        assert [int(c) for c in np.concatenate(ours[split].members)] == list(range(len(theirs)))
+    # a copy that a kill cut short (one class of train) is not what the split is read from
+    processed = tmp_path / "cifarfs" / "processed" / "train"
+    for folder in sorted(processed.iterdir())[1:]:
+        for file in folder.iterdir():
+            file.unlink()
+        folder.rmdir()
+    assert len(load_split(DATASETS["cifarfs"], tmp_path, "train").sizes) == 4
