@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
@@ -64,7 +65,7 @@ def read(path: Path, load: Callable[[Path], Any], check: Callable[[Any], Optiona
 def write(path: Path, save: Callable[[BinaryIO], None]) -> bool:
     """Write a cache atomically with ``save(file)``; False (said in one line) where it cannot
     be written, e.g. a read-only data root: the run goes on with what it built in memory."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}")
     try:
         _remove_orphans(path)
         with open(tmp, "wb") as f:
@@ -81,10 +82,16 @@ def write(path: Path, save: Callable[[BinaryIO], None]) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def _tmp_prefix(path: Path) -> str:
+    """Temporary files name their writer's host and pid (data roots may be shared by nodes)."""
+    return f".{path.name}.tmp-{socket.gethostname()}-"
+
+
 def _remove_orphans(path: Path) -> None:
-    """Temporary files of this cache whose writer is gone (killed while writing)."""
-    for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[-1]
+    """Temporary files of this cache whose writer, on this host, is gone (killed while writing)."""
+    prefix = _tmp_prefix(path)
+    for tmp in path.parent.glob(f"{prefix}*"):
+        pid = tmp.name[len(prefix):]
         if pid.isdigit() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
 

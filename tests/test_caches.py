@@ -4,6 +4,7 @@ half file in charge. The glyph benchmark is shrunk to 9 classes so each rebuild 
 
 import io
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,8 @@ def test_sigkill_during_a_cache_build_then_a_normal_run(tmp_path, capsys, small_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     folder = data / "glyphs"
-    assert [p.name for p in folder.iterdir()] == [f".glyphs-v2.npy.tmp{proc.pid}"]  # half a file, not in charge
+    half = f".glyphs-v2.npy.tmp-{socket.gethostname()}-{proc.pid}"
+    assert [p.name for p in folder.iterdir()] == [half]  # half a file, and not in charge
     code = main(["--task", "glyphs", "--algo", "maml", "--ways", "3", "--shots", "1", "--query-shots", "1",
                  "--channels", "4", "--meta-batch-size", "2", "--meta-steps", "1", "--inner-steps", "1",
                  "--test-inner-steps", "1", "--val-tasks", "2", "--test-tasks", "2", "--data-root", str(data),
