@@ -14,6 +14,7 @@ import pytest
 
 from imaml import checkpoint
 from imaml.cli import main
+from imaml.errors import UsageError
 from imaml.output_lock import ENV, OutputLock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_a_held_folder_is_refused_and_a_lock_whose_holder_is_gone_is_taken(tmp_p
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(Exception, match=f"--output-dir {out}: in use by another run \\(pid {holder.pid} on "):
+        with pytest.raises(UsageError, match=f"--output-dir {out}: in use by another run \\(pid {holder.pid} on "):
             OutputLock(out).acquire()
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -101,13 +102,14 @@ def test_a_held_folder_is_refused_and_a_lock_whose_holder_is_gone_is_taken(tmp_p
     with OutputLock(out).acquire() as lock:
         assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
         assert lock.owned
-        with pytest.raises(Exception, match="in use by another run"):  # even from this same process
+        with pytest.raises(UsageError, match="in use by another run"):  # even from this same process
             OutputLock(out).acquire()
         with monkeypatch.context() as patch:  # a local job's worker, handed the launcher's lock
             patch.setenv(ENV, lock.environment()[ENV])
             worker = OutputLock(out).acquire()
             assert worker.fd == lock.fd and not worker.owned
             worker.release()  # not the worker's to give back
-        assert (out / ".lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}, its rank 0 pid {os.getpid()}"
+        me = f"pid {os.getpid()}"
+        assert (out / ".lock").read_text() == f"{me} on {socket.gethostname()}, its rank 0 {me}"
     assert not (out / ".lock").exists()
     assert main(_sinusoid(out, "--meta-steps", "1", "--processes", "1")) == 0
