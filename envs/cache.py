@@ -36,8 +36,7 @@ def fingerprint(source: Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return f"sha256:{digest.hexdigest()}"
-    for folder, dirs, files in sorted(os.walk(source)):
-        dirs.sort()
+    for folder, _, files in sorted(os.walk(source)):
         for name in sorted(files):
             stat = os.stat(os.path.join(folder, name))
             digest.update(f"{os.path.relpath(folder, source)}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
