@@ -11,6 +11,8 @@ from learn2learn where it would hurt:
   (``envs.omniglot``, which also reads Lake's one-shot runs).
   learn2learn's class split is an unseeded ``random.shuffle``; ours is a fixed permutation
   (1,200 train / 100 validation / 323 test characters, as in the MAML paper's code).
+- CIFAR-FS is read in place, not from learn2learn's per-split copy of it (which a kill can
+  leave half made).
 - tiered-ImageNet and CIFAR-FS are decoded lazily, per sampled image (448k PNGs for
   tiered-ImageNet's train split do not fit in memory decoded).
 
@@ -228,18 +230,36 @@ def import_learn2learn():
 
 
 def _cifarfs(root: Path, split: str):
-    l2l = import_learn2learn()
-    mode = {"train": "train", "val": "validation", "test": "test"}[split]
-    try:  # learn2learn copies the split's classes into cifarfs/processed/<split>/ on first use
-        with contextlib.redirect_stdout(io.StringIO()):
-            dataset = l2l.vision.datasets.CIFARFS(str(root), mode=mode)
-    except (OSError, FileNotFoundError) as err:
-        raise UsageError(f"--task cifarfs: could not prepare {root / 'cifarfs' / 'processed'} "
-                         f"({type(err).__name__}: {err}); check <data-root>/cifarfs/cifar100/") from None
-    if not dataset.samples:
-        raise UsageError(f"--task cifarfs: no images in {root / 'cifarfs' / 'processed' / dataset.processed_root}")
-    paths, labels = zip(*dataset.samples)
-    return DecodedPool(list(paths), labels, 32, 3)
+    """A CIFAR-FS split read in place, as ``splits/bertinetto/<split>.txt`` lists its classes,
+    in learn2learn's order (classes, then files, sorted). learn2learn's copy of it
+    (``cifarfs/processed/``, derived data a kill can leave half made) is read only where the
+    extracted ``cifar100/`` is gone."""
+    base = root / "cifarfs" / "cifar100"
+    if (base / "data").is_dir():
+        listing = base / "splits" / "bertinetto" / f"{split}.txt"
+        try:
+            names = sorted({line.strip() for line in listing.read_text().splitlines() if line.strip()})
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--task cifarfs: cannot read {listing} ({err}); extract cifar100.zip "
+                             f"(zenodo.org/record/7978538) into <data-root>/cifarfs/ again") from None
+        folders = [base / "data" / name for name in names]
+    else:
+        processed = root / "cifarfs" / "processed" / split
+        folders = sorted(p for p in processed.iterdir() if p.is_dir()) if processed.is_dir() else []
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(_IMAGE_FILES)) if folder.is_dir() else []
+        if not files:
+            raise UsageError(f"--task cifarfs: no images in {folder} (class {label} of the {split} split); "
+                             f"extract cifar100.zip (zenodo.org/record/7978538) into <data-root>/cifarfs/ again")
+        paths += [str(folder / f) for f in files]
+        labels += [label] * len(files)
+    if not folders:
+        raise UsageError(f"--task cifarfs: the {split} split lists no classes under {root / 'cifarfs'}")
+    return DecodedPool(paths, labels, 32, 3)
+
+
+_IMAGE_FILES = (".png", ".jpg", ".jpeg")
 
 
 def _omniglot(root: Path, split: str):

@@ -8,7 +8,8 @@ in Omniglot, examples of a class share structure but no two are identical, and l
 tell unseen classes apart from one example each needs features that transfer.
 
 The images are a pure function of ``GENERATOR_VERSION`` (never of the run's seed): they
-are generated once (~10 s) and cached under ``<data-root>/glyphs/``. The class split is
+are generated once (~10 s) and cached under ``<data-root>/glyphs/`` (checked when read, and
+drawn again where it cannot be trusted: ``envs.cache``). The class split is
 fixed: 1,200 train, 100 validation, 300 test classes.
 """
 
@@ -16,9 +17,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from envs import cache
 from imaml.errors import UsageError
 
 __all__ = ["NUM_CLASSES", "SAMPLES_PER_CLASS", "IMAGE_SIZE", "SPLITS", "load_glyphs", "render_class"]
@@ -92,23 +95,35 @@ def generate() -> np.ndarray:
 
 
 def load_glyphs(data_root: str | os.PathLike) -> np.ndarray:
-    """The cached benchmark, generating it (atomically) on first use."""
+    """The cached benchmark, generating it on first use and whenever the cache cannot be
+    trusted (unreadable, truncated, of another shape or dtype, or not what this generator draws)."""
     path = Path(data_root) / "glyphs" / f"glyphs-v{GENERATOR_VERSION}.npy"
-    if path.is_file():
-        images = np.load(path)
-        if images.shape == (NUM_CLASSES, SAMPLES_PER_CLASS, IMAGE_SIZE, IMAGE_SIZE):
-            return images
+    images = cache.read(path, _load, _check)
+    if images is not None:
+        return images
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # checked before the ~15 s of generation
         raise UsageError(f"--data-root {data_root}: cannot create {path.parent} ({err.strerror or err}); "
                          f"pass a writable --data-root") from None
     images = generate()
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, images)
-        os.replace(tmp, path)
-    except OSError:  # a read-only data root: run without the cache
-        tmp.unlink(missing_ok=True)
+    cache.write(path, lambda f: np.save(f, images))
     return images
+
+
+def _load(path: Path) -> np.ndarray:
+    images = np.load(path, allow_pickle=False)
+    if not isinstance(images, np.ndarray):  # an .npz archive
+        raise ValueError("not a single .npy array")
+    return images
+
+
+def _check(images: np.ndarray) -> Optional[str]:
+    """Why a loaded cache is not the benchmark, or None. Its first and last classes are drawn
+    again (~10 ms): a cache from a changed generator (same version) differs there."""
+    shape = (NUM_CLASSES, SAMPLES_PER_CLASS, IMAGE_SIZE, IMAGE_SIZE)
+    if images.shape != shape or images.dtype != np.uint8:
+        return f"holds {images.dtype} {list(images.shape)}, expected uint8 {list(shape)}"
+    if any(not np.array_equal(images[c], render_class(c)) for c in (0, NUM_CLASSES - 1)):
+        return f"differs from what generator v{GENERATOR_VERSION} draws (made by another version of it)"
+    return None

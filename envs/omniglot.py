@@ -13,14 +13,14 @@ or as the ``<set>.zip`` itself, read in place:
 
 Images are 105×105 1-bit PNGs, white background and black ink. We resize them to 28×28
 (Lanczos) and invert them, so ink is high (255) and background 0, as the MAML code does.
-Each set is cached as ``omniglot-py/imaml-28px-v2-<set>.pt`` where that folder is writable.
+Each set is cached as ``omniglot-py/imaml-28px-v2-<set>.pt`` where that folder is writable, with
+the fingerprint of the zip or folder it was made from (``envs.cache``): a changed source is read again.
 Every missing or malformed file is a one-line ``UsageError`` naming it and the fix.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from envs import cache
 from envs.meta_batch import MetaBatch
 from imaml.errors import UsageError
 
@@ -97,13 +98,14 @@ def _set_files(root: Path, name: str) -> Tuple[Dict[Tuple[str, str], List[str]],
 
 
 def read_set(root: Path | str, name: str) -> OmniglotSet:
-    """The official set ``name`` (one of ``SETS``) from its folder or its zip, cached."""
+    """The official set ``name`` (one of ``SETS``) from its folder or its zip, through a cache
+    that records the source it was made from (rebuilt when the source changes)."""
     root = Path(root)
-    cache = root / "omniglot-py" / CACHE.format(name)
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
-        return OmniglotSet(saved["images"], saved["alphabets"], saved["characters"])
     found, read, source = _set_files(root, name)
+    path, made_from = root / "omniglot-py" / CACHE.format(name), cache.fingerprint(source)
+    saved = cache.read(path, lambda p: torch.load(p, weights_only=True), lambda s: _check_cache(s, made_from, source))
+    if saved is not None:
+        return OmniglotSet(saved["images"], saved["alphabets"], saved["characters"])
     if not found:
         raise UsageError(f"{source}: no <alphabet>/<character>/*.png inside; it is not {name} "
                          f"(get {name}.zip from {SOURCE})")
@@ -118,19 +120,24 @@ def read_set(root: Path | str, name: str) -> OmniglotSet:
         rows.append(np.stack([_to_28px(read(f), f"{source}: {f}", fix) for f in files]))
     result = OmniglotSet(torch.from_numpy(np.stack(rows)).unsqueeze(2),
                          [a for a, _ in keys], [c for _, c in keys])
-    _save_cache(cache, {"images": result.images, "alphabets": result.alphabets,
-                        "characters": result.characters})
+    cache.write(path, lambda f: torch.save({"source": made_from, "images": result.images,
+                                            "alphabets": result.alphabets, "characters": result.characters}, f))
     return result
 
 
-def _save_cache(path: Path, value: dict) -> None:
-    """Write the cache atomically; a read-only data root just goes without one."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
-        torch.save(value, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+def _check_cache(saved, made_from: str, source: Path) -> Optional[str]:
+    """Why a loaded cache is not this set, or None."""
+    if not isinstance(saved, dict) or not {"source", "images", "alphabets", "characters"} <= set(saved):
+        return "is not an imaml Omniglot cache (or an older one that does not record its source)"
+    if saved["source"] != made_from:
+        return f"was made from another {source.name} than the one there now"
+    images = saved["images"]
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 5
+            and tuple(images.shape[1:]) == (DRAWINGS, 1, SIZE, SIZE)
+            and len(images) == len(saved["alphabets"]) == len(saved["characters"])):
+        kind = f"{images.dtype} {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        return f"holds {kind} images, expected uint8 [characters, {DRAWINGS}, 1, {SIZE}, {SIZE}], one per name"
+    return None
 
 
 # ------------------------------------------------------------------------------ held-out splits

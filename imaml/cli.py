@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import tempfile
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from imaml.arguments import config_from_flags, parse_flags
 from imaml.config import FIELDS, RunConfig
 from imaml.errors import UsageError
+from imaml.output_lock import OutputLock
 from imaml.reporting import RunLog, write_json
 
 __all__ = ["run_from_args", "load_config", "configure_process", "checkpoint_path", "prepare_output_dir", "main"]
@@ -37,8 +39,30 @@ def run_from_args(argv: Optional[list] = None) -> dict:
     from engines import distributed  # heavy imports only once the flags are known good
 
     configure_process(config)
-    with distributed.process_group(config):
+    with distributed.process_group(config), _claim_output_dir(config, distributed.is_main()):
         return _run(config, main_process=distributed.is_main())
+
+
+@contextmanager
+def _claim_output_dir(config: RunConfig, main_process: bool) -> Iterator[None]:
+    """The main process prepares and locks ``--output-dir`` before any work (a local job's
+    launcher already holds the lock: its rank 0 shares it); every process of a job learns
+    whether it could, so a refusal stops them all, said once by rank 0."""
+    from engines import distributed
+
+    lock, refused = OutputLock(config.output_dir), None
+    if main_process:
+        try:
+            prepare_output_dir(config.output_dir)
+            lock.acquire()
+        except UsageError as err:
+            refused = err
+    if distributed.max_over_ranks(float(refused is not None)):
+        raise refused or UsageError(f"--output-dir {config.output_dir}: refused by rank 0")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def configure_process(config: RunConfig) -> None:
@@ -58,8 +82,7 @@ def _run(config: RunConfig, main_process: bool) -> dict:
 
     output_dir = Path(config.output_dir)
     log, checkpoint_dir = None, None
-    if main_process:
-        prepare_output_dir(config.output_dir)  # before any work: a bad one is a one-line error
+    if main_process:  # the output folder is prepared and this run's (_claim_output_dir)
         log = RunLog(output_dir, append=bool(config.resume), sink=start_wandb(config, output_dir))
         write_json(output_dir / "config.json", config.to_dict())
         checkpoint_dir = output_dir / "checkpoints"
@@ -144,7 +167,8 @@ def main(argv: Optional[list] = None) -> int:
             prepare_output_dir(config.output_dir)  # here, not only in a worker: before any work
             if config.wandb_id:  # the workers' W&B run (and its runs/<id>) is this one
                 argv = [*argv, "--wandb-id", config.wandb_id]
-            return distributed.run_local_job(argv, processes)
+            with OutputLock(config.output_dir).acquire() as lock:  # handed down to the workers
+                return distributed.run_local_job(argv, processes, lock)
         run_from_args(argv)
     except UsageError as err:
         say(f"error: {err}", file=sys.stderr)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,8 +27,10 @@ from engines import build_engine, distributed
 from imaml.cli import main, run_from_args
 from imaml.config import RunConfig
 from imaml.errors import RunStopped, UsageError
+from imaml.output_lock import OutputLock
 from tests.reference import relative_error
 
+ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 WORLD = 2
 META_STEPS = 3
@@ -100,6 +103,11 @@ def _worker(rank: int, port: int, configs: list, data_root: str, cli_out: str, r
             run_from_args(_cli_args(data_root, Path(cli_out), 2))
             out["cli"] = run_from_args(["--resume", cli_out, "--meta-steps", "3"])
             out["usage_code"] = main(["--resume", cli_out, "--meta-batch-size", "1"])  # 1 task, 2 processes
+            held = Path(results) / "held"  # another run's folder: rank 0 cannot lock it, no rank starts
+            blocker = OutputLock(held).acquire() if rank == 0 else None
+            out["held_code"] = main(_cli_args(data_root, held, 1))
+            if blocker:
+                blocker.release()
         out["stdout"] = stdout.getvalue()
     out["writes"] = writes
     torch.save(out, Path(results) / f"rank{rank}.pt")
@@ -123,6 +131,7 @@ def job(tmp_path_factory, data_root):
                          execution="per-task", lower_problem=lower).validate()  # as the sharded processes run
                for task, algo, batch, lower in SCENARIOS]
     cli_out = str(tmp / "cli")
+    (tmp / "held").mkdir()
     context = mp.spawn(_worker, args=(_free_port(), configs, data_root, cli_out, str(tmp)), nprocs=WORLD,
                        join=False)
     deadline = time.time() + 300
@@ -188,7 +197,24 @@ def test_sharded_evaluation_equals_one_process_evaluation(job, singles):
                 assert shared["record"][key] == pytest.approx(value, rel=1e-8), key
 
 
-def test_only_rank_zero_writes_and_prints_and_resume_works(job, data_root, tmp_path):
+@pytest.fixture(scope="module")
+def single_cli(data_root, tmp_path_factory):
+    """The CLI run that a job's ``_cli_args`` runs, in one single-thread process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_from_args(_cli_args(data_root, tmp_path_factory.mktemp("single") / "out", 3))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same_results(result: dict, single: dict) -> None:
+    for phase in ("test", "before_meta_training", "validation"):
+        for key in ("mean", "ci95"):
+            assert result[phase][key] == pytest.approx(single[phase][key], rel=1e-5), (phase, key)
+
+
+def test_only_rank_zero_writes_and_prints_and_resume_works(job, single_cli):
     outputs, _, cli_out = job
     rank0, rank1 = outputs
     assert rank1["writes"] == [] and rank1["stdout"] == ""
@@ -199,15 +225,37 @@ def test_only_rank_zero_writes_and_prints_and_resume_works(job, data_root, tmp_p
     # resumed 2-process run == one process running all 3 meta-steps in one go
     written = json.loads((cli_out / "results.json").read_text())
     assert written["processes"] == WORLD
-    single = run_from_args(_cli_args(data_root, tmp_path / "single", 3))
     for result in (written, rank0["cli"], rank1["cli"]):
-        for phase in ("test", "before_meta_training", "validation"):
-            for key in ("mean", "ci95"):
-                assert result[phase][key] == pytest.approx(single[phase][key], rel=1e-5), (phase, key)
+        _same_results(result, single_cli)
     steps = [json.loads(line) for line in (cli_out / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3]
     # a bad launch is a one-line usage error with exit status 2 in every process
     assert rank0["usage_code"] == rank1["usage_code"] == 2
+    # so is an output folder that another run holds: rank 0 finds it taken and no process waits for it
+    assert rank0["held_code"] == rank1["held_code"] == 2
+    assert [p.name for p in (cli_out.parent / "held").iterdir()] == []
+
+
+def test_two_nodes_by_torchrun_equal_one_process(data_root, tmp_path, single_cli):
+    """docs/distributed.md's multi-node recipe on this machine: two torchrun launchers, one
+    process each, meeting through c10d rendezvous, with every connection on 127.0.0.1."""
+    out = tmp_path / "nodes"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes",
+               "--local-addr", "127.0.0.1", str(ROOT / "run.py"), *_cli_args(data_root, out, 3)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    try:
+        logs = [node.communicate(timeout=600)[0] for node in nodes]  # a guard against a hang only
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    written = json.loads((out / "results.json").read_text())
+    assert written["processes"] == 2
+    _same_results(written, single_cli)
+    assert not (out / ".lock").exists()
 
 
 def test_bad_setups_are_usage_errors(make_config, monkeypatch, capsys):
