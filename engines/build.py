@@ -8,7 +8,7 @@ import functools
 import logging
 import math
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from betty.logging.logger_base import get_logger as get_betty_logger
@@ -27,7 +27,7 @@ from imaml.vectorize import why_not_vectorizable
 from problems import LowerConfig, UpperConfig, VectorizedImplicitLower, VectorizedUnrolledLower
 from problems.head_only import HeadOnFeatures
 
-__all__ = ["build_engine", "resolve_device", "use_vectorized", "build_upper_config", "say_to"]
+__all__ = ["build_engine", "resolve_device", "use_vectorized", "choose_execution", "build_upper_config", "say_to"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,10 +46,17 @@ CPU_VECTORIZE_MAX_ACTIVATIONS = 2_000_000
 
 def use_vectorized(config: RunConfig, model: torch.nn.Module, device: torch.device, input_shape: tuple,
                    parts: Optional[Parts] = None) -> bool:
-    """Whether to run each meta-batch task-vectorized (``--execution``), or a UsageError if
-    ``vectorized`` was asked for and this run cannot have it. ``auto`` vectorizes where the
-    benchmarks found it faster: on CUDA, for MLPs, and for conv nets on CPU while a task's
-    first-layer activations stay below ``CPU_VECTORIZE_MAX_ACTIVATIONS``."""
+    """Whether to run each meta-batch task-vectorized: ``choose_execution``'s answer."""
+    return choose_execution(config, model, device, input_shape, parts)[0]
+
+
+def choose_execution(config: RunConfig, model: torch.nn.Module, device: torch.device, input_shape: tuple,
+                     parts: Optional[Parts] = None) -> Tuple[bool, str]:
+    """(whether to run each meta-batch task-vectorized, why), or a UsageError if ``--execution
+    vectorized`` was asked for and this run cannot have it. ``auto`` vectorizes where the
+    benchmarks found it faster: the head alone always (its encoder runs per task either way),
+    on CUDA, for MLPs, and for conv nets on CPU while a task's first-layer activations stay below
+    ``CPU_VECTORIZE_MAX_ACTIVATIONS``."""
     head = parts is not None and issubclass(parts.lower, HeadOnFeatures)
     reason = None if head else why_not_vectorizable(model)  # the head alone: any encoder, run per task
     if reason is None and config.algo == "imaml" and config.hypergrad == "darts":
@@ -60,23 +67,24 @@ def use_vectorized(config: RunConfig, model: torch.nn.Module, device: torch.devi
         reason = "an extension class replaces a built-in problem or solver"
     if reason is None and distributed.world_size() > 1:
         reason = "the meta-batch is sharded across processes, which adapt their tasks one at a time"
-    if config.execution == "per-task":
-        return False
-    if config.execution == "vectorized":
-        if reason is not None:
+    if config.execution != "auto":
+        if config.execution == "vectorized" and reason is not None:
             raise UsageError(f"--execution vectorized: this run cannot be task-vectorized ({reason}); "
                              f"use --execution per-task or auto")
-        return True
+        return config.execution == "vectorized", f"--execution {config.execution}"
     if reason is not None:
-        return False
-    if head:  # the encoder runs per task either way; the head's steps batch over the meta-batch
-        return True
+        return False, reason
+    if head:
+        return True, "the head's steps batch over the meta-batch; the encoder runs per task either way"
     conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if device.type == "cuda" or conv is None:
-        return True
+        return True, "on CUDA" if device.type == "cuda" else "no convolutions"
     examples = (config.ways or 1) * (config.shots + config.query_shots)
     activations = examples * conv.out_channels * input_shape[-2] * input_shape[-1]
-    return activations <= CPU_VECTORIZE_MAX_ACTIVATIONS
+    if activations <= CPU_VECTORIZE_MAX_ACTIVATIONS:
+        return True, f"a task's first-layer activations ({activations:,}) fit the CPU's caches"
+    return False, (f"a task's first-layer activations ({activations:,}) exceed the "
+                   f"{CPU_VECTORIZE_MAX_ACTIVATIONS:,} beyond which grouped convolutions were slower on CPU")
 
 
 def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device, parts: Optional[Parts] = None,
@@ -172,7 +180,8 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     # this process adapts (all of the meta-batch, or its shard: engines/distributed.py; a
     # task-vectorized Lower problem hands over all of them at once, already averaged).
     implicit = config.algo == "imaml"
-    vectorized = use_vectorized(config, model, device, train.input_shape, parts)
+    vectorized, why = choose_execution(config, model, device, train.input_shape, parts)
+    say_to(log)(f"execution: {'vectorized (the whole meta-batch at once)' if vectorized else 'one task at a time'}: {why}")
     tasks = len(distributed.shard(config.meta_batch_size))  # this process's tasks per meta-batch
     upper_config = build_upper_config(config, log, implicit, tasks_per_update=1 if vectorized else tasks,
                                       share=tasks / config.meta_batch_size)

@@ -145,10 +145,11 @@ class HeadImplicit(HeadOnFeatures, ImplicitLower):
         return self.head_forward(self.phi, x)
 
     def encoder_state(self, task: int) -> dict:
-        theta = self.task_meta_parameters
-        if theta is None:
+        if self.task_meta_parameters is None:
             return dict(zip(self.param_names, (t.detach() for t in self.meta_problem.initial_parameters())))
-        return {name: t[task] for name, t in zip(self.param_names, theta)}
+        if self._task_rows is None:  # one unbind per inner loop: its backward stacks the T rows at once
+            self._task_rows = [t.unbind(0) for t in self.task_meta_parameters]
+        return {name: rows[task] for name, rows in zip(self.param_names, self._task_rows)}
 
     def one_step_descent(self, batch=None):
         """An inner step needs no graph to θ: the features go in detached."""
@@ -186,6 +187,7 @@ class HeadImplicit(HeadOnFeatures, ImplicitLower):
                 mine.copy_(theirs)
         theta = self.meta_problem.trainable_parameters()
         self.task_meta_parameters = stack_for_tasks(theta, tasks) if self.in_training else None
+        self._task_rows = None
         start = head_start(self.theta_head([t.detach() for t in theta]), self.head_init, self.task_ways(), tasks)
         self.phi = [p.clone().requires_grad_() for p in start]
         self.optimizer.param_groups[0]["params"] = self.phi
