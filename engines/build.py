@@ -16,7 +16,8 @@ from betty.logging.logger_base import get_logger as get_betty_logger
 from envs import build_task_sources
 from engines import distributed
 from engines.extensions import Parts, choose_parts, make_model
-from engines.divergence import DivergenceGuard
+from engines.divergence import DivergenceGuard, PretrainDivergenceGuard
+from engines.pretrain import PretrainEngine, choose_pretrain_parts
 from engines.meta_engine import MetaEngine
 from engines.records import TaskRecords
 from engines.run_control import RunControl
@@ -89,9 +90,9 @@ def choose_execution(config: RunConfig, model: torch.nn.Module, device: torch.de
 
 def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device, parts: Optional[Parts] = None,
                 vectorized: bool = False):
-    """The Lower problem for ``config.algo``: implicit (iMAML) or unrolled (MAML, FOMAML), or
-    the extension class ``parts`` names (a subclass of the one the algorithm needs); per task
-    or task-vectorized."""
+    """The Lower problem for ``config.algo``: implicit (iMAML), unrolled (MAML, FOMAML) or the
+    baseline's fine-tuning, or the extension class ``parts`` names (a subclass of the one the
+    algorithm needs); per task or task-vectorized."""
     parts = parts or choose_parts(config)
     module = copy.deepcopy(model)
     implicit = config.algo == "imaml"
@@ -107,6 +108,8 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device,
             cg_damping=config.cg_damping, neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
             darts_alpha=config.darts_radius, inner_optimizer=config.inner_optimizer, inner_tol=config.inner_tol,
             inner_cg_steps=config.inner_cg_steps, head_init=config.head_init)
+    elif config.algo == "pretrain":  # fine-tuning, in evaluation only: --test-inner-steps of plain SGD
+        lower_config = LowerConfig(unroll_steps=config.test_inner_steps, first_order=True)
     else:
         lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",
                                    retain_graph=config.algo == "maml", grad_checkpoint=config.grad_checkpoint,
@@ -159,40 +162,46 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     solver), as the import paths in ``config`` do from the CLI; see engines/extensions.py.
     ``sources`` (``{"train", "val", "test"}`` task sources) replaces ``config.task``'s, e.g. the
     benchmarks' synthetic tasks."""
-    if config.algo == "pretrain":  # the supervised baseline: engines/pretrain.py
-        from engines.pretrain import build_pretrain_engine
-
-        return build_pretrain_engine(config, log, dtype, checkpoint_dir, lower_cls=lower_cls, upper_cls=upper_cls,
-                                     env_cls=env_cls, model=model, solver=solver, sources=sources)
-    parts = choose_parts(config, lower_cls, upper_cls, env_cls, model, solver)
+    pretrain = config.algo == "pretrain"  # the supervised baseline (engines/pretrain.py)
+    parts = (choose_pretrain_parts if pretrain else choose_parts)(config, lower_cls, upper_cls, env_cls, model, solver)
     device = resolve_device(config.device)
     if sources is None:
         with distributed.node_main_first():  # one download / generation per node
             sources = build_task_sources(config)
     torch.manual_seed(config.seed)
     env = parts.env(sources, config.meta_batch_size, config.seed, device, dtype)
-    train = sources["train"]
-    model = make_model(config, parts, train.input_shape, train.num_outputs).to(device, dtype)
-
-    # The Upper config decides how Betty differentiates through the Lower problem:
-    # first_order=True runs the implicit path (our solver); False leaves the gradient to
-    # flow through the unrolled inner steps. gradient_accumulation averages over the tasks
-    # this process adapts (all of the meta-batch, or its shard: engines/distributed.py; a
-    # task-vectorized Lower problem hands over all of them at once, already averaged).
-    implicit = config.algo == "imaml"
-    vectorized, why = choose_execution(config, model, device, train.input_shape, parts)
-    say_to(log)(f"execution: {'vectorized (the whole meta-batch at once)' if vectorized else 'one task at a time'}: {why}")
-    tasks = len(distributed.shard(config.meta_batch_size))  # this process's tasks per meta-batch
-    upper_config = build_upper_config(config, log, implicit, tasks_per_update=1 if vectorized else tasks,
-                                      share=tasks / config.meta_batch_size)
+    data = env.pooled if pretrain else sources["train"]  # θ classifies all training classes, or a task's
+    outputs = data.num_classes if pretrain else data.num_outputs
+    model = make_model(config, parts, data.input_shape, outputs).to(device, dtype)
+    if pretrain:  # one supervised step per meta-step, over this process's rows of the mini-batch
+        vectorized, rows = False, len(distributed.shard(env.batch_size))
+        upper_config = build_upper_config(config, log, False, tasks_per_update=1, share=rows / env.batch_size,
+                                          guard_class=PretrainDivergenceGuard)
+    else:
+        vectorized, why = choose_execution(config, model, device, data.input_shape, parts)
+        say_to(log)(f"execution: {'vectorized (the whole meta-batch at once)' if vectorized else 'one task at a time'}: "
+                    f"{why}")
+        upper_config = _meta_upper_config(config, log, vectorized)
     upper = parts.upper("upper", upper_config, module=model,
                         optimizer=build_meta_optimizer(config, model.parameters()), device=device)
     upper.lr_schedule = build_lr_schedule(config, upper.optimizer)  # over every group (Meta-SGD's rates too)
     lower = build_lower(config, model, device, parts, vectorized)
 
     get_betty_logger().setLevel(logging.WARNING)  # Betty prints its problem graph at INFO
-    return MetaEngine(upper, lower, env, config, log=log, control=RunControl(checkpoint_dir),
-                      records=TaskRecords(config, say_to(log)))
+    return (PretrainEngine if pretrain else MetaEngine)(upper, lower, env, config, log=log,
+                                                        control=RunControl(checkpoint_dir),
+                                                        records=TaskRecords(config, say_to(log)))
+
+
+def _meta_upper_config(config: RunConfig, log: Optional[RunLog], vectorized: bool) -> UpperConfig:
+    """The Upper config decides how Betty differentiates through the Lower problem:
+    first_order=True runs the implicit path (our solver); False leaves the gradient to flow
+    through the unrolled inner steps. gradient_accumulation averages over the tasks this process
+    adapts (all of the meta-batch, or its shard: engines/distributed.py; a task-vectorized Lower
+    problem hands over all of them at once, already averaged)."""
+    tasks = len(distributed.shard(config.meta_batch_size))  # this process's tasks per meta-batch
+    return build_upper_config(config, log, config.algo == "imaml", tasks_per_update=1 if vectorized else tasks,
+                              share=tasks / config.meta_batch_size)
 
 
 def say_to(log: Optional[RunLog]) -> Callable[[str], None]:

@@ -1,4 +1,5 @@
-"""``--algo pretrain``: the conventional baseline, built and run by the meta-learners' engine.
+"""``--algo pretrain``: the conventional baseline, built (``engines.build``) and run by the
+meta-learners' engine.
 
 Pretraining replaces meta-training (one supervised mini-batch step per "meta-step"); all the
 rest is ``MetaEngine``'s, unchanged: meta-validation and meta-test on the same fixed tasks
@@ -8,28 +9,20 @@ through the same inner loop (``FineTune``'s adaptation), the logs, checkpoints, 
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from envs import build_task_sources
 from envs.pooled import PretrainEnv
 from engines import distributed
-from engines.extensions import choose_parts, make_model
-from engines.divergence import PretrainDivergenceGuard
+from engines.extensions import Parts, choose_parts
 from engines.meta_engine import MetaEngine
-from engines.records import TaskRecords
-from engines.run_control import RunControl
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 from imaml.plugins import qualname
-from imaml.reporting import RunLog
-from problems.lower import LowerConfig
 from problems.pretrain import FineTune, Pretrained
 
-__all__ = ["PretrainEngine", "build_pretrain_engine"]
+__all__ = ["PretrainEngine", "choose_pretrain_parts"]
 
 
 class PretrainEngine(MetaEngine):
@@ -57,16 +50,11 @@ class PretrainEngine(MetaEngine):
         return record
 
 
-def build_pretrain_engine(config: RunConfig, log: Optional[RunLog] = None, dtype: torch.dtype = torch.float32,
-                          checkpoint_dir: Optional[Path] = None, *, lower_cls: Optional[type] = None,
-                          upper_cls: Optional[type] = None, env_cls: Optional[type] = None,
-                          model: Union[torch.nn.Module, type, None] = None,
-                          solver: Optional[Callable] = None, sources: Optional[dict] = None) -> PretrainEngine:
-    """Env + θ (a classifier over all training classes) + the fine-tuning Lower problem +
-    engine, with extensions as ``build_engine`` takes them (the Lower problem a subclass of
-    ``FineTune``, the Env of ``PretrainEnv``, the Upper of ``Pretrained``)."""
-    from engines.build import build_lr_schedule, build_meta_optimizer, build_upper_config, resolve_device, say_to
-
+def choose_pretrain_parts(config: RunConfig, lower_cls: Optional[type] = None, upper_cls: Optional[type] = None,
+                          env_cls: Optional[type] = None, model: Union[torch.nn.Module, type, None] = None,
+                          solver: Optional[Callable] = None) -> Parts:
+    """The baseline's parts, with extensions as ``build_engine`` takes them: the Lower problem a
+    subclass of ``FineTune``, the Env of ``PretrainEnv``, the Upper of ``Pretrained``."""
     if solver is not None:
         raise UsageError("solver=: --algo pretrain has no implicit meta-gradient to solve for")
     parts = choose_parts(config, lower_cls or (None if config.lower_problem else FineTune), upper_cls,
@@ -75,23 +63,4 @@ def build_pretrain_engine(config: RunConfig, log: Optional[RunLog] = None, dtype
                             (parts.env, PretrainEnv, "--env")):
         if not issubclass(got, base):
             raise UsageError(f"{flag} {qualname(got)}: --algo pretrain needs a subclass of {qualname(base)}")
-    device = resolve_device(config.device)
-    if sources is None:
-        with distributed.node_main_first():
-            sources = build_task_sources(config)
-    torch.manual_seed(config.seed)
-    env = parts.env(sources, config.meta_batch_size, config.seed, device, dtype)
-    model = make_model(config, parts, env.pooled.input_shape, env.pooled.num_classes).to(device, dtype)
-    rows = len(distributed.shard(env.batch_size))
-    upper_config = build_upper_config(config, log, first_order=False, tasks_per_update=1, share=rows / env.batch_size,
-                                      guard_class=PretrainDivergenceGuard)
-    upper = parts.upper("upper", upper_config, module=model,
-                        optimizer=build_meta_optimizer(config, model.parameters()), device=device)
-    upper.lr_schedule = build_lr_schedule(config, upper.optimizer)
-    module = copy.deepcopy(model)
-    inner = torch.optim.SGD(module.parameters(), lr=config.inner_lr, momentum=config.inner_momentum,
-                            weight_decay=config.inner_weight_decay)
-    lower = parts.lower("lower", LowerConfig(unroll_steps=config.test_inner_steps, first_order=True),
-                        module=module, optimizer=inner, device=device)
-    return PretrainEngine(upper, lower, env, config, log=log, control=RunControl(checkpoint_dir),
-                          records=TaskRecords(config, say_to(log)))
+    return parts
