@@ -131,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ways", nargs="+", type=int, default=[5, 20])
     parser.add_argument("--meta-batch-sizes", nargs="+", type=int, default=[16, 32])
     parser.add_argument("--algos", nargs="+", default=["imaml", "maml"], choices=["imaml", "maml"])
+    parser.add_argument("--lower-problem", help="the engine's Lower problem, an import path (the references: whole network)")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--query-shots", type=int, default=5)
@@ -149,6 +150,8 @@ def _parser() -> argparse.ArgumentParser:
                              "(imaml.allocator; the engine's processes always have it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="one tiny size, one timed round: a smoke run")
+    parser.add_argument("--no-peak-memory", action="store_true", help="timings only: no peak-memory processes (one "
+                        "fresh process per implementation and size; benchmarks/gpu_check.sh's budget)")
     parser.add_argument("--json", help="also write all results to this file")
     return parser
 
@@ -158,7 +161,7 @@ def _measure(spec: dict, impls: List[str], device: torch.device, per_task_memory
     process each; the per-task implementations' once per shape, ways and algorithm)."""
     memory, skipped = {}, {}
     for impl in impls:
-        if impl == "engine-processes":
+        if impl == "engine-processes" or spec["no_peak_memory"]:
             continue
         per_task = memory.get("engine-per-task", {}).get("peak_mib")
         skip = _vectorized_too_big(per_task, spec, device) if impl == "engine-vectorized" else None
@@ -215,13 +218,16 @@ def main(argv=None) -> int:
     common = dict(device=args.device, threads=args.threads, shots=args.shots, query_shots=args.query_shots,
                   inner_steps=args.inner_steps, cg_steps=args.cg_steps, inner_lr=args.inner_lr,
                   meta_lr=args.meta_lr, lam=args.lam, warmup=args.warmup, rounds=args.rounds, seed=args.seed,
-                  keep_freed_memory=args.keep_freed_memory)
+                  keep_freed_memory=args.keep_freed_memory, lower_problem=args.lower_problem,
+                  no_peak_memory=args.no_peak_memory)
     impls = [i for i in IMPLS if i in args.impls and not (i == "engine-processes" and device.type != "cpu")]
     print(f"# meta-training throughput on {machine(device, args.threads)}")
     print(f"# {args.shots}-shot, {args.query_shots} query examples per class, {args.inner_steps} inner steps, "
           f"CG {args.cg_steps} steps (iMAML); per size, in one process, {args.warmup} warm-up + {args.rounds} "
           f"timed meta-step(s) of each implementation, interleaved"
           + ("; run.py's malloc setting in every process" if args.keep_freed_memory else ""))
+    if args.lower_problem:
+        print(f"# engine: --lower-problem {args.lower_problem}; Betty ref. and plain loop adapt the whole network")
     print("| input | ways | meta-batch | algo | engine, run.py default | " + " | ".join(COLUMNS.values())
           + " | default / Betty | per-task / plain | peak MiB: " + " / ".join(COLUMNS.values()) + " |")
     print("|---" * (9 + len(COLUMNS)) + "|")
@@ -278,6 +284,7 @@ def _default_impl(spec: dict) -> str:
     one core, else one process with the execution ``--execution auto`` chooses."""
     from engines.build import use_vectorized
     from engines.distributed import local_processes
+    from engines.extensions import choose_parts
     from imaml.models import build_model
 
     config = engine_config(spec)
@@ -285,7 +292,7 @@ def _default_impl(spec: dict) -> str:
         return "engine-processes"
     source = synthetic_source(spec["shape"], spec["ways"], spec["shots"], spec["query_shots"])
     model = build_model("conv4", source.input_shape, spec["ways"], config.channels)
-    chosen = use_vectorized(config, model, torch.device(spec["device"]), source.input_shape)
+    chosen = use_vectorized(config, model, torch.device(spec["device"]), source.input_shape, choose_parts(config))
     return "engine-vectorized" if chosen else "engine-per-task"
 
 

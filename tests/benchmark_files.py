@@ -198,3 +198,16 @@ def write_files(files: dict, root: Path, zip_path: Path | None = None) -> None:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+
+def write_background_stand_in(zip_path: Path, alphabets: dict | None = None) -> None:
+    """``images_background_small1.zip`` in the official format, small (``{alphabet: characters}``,
+    named as in the real set): what benchmarks/gpu_check.sh's dry run reads where the real file
+    is absent, so its real-Omniglot step still runs: Korean held out for 20-way runs, and enough
+    characters left for 20-way validation tasks on a quarter of them."""
+    files, code = {}, 1
+    for alphabet, characters in (alphabets or {"Korean": 20, "Latin": 80}).items():
+        one = official_omniglot_set("images_background_small1", 1, characters, first_code=code)
+        files.update({name.replace("/Alphabet_A/", f"/{alphabet}/"): data for name, data in one.items()})
+        code += characters
+    write_files(files, Path(zip_path).parent, Path(zip_path))

@@ -1,4 +1,6 @@
-"""Shared fixtures: a generated glyph cache (once per session) and small run configs."""
+"""Shared fixtures: a generated glyph cache (once per session) and small run configs, and the
+device of the tests marked ``device`` (``--device``, cpu unless told: benchmarks/gpu_check.sh
+runs them with ``-m device --device cuda``)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,22 @@ sys.path.insert(0, str(ROOT))
 from imaml.config import RunConfig  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="where the tests marked `device` run: cpu (default) or cuda")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: a test of a device path; runs on --device (make_config's device)")
+
+
+@pytest.fixture
+def run_device(request) -> str:
+    """``--device`` for a test marked ``device``, cpu for any other: one option moves the tests of
+    the CUDA paths to a GPU while the rest, and CI, stay on the CPU."""
+    marked = request.node.get_closest_marker("device") is not None
+    return request.config.getoption("--device") if marked else "cpu"
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> str:
     """A data root with the glyph benchmark generated once for the whole session.
@@ -28,11 +46,11 @@ def data_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def make_config(data_root, tmp_path):
-    """RunConfig factory: small, fast settings; keyword arguments override."""
+def make_config(data_root, tmp_path, run_device):
+    """RunConfig factory: small, fast settings on ``run_device``; keyword arguments override."""
 
     def make(**overrides) -> RunConfig:
-        base = dict(task="sinusoid", algo="maml", ways=None, shots=5, query_shots=5,
+        base = dict(task="sinusoid", device=run_device, algo="maml", ways=None, shots=5, query_shots=5,
                     meta_batch_size=2, meta_steps=2, inner_steps=2, test_inner_steps=2,
                     inner_lr=0.01, val_every=1000, val_tasks=2, test_tasks=4, log_every=1,
                     data_root=data_root, output_dir=str(tmp_path / "run"))

@@ -115,7 +115,7 @@ def _adapted_system(model, task, inner_lr: float, steps: int, lam: float, kind: 
 def _start(names, theta, task, kind, zero_head):
     """φ₀ = θ, except entries named in ``zero_head``: zeros with the task's classes as rows."""
     ways = int(task.support_y.max()) + 1 if kind == "classification" else None
-    return [torch.zeros((ways or t.shape[0], *t.shape[1:]), dtype=t.dtype, requires_grad=True)
+    return [torch.zeros((ways or t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device, requires_grad=True)
             if n in zero_head else t for n, t in zip(names, theta)]
 
 

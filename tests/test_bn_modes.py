@@ -43,6 +43,7 @@ def test_inductive_running_statistics_accumulate_only_in_meta_training(make_conf
     assert all(torch.equal(m.running_mean, s) for m, s in zip(bn, stored))
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("bn_mode,independent", [("inductive", True), ("episodic", True), ("transductive", False)])
 @pytest.mark.parametrize("algo", ["imaml", "maml"])
 def test_a_query_prediction_does_not_depend_on_the_other_queries(make_config, algo, bn_mode, independent):

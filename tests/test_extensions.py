@@ -33,6 +33,7 @@ def _engine(make_config, task, **overrides):
 
 # ----------------------------------------------------------------------------- ANIL
 
+@pytest.mark.device
 @pytest.mark.parametrize("task", ["sinusoid", "glyphs"])
 @pytest.mark.parametrize("algo", ["maml", "fomaml"])
 def test_anil_unrolled_meta_gradient_equals_plain_autograd(make_config, task, algo):
@@ -242,6 +243,7 @@ def test_zero_head_test_ways_from_the_command_line(tmp_path, data_root):
 
 # ----------------------------------------------------------------------------- zero head, adapted alone (iMAML)
 
+@pytest.mark.device
 @pytest.mark.parametrize("task", ["sinusoid", "glyphs"])
 def test_zero_head_anil_implicit_meta_gradient_equals_dense_implicit_reference(make_config, task):
     engine = _engine(make_config, task, algo="imaml", hypergrad="exact", lam=2.0, lower_problem=ZERO_HEAD_ANIL)

@@ -11,6 +11,8 @@ import torch
 from benchmarks.measure import SavedTensorPeak
 from engines import build_engine
 
+pytestmark = pytest.mark.device
+
 
 def _peak(make_config, inner_steps, **overrides) -> int:
     engine = build_engine(make_config(task="glyphs", inner_steps=inner_steps, meta_batch_size=2, **overrides))

@@ -14,6 +14,7 @@ def _engine(make_config, **overrides):
     return build_engine(make_config(**overrides), dtype=F64)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("task", ["sinusoid", "glyphs"])
 def test_maml_equals_plain_autograd_second_order_unroll(make_config, task):
     engine = _engine(make_config, task=task, algo="maml", inner_steps=3, meta_batch_size=3,
@@ -27,6 +28,7 @@ def test_maml_equals_plain_autograd_second_order_unroll(make_config, task):
     assert relative_error(first, second) > 1e-3
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("task", ["sinusoid", "glyphs"])
 def test_fomaml_equals_query_gradient_at_adapted_parameters(make_config, task):
     engine = _engine(make_config, task=task, algo="fomaml", inner_steps=3, meta_batch_size=2,
@@ -119,6 +121,7 @@ def test_imaml_is_the_derivative_of_the_query_loss_at_the_proximal_solution(make
     assert relative_error(got, list(unrolled)) < 1e-5
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("algo", ["imaml", "maml"])
 def test_meta_batch_gradient_is_the_mean_of_per_task_gradients(make_config, algo):
     engine = _engine(make_config, task="glyphs", algo=algo, hypergrad="cg", cg_steps=50, cg_tol=1e-12,
@@ -137,6 +140,7 @@ def test_meta_batch_gradient_is_the_mean_of_per_task_gradients(make_config, algo
     assert relative_error(batch_grad, mean) < 1e-9
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("bn_mode", ["transductive", "inductive", "episodic"])
 def test_meta_test_leaves_parameters_and_buffers_bit_identical(make_config, bn_mode):
     for algo in ("imaml", "maml"):

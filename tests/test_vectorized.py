@@ -115,6 +115,7 @@ def test_batched_neumann_and_dense_equal_separate_solves():
 # ----------------------------------------------------------------------------- meta-gradients
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("task", [_glyphs, _sinusoid])
 @pytest.mark.parametrize("options", [
     dict(algo="imaml", hypergrad="cg", cg_steps=3, lam=2.0),  # trust region on: some solves truncate
@@ -152,6 +153,7 @@ def test_vectorized_meta_gradient_equals_per_task(make_config, task, options):
         assert record_v[key] == pytest.approx(record_p[key], rel=1e-8, abs=1e-12), key
 
 
+@pytest.mark.device
 def test_each_task_adapts_as_the_proximal_reference_does(make_config):
     from tests.reference import proximal_adapt
 
@@ -162,6 +164,7 @@ def test_each_task_adapts_as_the_proximal_reference_does(make_config):
         assert relative_error([p[t] for p in engine.lower.trainable_parameters()], phi) < 1e-12
 
 
+@pytest.mark.device
 def test_solver_decisions_match_task_by_task(make_config):
     """Per-task CG outcomes (iterations, truncation) are the same in both paths."""
     per_task, vectorized = _pair(make_config, **_glyphs(algo="imaml", hypergrad="cg", cg_steps=4, lam=0.5,
@@ -174,6 +177,7 @@ def test_solver_decisions_match_task_by_task(make_config):
     assert any(i.boundary for i in p)  # the truncated path is exercised
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("algo", ["imaml", "maml"])
 def test_vectorized_evaluation_equals_per_task(make_config, algo):
     per_task, vectorized = _pair(make_config, **_glyphs(algo=algo, test_tasks=5, meta_batch_size=2))
@@ -205,6 +209,7 @@ def test_vectorized_refuses_what_it_cannot_do(make_config):
 # ----------------------------------------------------------------------------- checkpointing
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("task", [_glyphs, _sinusoid])
 @pytest.mark.parametrize("execution", ["per-task", "vectorized"])
 def test_grad_checkpoint_gives_the_same_maml_meta_gradient(make_config, task, execution):
