@@ -43,9 +43,9 @@ cd "$(dirname "$0")/.."
 # in the whole-network rows, the head rows compare with those.
 THROUGHPUT_ROWS=(
   "imaml-network --algos imaml --impls engine-per-task engine-vectorized betty"
-  "imaml-head    --algos imaml --impls engine-per-task engine-vectorized --lower-problem problems.zero_head:ZeroHeadANILImplicit"
+  "imaml-head    --algos imaml --impls engine-per-task engine-vectorized --adapt head --head-init zero"
   "maml          --algos maml  --impls engine-per-task engine-vectorized betty"
-  "anil          --algos maml  --impls engine-per-task engine-vectorized --lower-problem problems.anil:ANILUnrolled"
+  "anil          --algos maml  --impls engine-per-task engine-vectorized --adapt head"
 )
 
 DRY=0 OUT_DIR=${OUT:-runs/gpu_check} DATA=data BUDGET=420 WORK= ONLY=

@@ -29,7 +29,8 @@ def engine_config(spec: dict, execution: str = "auto"):
         meta_lr=spec["meta_lr"], lam=spec["lam"], hypergrad="cg", cg_steps=spec["cg_steps"], cg_tol=1e-30,
         cg_trust_region=False, device=spec["device"], seed=spec["seed"], execution=execution,
         grad_checkpoint=spec.get("grad_checkpoint", False), processes=spec.get("processes", 0),
-        lower_problem=spec.get("lower_problem"),
+        lower_problem=spec.get("lower_problem"), adapt=spec.get("adapt", "all"),
+        head_init=spec.get("head_init", "theta"),
     ).validate()
 
 

@@ -132,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--meta-batch-sizes", nargs="+", type=int, default=[16, 32])
     parser.add_argument("--algos", nargs="+", default=["imaml", "maml"], choices=["imaml", "maml"])
     parser.add_argument("--lower-problem", help="the engine's Lower problem, an import path (the references: whole network)")
+    parser.add_argument("--adapt", default="all", choices=["all", "head"], help="the engine's --adapt (the references: all)")
+    parser.add_argument("--head-init", default="theta", choices=["theta", "zero"], help="the engine's --head-init")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--query-shots", type=int, default=5)
@@ -219,15 +221,16 @@ def main(argv=None) -> int:
                   inner_steps=args.inner_steps, cg_steps=args.cg_steps, inner_lr=args.inner_lr,
                   meta_lr=args.meta_lr, lam=args.lam, warmup=args.warmup, rounds=args.rounds, seed=args.seed,
                   keep_freed_memory=args.keep_freed_memory, lower_problem=args.lower_problem,
-                  no_peak_memory=args.no_peak_memory)
+                  adapt=args.adapt, head_init=args.head_init, no_peak_memory=args.no_peak_memory)
     impls = [i for i in IMPLS if i in args.impls and not (i == "engine-processes" and device.type != "cpu")]
     print(f"# meta-training throughput on {machine(device, args.threads)}")
     print(f"# {args.shots}-shot, {args.query_shots} query examples per class, {args.inner_steps} inner steps, "
           f"CG {args.cg_steps} steps (iMAML); per size, in one process, {args.warmup} warm-up + {args.rounds} "
           f"timed meta-step(s) of each implementation, interleaved"
           + ("; run.py's malloc setting in every process" if args.keep_freed_memory else ""))
-    if args.lower_problem:
-        print(f"# engine: --lower-problem {args.lower_problem}; Betty ref. and plain loop adapt the whole network")
+    if args.lower_problem or args.adapt != "all" or args.head_init != "theta":
+        engine = f"--lower-problem {args.lower_problem}" if args.lower_problem else f"--adapt {args.adapt} --head-init {args.head_init}"
+        print(f"# engine: {engine}; Betty ref. and plain loop adapt the whole network")
     print("| input | ways | meta-batch | algo | engine, run.py default | " + " | ".join(COLUMNS.values())
           + " | default / Betty | per-task / plain | peak MiB: " + " / ".join(COLUMNS.values()) + " |")
     print("|---" * (9 + len(COLUMNS)) + "|")
