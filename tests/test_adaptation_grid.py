@@ -25,6 +25,7 @@ def _meta_gradient(make_config, task, execution, **settings):
     return grads, tasks, engine
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("task", ["sinusoid", "glyphs"])
 @pytest.mark.parametrize("head_init", ["theta", "zero"])
 @pytest.mark.parametrize("adapt", ["all", "head"])
