@@ -69,9 +69,10 @@ class HeadOnFeatures:
         return self.num_tasks
 
     # ------------------------------------------------------------------ features
-    def encoder_state(self, task: int) -> dict:
-        """The tensors the encoder runs with for task ``task``: θ (per-task views of it where the
-        skin wants per-task meta-gradients), plus buffers if the skin keeps its own."""
+    def encoder_state(self, task: int, support: bool) -> dict:
+        """The tensors the encoder runs with for task ``task`` (on its support set or not): θ
+        (per-task views of it where the skin wants per-task meta-gradients), plus buffers if the
+        skin keeps its own."""
         raise NotImplementedError
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,10 +81,10 @@ class HeadOnFeatures:
         for seen, feats in self._features:
             if seen is x:
                 return feats
-        rows = []
+        rows, support = [], x is self.env.current.support_x
         for t, x_t in enumerate(x if self.stacked else x.unsqueeze(0)):
             self._captured.clear()
-            functional_call(self.module, self.encoder_state(t), (x_t,))
+            functional_call(self.module, self.encoder_state(t, support), (x_t,))
             rows.append(self._captured[-1])
         self._captured.clear()
         feats = torch.stack(rows)
@@ -144,9 +145,12 @@ class HeadImplicit(HeadOnFeatures, ImplicitLower):
     def forward(self, x):
         return self.head_forward(self.phi, x)
 
-    def encoder_state(self, task: int) -> dict:
-        if self.task_meta_parameters is None:
-            return dict(zip(self.param_names, (t.detach() for t in self.meta_problem.initial_parameters())))
+    def encoder_state(self, task: int, support: bool) -> dict:
+        """θ; in meta-training θ itself for the queries (their direct term needs no split by
+        task) and per-task views for the support set (the solve's cross term, task by task)."""
+        theta = self.meta_problem.initial_parameters()
+        if self.task_meta_parameters is None or not support:
+            return dict(zip(self.param_names, theta if self.in_training else (t.detach() for t in theta)))
         if self._task_rows is None:  # one unbind per inner loop: its backward stacks the T rows at once
             self._task_rows = [t.unbind(0) for t in self.task_meta_parameters]
         return {name: rows[task] for name, rows in zip(self.param_names, self._task_rows)}
@@ -213,7 +217,7 @@ class HeadUnrolled(HeadOnFeatures, UnrolledLower):
     def forward(self, x):
         return self.head_forward(self.trainable_parameters(), x)
 
-    def encoder_state(self, task: int) -> dict:
+    def encoder_state(self, task: int, support: bool) -> dict:
         theta = self.meta_problem.initial_parameters()
         if not self.in_training:
             theta = [t.detach() for t in theta]
