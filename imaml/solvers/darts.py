@@ -30,7 +30,9 @@ def darts(vector, curr, prev):
         with torch.no_grad():
             for p, s, d in zip(params, saved, v):
                 p.data.copy_(s).add_(d, alpha=sign * eps)
-        return torch.autograd.grad(lower_objective(curr), upper, allow_unused=True)
+        # the graph kept: a Lower problem may reuse one graph to θ for both points (the head's
+        # features, computed once per inner loop)
+        return torch.autograd.grad(lower_objective(curr), upper, allow_unused=True, retain_graph=True)
 
     try:
         grad_plus, grad_minus = grad_at(1.0), grad_at(-1.0)
