@@ -161,8 +161,10 @@ def config_from_flags(cli: dict, preset_flag: Optional[str] = None) -> RunConfig
     if preset_flag is not None:  # an explicit preset may choose the task and algorithm itself
         cli.setdefault("task", preset.get("task", task))
         cli.setdefault("algo", preset.get("algo", algo))
-    if cli.get("lower_problem") and "adapt" not in cli:  # the named Lower problem decides what adapts
-        preset.pop("adapt", None)
+    if "lower_problem" in cli:  # a Lower problem named (none: the built-in one) replaces the preset's
+        for name in ("adapt", "head_init"):  # adaptation settings, as the preset's own lower_problem
+            if name not in cli:
+                preset.pop(name, None)
     merged = {**preset, **cli}
     if cli.get("resume"):
         merged["output_dir"] = cli["resume"]
