@@ -1,4 +1,5 @@
-# make run   - meta-train iMAML on the embedded glyphs benchmark (sets up .venv first)
+# make run   - meta-train iMAML over a zero-started head on the embedded glyphs benchmark
+#              (configs/glyphs-imaml-head.yaml; sets up .venv first)
 # make test  - run the test suite (sets up .venv first)
 # Pass flags to run.py with ARGS, e.g.  make run ARGS="--algo maml --task sinusoid --shots 10"
 
@@ -6,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.imaml-setup-done
 ARGS ?=
+RUN_ARGS = $(if $(ARGS),$(ARGS),--config configs/glyphs-imaml-head.yaml)
 PYTEST_ARGS ?= -q
 
 .PHONY: setup run test clean
@@ -17,7 +19,7 @@ $(STAMP): scripts/setup-env.sh requirements/base.txt requirements/constraints.tx
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(PY) run.py $(ARGS)
+	$(PY) run.py $(RUN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

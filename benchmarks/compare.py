@@ -3,7 +3,7 @@ baseline on one task under one meta-test protocol, as one table and one plot.
 
     python -m benchmarks.compare --task glyphs --out runs/compare-glyphs
     python -m benchmarks.compare --task omniglot-lake --out runs/compare-lake \\
-        --config imaml=configs/omniglot-lake-imaml-cpu.yaml --config maml=configs/omniglot-lake-maml-cpu.yaml \\
+        --config imaml=configs/omniglot-lake-imaml-head-cpu.yaml --config maml=configs/omniglot-lake-maml-cpu.yaml \\
         -- --data-root data/lake-proxy-korean --meta-steps 200
 
 Each algorithm is one ``run.py`` in its own process: its preset (``configs/<task>-<algo>.yaml``,

@@ -185,7 +185,7 @@ if [ "$STEP_RC" = 0 ] && [ ! -f "$ZIP" ]; then
   echo "no data: $ZIP is absent" >>"$STEP_LOG"; skip "no data ($ZIP)"
 fi
 sub "$PY" -m benchmarks.lake_proxy --source "$ZIP" --hold-out Korean --out "$WORK/lake"
-sub "$PY" run.py --config configs/omniglot-lake-imaml-cpu.yaml --data-root "$WORK/lake" --device "$DEVICE" \
+sub "$PY" run.py --config configs/omniglot-lake-imaml-head-cpu.yaml --data-root "$WORK/lake" --device "$DEVICE" \
     --output-dir "$WORK/omniglot" "${RUN[@]}" --test-tasks 20 "${ONE_PROCESS[@]}"  # the meta-test: the 20 runs
 sub cat "$WORK/omniglot/results.json"
 finish

@@ -20,7 +20,7 @@ import yaml
 from imaml.config import CONFIG_DIR, FIELDS, WANDB_ID, RunConfig, field_type, flag
 from imaml.errors import UsageError
 
-__all__ = ["build_parser", "parse_flags", "parse_args", "config_from_flags", "coerce", "load_preset"]
+__all__ = ["build_parser", "parse_flags", "parse_args", "config_from_flags", "coerce", "find_preset", "load_preset"]
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -53,6 +53,18 @@ def coerce(name: str, value: Any, source: str) -> Any:
         raise UsageError(f"{source}: '{name}' must be a finite number of at most {_FLOAT32_MAX:.3g} in size, "
                          f"got {value!r}")
     return converted
+
+
+def find_preset(name: str) -> Path:
+    """``--config``'s file: a path, or a shipped preset's name (``omniglot-imaml-hf`` or
+    ``omniglot-imaml-hf.yaml``, from configs/ wherever the run starts)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return path  # load_preset names it
 
 
 def load_preset(path: Path) -> dict:
@@ -153,7 +165,7 @@ def config_from_flags(cli: dict, preset_flag: Optional[str] = None) -> RunConfig
     algo = cli.get("algo", RunConfig.algo)
     task = cli.get("task", RunConfig.task)
     if preset_flag is not None:
-        preset_path: Optional[Path] = Path(preset_flag)
+        preset_path: Optional[Path] = find_preset(preset_flag)
     else:
         candidate = CONFIG_DIR / f"{task}-{algo}.yaml"
         preset_path = candidate if candidate.is_file() else None

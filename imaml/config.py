@@ -177,7 +177,7 @@ class RunConfig:
                                          'larger --meta-steps')
     eval_only: bool = option(False, 'only meta-test the --checkpoint and write results.json')
     checkpoint: Optional[str] = option(None, 'a checkpoint file, for --eval-only')
-    config: Optional[str] = option(None, 'YAML preset; default: configs/<task>-<algo>.yaml')
+    config: Optional[str] = option(None, 'YAML preset: a file, or a shipped preset by name (e.g. omniglot-imaml-hf); default: configs/<task>-<algo>.yaml')
 
     def validate(self) -> "RunConfig":
         """Check every value once, before any work; raise UsageError naming the fix."""

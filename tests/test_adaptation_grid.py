@@ -86,7 +86,7 @@ def test_the_head_system_in_closed_form_is_the_dense_hessian_solve(kind, example
 
 
 def _head_preset_gradient(make_config, inner_tol, cg_tol, hypergrad="cg"):
-    """configs/glyphs-imaml.yaml's algorithm (λ = 0.1, Hessian-free to --inner-tol, CG to --cg-tol)
+    """configs/glyphs-imaml-head.yaml's algorithm (λ = 0.1, Hessian-free to --inner-tol, CG to --cg-tol)
     on a small glyphs net, float64: the meta-gradient and the engine."""
     torch.manual_seed(0)
     config = make_config(task="glyphs", algo="imaml", adapt="head", head_init="zero", lam=0.1, inner_optimizer="hessian-free",

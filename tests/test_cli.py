@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from imaml.arguments import parse_args
 from imaml.cli import main, run_from_args
 from imaml.config import RunConfig
 
@@ -94,7 +95,6 @@ def test_unknown_yaml_key_is_an_error(tmp_path, capsys):
 
 
 def test_cli_flag_overrides_preset(tmp_path):
-    from imaml.arguments import parse_args
 
     preset = tmp_path / "p.yaml"
     preset.write_text("task: sinusoid\nways: null\ninner_lr: 0.02\nshots: 7\n")
@@ -241,3 +241,20 @@ def test_an_unusable_output_dir_stops_before_any_work(tmp_path, data_root, capsy
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: --output-dir {path}: {reason}"), err
+
+
+def test_a_shipped_preset_is_found_by_name_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("omniglot-imaml-hf", "omniglot-imaml-hf.yaml"):
+        config = parse_args(["--config", name])
+        assert config.inner_optimizer == "hessian-free" and config.adapt == "all" and config.lam == 2.0
+    assert main(["--config", "no-such-preset"]) == 2
+
+
+def test_algo_imaml_is_the_papers_whole_network_imaml_and_the_head_needs_asking():
+    for task in ("omniglot", "mini-imagenet", "tiered-imagenet", "cifarfs", "fc100", "glyphs", "sinusoid",
+                 "omniglot-lake"):
+        config = parse_args(["--task", task, "--algo", "imaml"])
+        assert (config.adapt, config.head_init) == ("all", "theta"), task
+    assert parse_args(["--task", "omniglot", "--algo", "imaml"]).lam == 2.0
+    assert parse_args(["--config", "glyphs-imaml-head"]).adapt == "head"

@@ -40,7 +40,7 @@ def test_offline_wandb_run_records_config_history_and_summary(tmp_path, data_roo
     kinds = [r.WhichOneof("record_type") for r in records]
     run = _of(records, "run")[0]
     config = _items(run.config.update)
-    assert config["algo"] == "imaml" and config["lam"] == 0.1 and config["meta_steps"] == 4  # preset + flags
+    assert config["algo"] == "imaml" and config["lam"] == 0.5 and config["meta_steps"] == 4  # preset + flags
     assert run.project == "imaml-tests" and list(run.tags) == ["ci", "smoke"] and run.run_group == "g"
     rows = [_items(h.item) for h in _of(records, "history")]
     logged = [row for row in rows if "train/query_loss" in row]
@@ -107,7 +107,7 @@ def _sweep_command(data_root, *extra):
 
     from imaml.config import CONFIG_DIR
 
-    sweep = yaml.safe_load((CONFIG_DIR / "sweeps" / "glyphs-imaml.yaml").read_text())
+    sweep = yaml.safe_load((CONFIG_DIR / "sweeps" / "glyphs-imaml-head.yaml").read_text())
     fixed = [c for c in sweep["command"] if not c.startswith("${")]
     small = _args(Path("unused"), data_root)
     small = small[:small.index("--output-dir")]  # the sweep's command has no --output-dir
@@ -188,7 +188,7 @@ def test_sweep_file_names_real_flags():
     from imaml.arguments import build_parser, parse_args
     from imaml.config import CONFIG_DIR
 
-    sweep = yaml.safe_load((CONFIG_DIR / "sweeps" / "glyphs-imaml.yaml").read_text())
+    sweep = yaml.safe_load((CONFIG_DIR / "sweeps" / "glyphs-imaml-head.yaml").read_text())
     assert sweep["program"] == "run.py" and "${args}" in sweep["command"]
     assert sweep["metric"]["name"] == "val/best_accuracy"  # a plain number in the summary (W&B logs it)
     flags = {a for action in build_parser()._actions for a in action.option_strings}
