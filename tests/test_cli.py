@@ -95,7 +95,6 @@ def test_unknown_yaml_key_is_an_error(tmp_path, capsys):
 
 
 def test_cli_flag_overrides_preset(tmp_path):
-
     preset = tmp_path / "p.yaml"
     preset.write_text("task: sinusoid\nways: null\ninner_lr: 0.02\nshots: 7\n")
     config = parse_args(["--config", str(preset), "--shots", "3"])
