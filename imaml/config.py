@@ -92,6 +92,8 @@ class RunConfig:
                                     'stationarity, logged as train/inner_stationarity); 0: always --inner-steps')
     inner_cg_steps: int = option(5, 'iMAML hessian-free: conjugate-gradient steps per Newton direction')
     lam: float = option(1.0, 'iMAML proximal strength λ: inner objective L_support(φ) + λ/2·‖φ − θ‖²')
+    test_lam: Optional[float] = option(None, 'iMAML: λ at meta-validation and meta-test; none: --lam (the paper). '
+                                             '0 adapts without the proximal term there, as the official code does')
     hypergrad: str = option("cg", 'iMAML hypergradient solver: cg, neumann, darts, exact (dense; tiny models), '
                                   'minres (symmetric indefinite systems), normal-cg (CG on A²x = Av, two products '
                                   'per step), cg-damped (CG on A + --cg-damping·I); these three take --cg-steps '
@@ -239,6 +241,8 @@ class RunConfig:
         return self
 
     def _validate_adaptation(self) -> None:
+        if self.test_lam is not None and not (self.test_lam >= 0 and math.isfinite(self.test_lam)):
+            raise UsageError(f"--test-lam {self.test_lam}: must be >= 0 (0: no proximal term at meta-test)")
         if self.lower_problem and self.adapt != "all":
             raise UsageError(f"--adapt {self.adapt} with --lower-problem {self.lower_problem}: the Lower problem "
                              f"decides what adapts; drop one of the two")

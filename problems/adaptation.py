@@ -67,6 +67,7 @@ class LowerConfig(Config):
     neumann_alpha: Optional[float] = None  # None: 1/λ_max by power iteration
     grad_checkpoint: bool = False  # UnrolledLower: recompute each inner step in the backward pass
     head_init: str = "theta"  # where the adapted head starts: θ's head, or zero (--head-init)
+    test_lam: Optional[float] = None  # iMAML: λ at meta-validation and meta-test (None: lam)
 
 
 class TaskAdaptation:

@@ -177,7 +177,7 @@ class HeadImplicit(HeadOnFeatures, ImplicitLower):
     def task_objectives(self, batch) -> torch.Tensor:
         """g_t(φ_t) of each task, [T]."""
         x, y = batch
-        values = self.task_losses(self(x), y) + proximal(self.phi, self.anchor(), self.config.lam, self.num_tasks)
+        values = self.task_losses(self(x), y) + proximal(self.phi, self.anchor(), self.inner_lam, self.num_tasks)
         if self.config.weight_decay:
             values = values + proximal(self.phi, [torch.zeros_like(p) for p in self.phi],
                                        self.config.weight_decay, self.num_tasks)

@@ -109,7 +109,7 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         if not self.inner.done:
             grad_rows = None if name == "sgd" else rows(grads, self.num_tasks)
             step = InnerStep(params, values, grad_rows, lambda: self._trial_objectives(batch), self.inner,
-                             lr=self.optimizer.param_groups[0]["lr"], lam=self.config.lam,
+                             lr=self.optimizer.param_groups[0]["lr"], lam=self.inner_lam,
                              cg_steps=self.config.inner_cg_steps, grads=grads,
                              hvp=lambda u: rows(torch.autograd.grad(grad_rows, params, u, retain_graph=True), self.num_tasks))
             INNER_OPTIMIZERS[name](step, self.optimizer)
@@ -156,6 +156,13 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
             loss = loss + 0.5 * self.config.weight_decay * sum(phi.pow(2).sum() for phi in self.trainable_parameters())
         return loss
 
+    @property
+    def inner_lam(self) -> float:
+        """λ of the inner objective now: ``lam``, or ``test_lam`` in evaluation where it is set
+        (the official code adapts without the proximal term at meta-test: ``--test-lam 0``)."""
+        test_lam = getattr(self.config, "test_lam", None)
+        return self.config.lam if self.in_training or test_lam is None else test_lam
+
     def anchor(self) -> List[torch.Tensor]:
         """Where each task starts, the proximal centre: θ, with a zero-started head's entries at
         zero (a task-vectorized problem stacks it per task)."""
@@ -167,7 +174,7 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
 
     def regularizer(self) -> torch.Tensor:
         """λ/2·‖φ − φ₀‖², the proximal term of the iMAML paper (eq. 3), φ₀ = ``anchor()``."""
-        return proximal(self.trainable_parameters(), self.anchor(), self.config.lam)
+        return proximal(self.trainable_parameters(), self.anchor(), self.inner_lam)
 
     def on_inner_loop_start(self) -> None:
         ways = self.task_ways() if self._zero_head else 0

@@ -85,7 +85,7 @@ class VectorizedImplicitLower(_TaskStacked, ImplicitLower):
         per_row = lambda tensors: sum(t.pow(2).reshape(tasks, -1).sum(1) for t in tensors)  # noqa: E731
         phi = self.trainable_parameters()
         values = stacked_losses(self.env.kind, self(x), y)
-        values = values + 0.5 * self.config.lam * per_row([p - t for p, t in zip(phi, self.anchor())])
+        values = values + 0.5 * self.inner_lam * per_row([p - t for p, t in zip(phi, self.anchor())])
         if self.config.weight_decay:
             values = values + 0.5 * self.config.weight_decay * per_row(phi)
         return values

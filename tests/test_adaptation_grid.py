@@ -128,3 +128,20 @@ def test_every_solver_runs_on_the_head_and_vectorized_equals_per_task(make_confi
     if hypergrad in ("cg", "minres", "normal-cg", "exact"):  # solvers of the exact system, to 1e-5
         exact, _, _ = _meta_gradient(make_config, "glyphs", "per-task", **dict(settings, hypergrad="exact"))
         assert relative_error(per_task, exact) < 1e-4
+
+
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_test_lam_zero_adapts_at_meta_test_as_plain_gradient_descent(make_config, adapt):
+    """--test-lam 0 (the official iMAML code's meta-test): the evaluation inner loop is plain SGD
+    on the support loss, step for step MAML's evaluation from the same θ; meta-training keeps λ."""
+    results = {}
+    for algo, extra in (("imaml", dict(lam=2.0, test_lam=0.0)), ("maml", {})):
+        engine = build_engine(make_config(task="glyphs", algo=algo, adapt=adapt, inner_steps=STEPS, test_inner_steps=4,
+                                          **extra), dtype=F64)
+        results[algo] = engine.evaluate("test", 4)
+        if algo == "imaml":
+            assert engine.lower.config.lam == 2.0 and engine.lower.inner_lam == 2.0  # training mode again
+    assert results["imaml"]["mean"] == pytest.approx(results["maml"]["mean"], abs=1e-12)
+    assert results["imaml"]["inner_curve"] == pytest.approx(results["maml"]["inner_curve"], rel=1e-10)
+    with_lam = build_engine(make_config(task="glyphs", algo="imaml", adapt=adapt, lam=2.0, test_inner_steps=4), dtype=F64)
+    assert with_lam.evaluate("test", 4)["inner_curve"][-1] != pytest.approx(results["maml"]["inner_curve"][-1], rel=1e-6)
