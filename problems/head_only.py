@@ -45,7 +45,6 @@ class HeadOnFeatures:
     applied to them for T tasks at once."""
 
     tasks_at_once: Optional[int] = 1  # the builder sets None to adapt a whole meta-batch at once
-    variable_ways = True  # with --head-init zero; a θ-started head keeps θ's rows
 
     def setup_head(self) -> None:
         name, layer = find_head(self.module)

@@ -22,7 +22,6 @@ class ZeroHeadUnrolled(UnrolledLower):
     """``--algo maml|fomaml --head-init zero``: unrolled MAML / FOMAML from (θ_enc, zero head)."""
 
     fixed_head_init = "zero"
-    variable_ways = True
 
     def __init__(self, *args, **kwargs):
         say_replaced("problems.zero_head:ZeroHeadUnrolled", "--head-init zero")
@@ -34,7 +33,6 @@ class ZeroHeadImplicit(ImplicitLower):
     anchored at that start: λ/2·(‖φ_enc − θ_enc‖² + ‖φ_h‖²)."""
 
     fixed_head_init = "zero"
-    variable_ways = True
 
     def __init__(self, *args, **kwargs):
         say_replaced("problems.zero_head:ZeroHeadImplicit", "--head-init zero")
