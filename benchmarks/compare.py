@@ -1,18 +1,23 @@
-"""What meta-learning bought: MAML, first-order MAML, iMAML and the pretrain-and-fine-tune
-baseline on one task under one meta-test protocol, as one table and one plot.
+"""The methods side by side on the same test tasks, over seeds, with paired differences.
 
-    python -m benchmarks.compare --task glyphs --out runs/compare-glyphs
-    python -m benchmarks.compare --task omniglot-lake --out runs/compare-lake \\
-        --config imaml=configs/omniglot-lake-imaml-head-cpu.yaml --config maml=configs/omniglot-lake-maml-cpu.yaml \\
+    python -m benchmarks.compare --task glyphs --out runs/compare-glyphs --seeds 0 1 2
+    python -m benchmarks.compare --task omniglot-lake --out runs/compare-lake --methods maml anil imaml-head \\
+        --config imaml-head=configs/omniglot-lake-imaml-head-cpu.yaml --config maml=configs/omniglot-lake-maml-cpu.yaml \\
         -- --data-root data/lake-proxy-korean --meta-steps 200
 
-Each algorithm is one ``run.py`` in its own process: its preset (``configs/<task>-<algo>.yaml``,
-or ``--config ALGO=FILE``), then the flags after ``--`` (shared by all), then ``--set
-ALGO:FLAG=VALUE`` (one algorithm's own). The runs' ``results.json`` must agree on everything
-the meta-test tasks depend on (task, ways, shots, test queries, test tasks, BatchNorm mode,
-seed): the fixed test tasks are then identical across algorithms (docs/benchmarks.md), and
-the script refuses to tabulate runs that differ. Writes ``<out>/comparison.md`` (the table),
-``<out>/comparison.json`` and ``<out>/comparison.png``; each run stays in ``<out>/<algo>/``.
+The rows (``--methods``): MAML, first-order MAML, ANIL (``--algo maml --adapt head``), the
+paper's iMAML with GD and with Hessian-free inner steps (``configs/<task>-imaml.yaml`` and
+``-imaml-hf.yaml``, or the GD preset with Hessian-free flags where the task has no ``-hf``
+preset), iMAML over a zero-started head (``-imaml-head.yaml``) and the pretrain baseline. Each
+(method, seed) is one ``run.py`` in its own process: its preset (or ``--config METHOD=FILE``),
+the method's own flags, the flags after ``--`` (shared by all), ``--set METHOD:FLAG=VALUE``,
+then ``--seed``. Within a seed every run must agree on everything the meta-test tasks depend
+on (the script refuses otherwise), so the rows are scored on identical tasks and compared
+task by task: the table gives each row's accuracy over seeds and its paired difference from
+the first row (``benchmarks.paired``), with tasks/s, times, and for implicit rows how many
+inner loops and solves met their tolerances. Writes ``<out>/comparison.md``,
+``<out>/comparison.json`` and ``<out>/comparison.png``; each run stays in
+``<out>/<method>/seed-<s>/``.
 """
 
 from __future__ import annotations
@@ -25,114 +30,150 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["ALGOS", "PROTOCOL_KEYS", "run_one", "read_run", "check_protocol", "table", "plot", "main"]
+from benchmarks.paired import paired_difference, t_interval
+
+__all__ = ["METHODS", "PROTOCOL_KEYS", "run_one", "read_run", "check_protocol", "table", "plot", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
-ALGOS = ("maml", "fomaml", "imaml", "pretrain")
-NAMES = {"maml": "MAML", "fomaml": "first-order MAML", "imaml": "iMAML", "pretrain": "pretrain + fine-tune"}
-# what the meta-test tasks (and their scoring) depend on: equal in every run, or no table
+HESSIAN_FREE = ("--inner-optimizer", "hessian-free", "--inner-cg-steps", "5", "--inner-lr", "1.0")
+# name: (label, --algo, preset by name (None: the task's own <task>-<algo>), the method's own flags)
+METHODS = {
+    "maml": ("MAML", "maml", None, ()),
+    "fomaml": ("first-order MAML", "fomaml", None, ()),
+    "anil": ("ANIL (MAML, head alone)", "maml", None, ("--adapt", "head")),
+    "imaml": ("iMAML, paper (GD)", "imaml", None, ()),
+    "imaml-hf": ("iMAML, paper (Hessian-free)", "imaml", "{task}-imaml-hf", ()),
+    "imaml-head": ("iMAML, zero-started head", "imaml", "{task}-imaml-head", ()),
+    "pretrain": ("pretrain + fine-tune", "pretrain", None, ()),
+}
+# what the meta-test tasks (and their scoring) depend on: equal in every run of a seed, or no table
 PROTOCOL_KEYS = ("task", "test_ways", "shots", "seed")
 PROTOCOL_ENTRIES = ("test_tasks", "test_query_shots", "bn_mode", "model", "channels")
 
 
-def run_one(algo: str, task: str, out: Path, shared: Sequence[str], own: Sequence[str],
+def command_for(method: str, task: str, seed: int, out: Path, shared: Sequence[str], own: Sequence[str],
+                config: Optional[str]) -> List[str]:
+    """The run.py command of one (method, seed)."""
+    _, algo, preset, flags = METHODS[method]
+    if config is None and preset is not None:
+        named = ROOT / "configs" / f"{preset.format(task=task)}.yaml"
+        config = str(named) if named.is_file() else None
+        if config is None and method == "imaml-hf":
+            flags = HESSIAN_FREE  # the task's GD preset, with Hessian-free inner steps
+        elif config is None:
+            raise SystemExit(f"error: {method}: no preset {named.name}; give one with --config {method}=FILE")
+    return [sys.executable, str(ROOT / "run.py"), "--task", task, "--algo", algo,
+            *(["--config", config] if config else []), *flags, *shared, *own, "--seed", str(seed),
+            "--output-dir", str(out / method / f"seed-{seed}")]
+
+
+def run_one(method: str, task: str, seed: int, out: Path, shared: Sequence[str], own: Sequence[str],
             config: Optional[str]) -> dict:
     """One run.py run; returns its results.json plus the wall time of the whole process."""
-    command = [sys.executable, str(ROOT / "run.py"), "--task", task, "--algo", algo,
-               *(["--config", config] if config else []), *shared, *own, "--output-dir", str(out / algo)]
+    command = command_for(method, task, seed, out, shared, own, config)
     print("$ " + " ".join(command[1:]), flush=True)
+    (out / method).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with open(out / f"{algo}.log", "w") as log:
+    with open(out / method / f"seed-{seed}.log", "w") as log:
         code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
     if code != 0:
-        raise SystemExit(f"error: {algo} exited with status {code}; see {out / f'{algo}.log'}")
-    (out / f"{algo}.wall.json").write_text(json.dumps({"wall_seconds": wall}))
-    return read_run(algo, out)
+        raise SystemExit(f"error: {method} (seed {seed}) exited with status {code}; see {out / method}/seed-{seed}.log")
+    (out / method / f"seed-{seed}.wall.json").write_text(json.dumps({"wall_seconds": wall}))
+    return read_run(method, seed, out)
 
 
-def read_run(algo: str, out: Path) -> dict:
+def read_run(method: str, seed: int, out: Path) -> dict:
     """A finished run's results.json, with the wall time ``run_one`` measured (else its total)."""
-    results = json.loads((out / algo / "results.json").read_text())
-    wall = out / f"{algo}.wall.json"
+    folder = out / method / f"seed-{seed}"
+    results = json.loads((folder / "results.json").read_text())
+    wall = out / method / f"seed-{seed}.wall.json"
     results["wall_seconds"] = (json.loads(wall.read_text())["wall_seconds"] if wall.is_file()
                                else results["total_seconds"])
-    results["output_dir"] = str(out / algo)
+    results["output_dir"] = str(folder)
     return results
 
 
 def check_protocol(runs: Dict[str, dict]) -> dict:
-    """The shared meta-test protocol of ``runs``, or a SystemExit naming what differs."""
+    """The meta-test protocol the runs of one seed share ({method: results}), or a SystemExit
+    naming what differs."""
     shared = {}
     for key in PROTOCOL_KEYS + PROTOCOL_ENTRIES:
-        values = {algo: (r[key] if key in PROTOCOL_KEYS else r["protocol"][key]) for algo, r in runs.items()}
+        values = {m: (r[key] if key in PROTOCOL_KEYS else r["protocol"][key]) for m, r in runs.items()}
         if len(set(map(json.dumps, values.values()))) > 1:
             raise SystemExit(f"error: the runs differ in {key} ({values}): their meta-test tasks are not the "
                              f"same; give it once, after --")
         shared[key] = next(iter(values.values()))
-    shared["query_shots_train"] = {algo: r["query_shots"] for algo, r in runs.items()}
+    shared["query_shots_train"] = {m: r["query_shots"] for m, r in runs.items()}
     return shared
 
 
-def _pct(result: dict, key: str = "mean") -> float:
-    return 100.0 * result[key]
+def summarize(runs: Dict[str, Dict[int, dict]], reference: str) -> Dict[str, dict]:
+    """Per method: accuracy over seeds, the paired difference from ``reference``, speed, times,
+    and the implicit rows' convergence."""
+    rows = {}
+    for method, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        mean, ci = t_interval([by_seed[s]["test"]["mean"] for s in seeds])
+        row = {"seeds": seeds, "mean": mean, "ci95_seeds": ci,
+               "per_seed": [by_seed[s]["test"]["mean"] for s in seeds],
+               "tasks_per_second": _average(by_seed, "tasks_per_second"),
+               "train_seconds": _average(by_seed, "train_seconds"), "wall_seconds": _average(by_seed, "wall_seconds"),
+               "config": by_seed[seeds[0]]["config"]}
+        if method != reference:
+            row["difference"] = paired_difference({s: by_seed[s]["test"]["scores"] for s in seeds},
+                                                  {s: r["test"]["scores"] for s, r in runs[reference].items()})
+        health = [by_seed[s].get("meta_gradient") or {} for s in seeds]
+        if any("inner_converged" in h for h in health):
+            row["inner_converged"] = sum(h.get("inner_converged", float("nan")) for h in health) / len(health)
+            row["solver_converged"] = sum(h.get("solver_converged", float("nan")) for h in health) / len(health)
+            row["solver_residual_mean"] = sum(h.get("solver_residual_mean", float("nan")) for h in health) / len(health)
+        rows[method] = row
+    return rows
 
 
-def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
+def _average(by_seed: Dict[int, dict], key: str) -> Optional[float]:
+    values = [r[key] for r in by_seed.values() if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
-def table(runs: Dict[str, dict]) -> str:
-    """The markdown table: one row per algorithm."""
-    lake = any("error_rate" in r["test"] for r in runs.values())
-    head = ["method", "meta-steps", "inner steps (test)", "best val. accuracy", "test accuracy before",
-            "**test accuracy after** (95% CI)"]
-    if lake:
-        head.append("error after")
-    head += ["training time", "wall time"]
+def _minutes(seconds: Optional[float]) -> str:
+    return "—" if seconds is None else f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
+
+
+def table(rows: Dict[str, dict], reference: str) -> str:
+    """The markdown table: one row per method, accuracy in %, differences in points."""
+    head = ["method", "seeds", "**test accuracy** (mean over seeds, 95% CI)", f"paired Δ vs {METHODS[reference][0]} "
+            "(± over seeds; ± over tasks)", "inner loops / solves within tol.", "tasks/s", "meta-training",
+            "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for algo, r in runs.items():
-        config, test, before, best = r["config"], r["test"], r["before_meta_training"], r["best_validation"]
-        inner = (f"— ({config['test_inner_steps']})" if algo == "pretrain"
-                 else f"{config['inner_steps']} ({config['test_inner_steps']})")
-        row = [NAMES.get(algo, algo), f"{config['meta_steps']:,}", inner,
-               f"{_pct(best):.1f}% (step {best['step']:,})" if best else "—", f"{_pct(before):.2f}%",
-               f"**{_pct(test):.2f}%** (± {_pct(test, 'ci95'):.2f})"]
-        if lake:
-            row.append(f"{100 * test['error_rate']:.2f}%" if "error_rate" in test else "—")
-        row += [_minutes(r["train_seconds"]), _minutes(r["wall_seconds"])]
-        lines.append("| " + " | ".join(row) + " |")
+    for method, r in rows.items():
+        d = r.get("difference")
+        delta = "—" if d is None else (f"{100 * d['mean']:+.2f} (± {100 * d['ci95_seeds']:.2f}; "
+                                       f"± {100 * d['ci95_tasks']:.2f})")
+        health = (f"{100 * r['inner_converged']:.0f}% / {100 * r['solver_converged']:.0f}% "
+                  f"(residual {r['solver_residual_mean']:.3f})" if "inner_converged" in r else "—")
+        speed = "—" if r["tasks_per_second"] is None else f"{r['tasks_per_second']:.1f}"
+        lines.append("| " + " | ".join([METHODS[method][0], str(len(r["seeds"])),
+                                        f"**{100 * r['mean']:.2f}%** (± {100 * r['ci95_seeds']:.2f})", delta, health,
+                                        speed, _minutes(r["train_seconds"]), _minutes(r["wall_seconds"])]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: Dict[str, dict], path: Path, title: str) -> None:
-    """Test accuracy after (with its 95% CI) and before training, per algorithm; beside it the
-    meta-validation accuracy against the step, from each run's metrics.jsonl."""
+def plot(rows: Dict[str, dict], path: Path, title: str) -> None:
+    """Each method's test accuracy per seed and its mean, with the interval over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(10, 3.8))
-    names = [NAMES.get(a, a) for a in runs]
-    after = [_pct(r["test"]) for r in runs.values()]
-    ci = [_pct(r["test"], "ci95") for r in runs.values()]
-    bars.bar(range(len(runs)), after, yerr=ci, capsize=4, color="tab:blue", alpha=0.8, label="after training")
-    bars.scatter(range(len(runs)), [_pct(r["before_meta_training"]) for r in runs.values()], color="black",
-                 marker="_", s=300, zorder=3, label="before training (θ₀)")
-    bars.set_xticks(range(len(runs)), names, rotation=15, fontsize=8)
-    bars.set(ylabel="meta-test accuracy (%)", title="meta-test, 95% CI")
-    bars.legend(fontsize=8, loc="lower right")
-    for algo, r in runs.items():
-        out = Path(r["output_dir"])
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-        points = [(rec["step"], 100 * rec["val/accuracy"]) for rec in records if "val/accuracy" in rec]
-        if points:
-            curves.plot(*zip(*points), marker="o", label=NAMES.get(algo, algo))
-    curves.set(xlabel="meta-step (pretrain: mini-batch step)", ylabel="meta-validation accuracy (%)",
-               title="meta-validation")
-    curves.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for i, (method, r) in enumerate(rows.items()):
+        ax.scatter([i] * len(r["per_seed"]), [100 * v for v in r["per_seed"]], color="gray", s=12, zorder=3)
+        ax.errorbar([i], [100 * r["mean"]], yerr=[100 * r["ci95_seeds"]] if r["ci95_seeds"] == r["ci95_seeds"] else None,
+                    fmt="o", capsize=4, color="tab:blue")
+    ax.set_xticks(range(len(rows)), [METHODS[m][0] for m in rows], rotation=15, fontsize=8)
+    ax.set(ylabel="meta-test accuracy (%)", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -145,11 +186,13 @@ def _parse(argv: Optional[List[str]]) -> tuple:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="glyphs")
     parser.add_argument("--out", required=True, help="folder for the runs, the table and the plot")
-    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
-    parser.add_argument("--config", action="append", default=[], metavar="ALGO=FILE",
-                        help="the preset of one algorithm (default: configs/<task>-<algo>.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="ALGO:FLAG=VALUE",
-                        help="a run.py flag for one algorithm only, e.g. pretrain:inner-lr=0.01")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="the rows; the first is the reference of the paired differences")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--config", action="append", default=[], metavar="METHOD=FILE",
+                        help="the preset of one method (default: its own, see METHODS)")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD:FLAG=VALUE",
+                        help="a run.py flag for one method only, e.g. pretrain:inner-lr=0.01")
     parser.add_argument("--table-only", action="store_true", help="tabulate the runs already in --out")
     return parser.parse_args(ours), shared
 
@@ -159,24 +202,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     configs = dict(item.split("=", 1) for item in args.config)
-    own: Dict[str, List[str]] = {algo: [] for algo in args.algos}
+    own: Dict[str, List[str]] = {m: [] for m in args.methods}
     for item in args.set:
-        algo, flag = item.split(":", 1)
+        method, flag = item.split(":", 1)
         name, value = flag.split("=", 1)
-        own.setdefault(algo, []).extend([f"--{name.lstrip('-')}", value])
-    runs = {}
-    for algo in args.algos:
-        runs[algo] = (read_run(algo, out) if args.table_only
-                      else run_one(algo, args.task, out, shared, own[algo], configs.get(algo)))
-    protocol = check_protocol(runs)
-    text = table(runs)
-    (out / "comparison.md").write_text(f"protocol: {json.dumps(protocol)}\n\n{text}")
-    (out / "comparison.json").write_text(json.dumps(
-        {"protocol": protocol, "runs": {a: {k: r[k] for k in ("test", "before_meta_training", "best_validation",
-                                                             "train_seconds", "wall_seconds", "config")}
-                                        for a, r in runs.items()}}, indent=2, default=str))
-    plot(runs, out / "comparison.png", f"{args.task}: {protocol['test_ways']}-way {protocol['shots']}-shot, "
-                                       f"{protocol['test_tasks']} test tasks, BatchNorm {protocol['bn_mode']}")
+        own.setdefault(method, []).extend([f"--{name.lstrip('-')}", value])
+    runs: Dict[str, Dict[int, dict]] = {m: {} for m in args.methods}
+    for seed in args.seeds:  # seed by seed, so a stopped comparison has whole seeds
+        for m in args.methods:
+            runs[m][seed] = (read_run(m, seed, out) if args.table_only
+                             else run_one(m, args.task, seed, out, shared, own[m], configs.get(m)))
+    protocols = {seed: check_protocol({m: runs[m][seed] for m in args.methods}) for seed in args.seeds}
+    protocol = {k: v for k, v in protocols[args.seeds[0]].items() if k != "seed"}
+    rows = summarize(runs, args.methods[0])
+    text = table(rows, args.methods[0])
+    (out / "comparison.md").write_text(f"protocol: {json.dumps(protocol)}; seeds {args.seeds}\n\n{text}")
+    (out / "comparison.json").write_text(json.dumps({"protocol": protocol, "seeds": args.seeds, "rows": rows},
+                                                    indent=2, default=str))
+    plot(rows, out / "comparison.png", f"{args.task}: {protocol['test_ways']}-way {protocol['shots']}-shot, "
+                                       f"{protocol['test_tasks']} test tasks, seeds {args.seeds}")
     print(text)
     return 0
 

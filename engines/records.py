@@ -84,7 +84,7 @@ def summarize_evaluation(tasks: list, kind: str, inner_tol: float, source) -> di
     values, curves = [t[1] for t in tasks], [t[2] for t in tasks]
     mean, ci95 = mean_ci95(values)
     result = {"metric": metric_name(kind), "mean": mean, "ci95": ci95, "num_tasks": len(values),
-              "inner_curve": mean_curve(curves)}
+              "inner_curve": mean_curve(curves), "scores": values}  # per task, in task order: paired comparisons
     measured = [t[4] for t in tasks if math.isfinite(t[4])]
     if measured:
         result.update(inner_stationarity_mean=sum(measured) / len(measured),

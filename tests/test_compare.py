@@ -1,29 +1,45 @@
-"""benchmarks.compare: the four methods under one protocol, one table, one plot."""
+"""benchmarks.compare: the methods on the same test tasks, over seeds, with paired differences;
+benchmarks.paired: the statistics."""
 
 import json
+import math
 
 import pytest
 
 from benchmarks import compare
+from benchmarks.paired import paired_difference, t_interval
+
+SMALL = ["--ways", "3", "--channels", "4", "--query-shots", "2", "--meta-steps", "2", "--meta-batch-size", "2",
+         "--inner-steps", "1", "--test-inner-steps", "2", "--test-tasks", "4", "--val-tasks", "2", "--val-every", "2",
+         "--processes", "1"]
 
 
-def test_compare_runs_the_four_methods_and_tabulates_them(tmp_path, data_root):
+def test_compare_runs_every_method_over_seeds_on_the_same_tasks(tmp_path, data_root):
     out = tmp_path / "cmp"
-    code = compare.main(["--task", "glyphs", "--out", str(out), "--set", "pretrain:inner-lr=0.05", "--",
-                         "--ways", "3", "--channels", "4", "--query-shots", "2", "--meta-steps", "2",
-                         "--meta-batch-size", "2", "--inner-steps", "1", "--test-inner-steps", "2",
-                         "--test-tasks", "4", "--val-tasks", "2", "--val-every", "2", "--processes", "1",
-                         "--data-root", data_root])
+    methods = ["maml", "anil", "imaml", "imaml-hf", "imaml-head", "pretrain"]
+    code = compare.main(["--task", "glyphs", "--out", str(out), "--methods", *methods, "--seeds", "0", "1",
+                         "--set", "pretrain:inner-lr=0.05", "--", *SMALL, "--data-root", data_root])
     assert code == 0
     table = (out / "comparison.md").read_text()
-    for name in ("MAML", "first-order MAML", "iMAML", "pretrain + fine-tune"):
-        assert f"| {name} |" in table
+    for method in methods:
+        assert f"| {compare.METHODS[method][0]} | 2 |" in table
     summary = json.loads((out / "comparison.json").read_text())
-    assert summary["protocol"]["test_tasks"] == 4 and summary["protocol"]["test_ways"] == 3
-    assert summary["runs"]["pretrain"]["config"]["inner_lr"] == 0.05  # one method's own flag
-    assert summary["runs"]["maml"]["config"]["inner_lr"] == 0.4  # the others keep their presets'
+    rows = summary["rows"]
+    assert summary["protocol"]["test_tasks"] == 4 and summary["seeds"] == [0, 1]
+    assert "difference" not in rows["maml"] and rows["anil"]["difference"]["tasks"] == 8  # 4 tasks × 2 seeds
+    assert rows["anil"]["config"]["adapt"] == "head" and rows["imaml"]["config"]["adapt"] == "all"
+    assert rows["imaml-head"]["config"]["head_init"] == "zero"
+    assert rows["imaml-hf"]["config"]["inner_optimizer"] == "hessian-free"  # glyphs has no -hf preset: the flags
+    assert rows["pretrain"]["config"]["inner_lr"] == 0.05 and rows["maml"]["config"]["inner_lr"] == 0.4
+    assert "inner_converged" in rows["imaml-head"] and "inner_converged" not in rows["maml"]
+    # the paired difference is of the very tasks each run scored, seed by seed
+    per_task = {m: {s: json.loads((out / m / f"seed-{s}" / "results.json").read_text())["test"]["scores"]
+                    for s in (0, 1)} for m in ("maml", "anil")}
+    expected = [sum(a - b for a, b in zip(per_task["anil"][s], per_task["maml"][s])) / 4 for s in (0, 1)]
+    assert rows["anil"]["difference"]["per_seed"] == pytest.approx(expected)
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = compare.main(["--task", "glyphs", "--out", str(out), "--table-only"])
+    again = compare.main(["--task", "glyphs", "--out", str(out), "--methods", *methods, "--seeds", "0", "1",
+                          "--table-only"])
     assert again == 0 and (out / "comparison.md").read_text() == table
 
 
@@ -36,3 +52,18 @@ def test_compare_refuses_runs_with_different_meta_test_tasks():
     assert compare.check_protocol({"maml": run(600), "pretrain": run(600)})["test_tasks"] == 600
     with pytest.raises(SystemExit, match="differ in test_tasks"):
         compare.check_protocol({"maml": run(600), "pretrain": run(300)})
+
+
+def test_the_intervals_are_students_over_seeds_and_normal_over_tasks():
+    mean, half = t_interval([0.90, 0.92, 0.94])  # sd 0.02, n 3: t(2) = 4.303
+    assert mean == pytest.approx(0.92) and half == pytest.approx(4.303 * 0.02 / math.sqrt(3))
+    assert math.isnan(t_interval([0.5])[1])
+    a = {0: [1.0, 0.0, 1.0, 1.0], 1: [1.0, 1.0, 0.0, 1.0]}
+    b = {0: [0.0, 0.0, 1.0, 1.0], 1: [1.0, 0.0, 0.0, 1.0]}
+    d = paired_difference(a, b)
+    assert d["per_seed"] == [0.25, 0.25] and d["mean"] == 0.25 and d["ci95_seeds"] == 0.0 and d["tasks"] == 8
+    diffs = [1, 0, 0, 0, 0, 1, 0, 0]
+    sd = math.sqrt(sum((x - 0.25) ** 2 for x in diffs) / 7)
+    assert d["ci95_tasks"] == pytest.approx(1.96 * sd / math.sqrt(8))
+    with pytest.raises(ValueError, match="the same tasks"):
+        paired_difference({0: [1.0, 0.0]}, {0: [1.0]})
