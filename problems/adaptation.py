@@ -26,13 +26,15 @@ from problems.upper import MetaInit
 __all__ = ["LowerConfig", "TaskAdaptation", "proximal", "head_start"]
 
 
-def proximal(phi: Sequence[torch.Tensor], centre: Sequence[torch.Tensor], lam: float,
+def proximal(phi: Sequence[torch.Tensor], centre: Optional[Sequence[torch.Tensor]], lam: float,
              tasks: Optional[int] = None) -> torch.Tensor:
     """λ/2·‖φ − c‖², the proximal term of the iMAML paper (eq. 3), written once for every
-    Lower problem: summed over everything, or with ``tasks`` one value per task row ([T])."""
+    Lower problem (``centre`` None: c = 0, the inner weight decay): summed over everything, or
+    with ``tasks`` one value per task row ([T])."""
+    gaps = phi if centre is None else [p - c for p, c in zip(phi, centre)]
     if tasks is None:
-        return 0.5 * lam * sum((p - c).pow(2).sum() for p, c in zip(phi, centre))
-    return 0.5 * lam * sum((p - c).pow(2).reshape(tasks, -1).sum(1) for p, c in zip(phi, centre))
+        return 0.5 * lam * sum(g.pow(2).sum() for g in gaps)
+    return 0.5 * lam * sum(g.pow(2).reshape(tasks, -1).sum(1) for g in gaps)
 
 
 def head_start(theta_head: Sequence[torch.Tensor], head_init: str, ways: int,
@@ -114,16 +116,21 @@ class TaskAdaptation:
             return int(self.env.current.support_y.max()) + 1
         return find_head(self.meta_problem.module)[1].out_features
 
+    def zero_started_index(self) -> List[int]:
+        """Positions (in ``module.named_parameters()``) of the head entries every task starts at
+        zero; none for a θ-started head."""
+        if self.head_init != "zero":
+            return []
+        head = set(self.find_head_names())
+        return [i for i, (name, _) in enumerate(self.module.named_parameters()) if name in head]
+
     def zero_theta_head(self) -> None:
         """With a zero-started head, θ's head is a placeholder that never gets a meta-gradient:
         zero it once, so the saved θ says what every task starts from."""
-        if self.head_init != "zero":
-            return
-        head = set(self.find_head_names())
+        theta = list(self.meta_problem.module.parameters())
         with torch.no_grad():
-            for name, theta in self.meta_problem.module.named_parameters():
-                if name in head:
-                    theta.zero_()
+            for i in self.zero_started_index():
+                theta[i].zero_()
 
     @property
     def in_training(self) -> bool:

@@ -32,7 +32,7 @@ from torch.func import functional_call
 from imaml.errors import UsageError
 from imaml.metrics import stacked_losses, stacked_scores
 from imaml.vectorize import stack_for_tasks
-from problems.adaptation import head_start, proximal
+from problems.adaptation import head_start
 from problems.head import find_head
 from problems.head_solve import solve_head_system
 from problems.lower import ImplicitLower, UnrolledLower
@@ -174,13 +174,7 @@ class HeadImplicit(HeadOnFeatures, ImplicitLower):
         return self.theta_head(theta)
 
     def task_objectives(self, batch) -> torch.Tensor:
-        """g_t(φ_t) of each task, [T]."""
-        x, y = batch
-        values = self.task_losses(self(x), y) + proximal(self.phi, self.anchor(), self.inner_lam, self.num_tasks)
-        if self.config.weight_decay:
-            values = values + proximal(self.phi, [torch.zeros_like(p) for p in self.phi],
-                                       self.config.weight_decay, self.num_tasks)
-        return values
+        return self.stacked_objectives(batch)
 
     def on_inner_loop_start(self) -> None:
         tasks = self.count_tasks()

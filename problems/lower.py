@@ -71,7 +71,7 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         self.hypergrad_infos: list = []  # the solver's SolveInfo of each task of the last inner loop
         self.inner = InnerLoop(config.inner_tol)
         self._final_norms: Optional[torch.Tensor] = None
-        self._zero_head = set(self.find_head_names()) if self.head_init == "zero" else set()
+        self._zero_started = self.zero_started_index()
 
     def initialize(self, engine_config):
         super().initialize(engine_config)
@@ -120,6 +120,16 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         compare these per task."""
         return self.training_step(batch).reshape(1)
 
+    def stacked_objectives(self, batch) -> torch.Tensor:
+        """g_t(φ_t) = L_support,t + λ/2·‖φ_t − φ₀,t‖² (+ weight decay) of each task row, [T]: the
+        ``task_objectives`` of the problems whose parameters carry a task dimension."""
+        x, y = batch
+        phi, tasks = self.trainable_parameters(), self.num_tasks
+        values = self.task_losses(self(x), y) + proximal(phi, self.anchor(), self.inner_lam, tasks)
+        if self.config.weight_decay:
+            values = values + proximal(phi, None, self.config.weight_decay, tasks)
+        return values
+
     def _trial_objectives(self, batch) -> torch.Tensor:
         """g per task at a trial point of a line search: no graph, running statistics untouched."""
         with torch.no_grad(), scratch_buffers(self.module):
@@ -153,7 +163,7 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         x, y = batch
         loss = self.support_loss(x, y) + self.regularizer()
         if self.config.weight_decay:  # inner weight decay is part of the objective the solver sees
-            loss = loss + 0.5 * self.config.weight_decay * sum(phi.pow(2).sum() for phi in self.trainable_parameters())
+            loss = loss + proximal(self.trainable_parameters(), None, self.config.weight_decay)
         return loss
 
     @property
@@ -167,20 +177,20 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         """Where each task starts, the proximal centre: θ, with a zero-started head's entries at
         zero (a task-vectorized problem stacks it per task)."""
         theta = self.meta_problem.initial_parameters()
-        if not self._zero_head:
+        if not self._zero_started:
             return theta
-        named = zip(self.module.named_parameters(), theta)
-        return [torch.zeros_like(phi) if name in self._zero_head else t for (name, phi), t in named]
+        phi = list(self.module.parameters())
+        return [torch.zeros_like(phi[i]) if i in self._zero_started else t for i, t in enumerate(theta)]
 
     def regularizer(self) -> torch.Tensor:
         """λ/2·‖φ − φ₀‖², the proximal term of the iMAML paper (eq. 3), φ₀ = ``anchor()``."""
         return proximal(self.trainable_parameters(), self.anchor(), self.inner_lam)
 
     def on_inner_loop_start(self) -> None:
-        ways = self.task_ways() if self._zero_head else 0
+        ways = self.task_ways() if self._zero_started else 0
         with torch.no_grad():
-            for (name, phi), theta in zip(self.module.named_parameters(), self.meta_problem.module.parameters()):
-                if name in self._zero_head:  # resized in place: the optimizer keeps the same tensor
+            for i, (phi, theta) in enumerate(zip(self.module.parameters(), self.meta_problem.module.parameters())):
+                if i in self._zero_started:  # resized in place: the optimizer keeps the same tensor
                     phi.data = head_start([theta], "zero", ways)[0]
                 else:
                     phi.copy_(theta)
@@ -232,8 +242,7 @@ class UnrolledLower(TaskAdaptation, RecomputedSteps, IterativeProblem):
         self.params = tuple(self.module.parameters())
         self.buffers = tuple(self.module.buffers())
         self.fmodule = self._functional_forward
-        head = set(self.find_head_names()) if self.head_init == "zero" else set()
-        self._zero_started = [i for i, name in enumerate(self._param_names) if name in head]
+        self._zero_started = self.zero_started_index()
 
     def _functional_forward(self, params, buffers, x):
         tensors = dict(zip(self._param_names, params))

@@ -64,7 +64,6 @@ class VectorizedImplicitLower(_TaskStacked, ImplicitLower):
 
     def __init__(self, name, config, module, optimizer, device=None):
         super().__init__(name, config, module, optimizer, device=device)
-        self._zero_index = [i for i, (n, _) in enumerate(module.named_parameters()) if n in self._zero_head]
         self.grouped = TaskGroupedModel(module)
         self.phi: list = []
         self.task_meta_parameters = None
@@ -80,25 +79,17 @@ class VectorizedImplicitLower(_TaskStacked, ImplicitLower):
 
     def task_objectives(self, batch) -> torch.Tensor:
         """g_t(φ_t) for each task, [T]: the terms whose sum ``training_step`` returns."""
-        x, y = batch
-        tasks = self.num_tasks
-        per_row = lambda tensors: sum(t.pow(2).reshape(tasks, -1).sum(1) for t in tensors)  # noqa: E731
-        phi = self.trainable_parameters()
-        values = stacked_losses(self.env.kind, self(x), y)
-        values = values + 0.5 * self.inner_lam * per_row([p - t for p, t in zip(phi, self.anchor())])
-        if self.config.weight_decay:
-            values = values + 0.5 * self.config.weight_decay * per_row(phi)
-        return values
+        return self.stacked_objectives(batch)
 
     def anchor(self):
         self.task_meta_parameters = stack_for_tasks(self.meta_problem.trainable_parameters(), self.num_tasks)
-        return [torch.zeros_like(self.phi[i]) if i in self._zero_index else t
+        return [torch.zeros_like(self.phi[i]) if i in self._zero_started else t
                 for i, t in enumerate(self.task_meta_parameters)]
 
     def on_inner_loop_start(self):
         tasks = self._count_tasks()
         theta = [t.detach() for t in self.meta_problem.trainable_parameters()]
-        self.phi = [t.clone().requires_grad_() for t in self._start(stack_for_tasks(theta, tasks), self._zero_index)]
+        self.phi = [t.clone().requires_grad_() for t in self._start(stack_for_tasks(theta, tasks), self._zero_started)]
         self.optimizer.param_groups[0]["params"] = self.phi  # the inner SGD steps these tensors
         self.optimizer.state.clear()
 
