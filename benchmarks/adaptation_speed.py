@@ -14,6 +14,12 @@ tasks/s = meta-batch / the row's fastest step, and the speed-up over the first r
 over rounds of the paired step-time ratios. Then each row meta-tests the 20 runs once (20-way),
 timed.
 
+The last row, ``encoder floor``, is not a method: it runs θ's encoder forward and backward on
+each task's support set and query set, nothing else, in plain torch. Every head method must do
+at least that per task (the query loss reaches θ through the query features, the implicit term
+through the support features), so its speed-up over MAML is the most any head setting can reach
+on this machine.
+
 Run on an earlier commit (whose configuration has no ``adapt``), the head rows ask for the same
 algorithms by the import paths that commit used, so two checkouts run side by side, one thread
 each, compare like with like.
@@ -26,7 +32,7 @@ import dataclasses
 import json
 import statistics
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -48,6 +54,7 @@ ROWS: Dict[str, dict] = {  # the first row is the one the others are compared wi
     "imaml --adapt head --head-init zero, cg (the presets)": dict(HEAD_IMAML, hypergrad="cg"),
     "imaml --adapt head --head-init zero, exact": dict(HEAD_IMAML, hypergrad="exact"),
 }
+FLOOR = "encoder floor (θ's encoder fwd+bwd on support and query)"
 # before --adapt and --head-init, the same algorithms by class (None: there was none)
 LEGACY_PATHS = {("maml", "all"): "problems.zero_head:ZeroHeadUnrolled", ("maml", "head"): None,
                 ("imaml", "head"): "problems.zero_head:ZeroHeadANILImplicit"}
@@ -64,6 +71,21 @@ def row_config(settings: dict, data_root: str, output_dir: str) -> Optional[RunC
     return RunConfig(**settings).validate()
 
 
+def encoder_floor(engine) -> Callable[[], None]:
+    """One meta-step's irreducible work for a head method: θ's encoder forward and backward on
+    every task's support and query sets of a fresh meta-batch (``env.step``, as ``train_step``)."""
+    encoder = engine.upper.module.features
+
+    def step() -> None:
+        batch = engine.env.step()
+        loss = sum(encoder(batch.support_x[t]).sum() + encoder(batch.query_x[t]).sum()
+                   for t in range(batch.num_tasks))
+        loss.backward()
+        engine.upper.module.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -77,6 +99,7 @@ def main(argv: List[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--output-dir", default="runs/adaptation_speed")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--no-floor", action="store_true", help="leave out the encoder-floor row")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     engines = {}
@@ -89,13 +112,24 @@ def main(argv: List[str] | None = None) -> dict:
         engine.train()
         engine.train_step()  # warm-up: one-time costs
         engines[name] = engine
-    steps: Dict[str, List[float]] = {name: [] for name in args.rows}
+    steppers = {name: engine.train_step for name, engine in engines.items()}
+    head_rows = [name for name in args.rows if ROWS[name].get("adapt") == "head"]
+    if head_rows and not args.no_floor:
+        steppers[FLOOR] = encoder_floor(engines[head_rows[0]])
+        steppers[FLOOR]()  # warm-up
+    names = list(steppers)
+    steps: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(args.rounds):
-        for name in (args.rows if r % 2 == 0 else reversed(args.rows)):
-            steps[name].append(_timed(engines[name].train_step))
+        for name in (names if r % 2 == 0 else reversed(names)):
+            steps[name].append(_timed(steppers[name]))
     first = args.rows[0]
     results = {}
-    for name in args.rows:
+    for name in names:
+        if name == FLOOR:
+            results[name] = {"tasks_per_second": COMMON["meta_batch_size"] / min(steps[name]),
+                             "speedup_over_first": statistics.median(a / b for a, b in zip(steps[first], steps[name])),
+                             "lake_meta_test_seconds": float("nan"), "execution": "per-task, plain torch"}
+            continue
         engine = engines[name]
         test_seconds = _timed(lambda: engine.evaluate("test", engine.run_config.test_tasks))
         results[name] = {
