@@ -18,6 +18,7 @@ from engines.run_control import RunControl, engine_state, restore_engine_state
 from imaml.config import RunConfig
 from imaml.errors import RunStopped
 from imaml.reporting import RunLog
+from imaml.test_time import MetaTestLevers
 
 __all__ = ["MetaEngine"]
 
@@ -65,6 +66,7 @@ class MetaEngine(Engine):
         self.last_validation: Optional[dict] = None
         self.probed: List[dict] = []  # per-step support/query losses of the last evaluation's probed tasks
         self.meta_lr = run_config.meta_lr
+        self.test_time = MetaTestLevers(run_config.test_augment, run_config.query_assignment, env.kind, run_config.seed)
         if distributed.world_size() > 1:
             distributed.broadcast_module(self.upper.module)
 
@@ -160,7 +162,7 @@ class MetaEngine(Engine):
         try:
             start = 0
             for batch in self.env.episodes(split, num_tasks):
-                self.env.load(batch)
+                self.env.load(self.test_time.support(batch, split, start))
                 for group in self.task_groups(distributed.shard(batch.num_tasks, start)):
                     measured = self.adapt(group, self.run_config.test_inner_steps, probe=probe and start == 0)
                     tasks = self.lower.num_tasks
@@ -170,7 +172,9 @@ class MetaEngine(Engine):
                     stationarity.extend(measured.tolist() if measured is not None else [])
                     query = self.env.current
                     with torch.no_grad():
-                        scores.extend(self.lower.task_scores(self.lower.predict(query.query_x), query.query_y).unbind())
+                        output = self.test_time.predict(self.lower.predict, query.query_x, split,
+                                                        [start + index for index in group])
+                        scores.extend(self.lower.task_scores(output, query.query_y).unbind())
                     indices.extend(start + index for index in group)
                     bar.update(tasks)
                 start += batch.num_tasks

@@ -3,7 +3,7 @@ and the modules that act on them (models, solvers, inner optimizers) name the sa
 
 __all__ = ["ALGOS", "HYPERGRADS", "WANDB_MODES", "BN_MODES", "ACTIVATIONS", "META_OPTIMIZERS", "LR_SCHEDULES", "DIST_BACKENDS",
            "EXECUTIONS", "INNER_OPTIMIZERS", "OMNIGLOT_BACKGROUNDS", "OMNIGLOT_VALS", "EPISODES", "OMNIGLOT_TASKS",
-           "ON_DIVERGENCE", "MODELS", "ADAPTS", "HEAD_INITS"]
+           "ON_DIVERGENCE", "MODELS", "ADAPTS", "HEAD_INITS", "QUERY_ASSIGNMENTS"]
 
 ALGOS = ("imaml", "maml", "fomaml", "pretrain")
 HYPERGRADS = ("cg", "neumann", "darts", "exact", "minres", "normal-cg", "cg-damped")
@@ -16,6 +16,7 @@ DIST_BACKENDS = ("auto", "nccl", "gloo")
 EXECUTIONS = ("auto", "per-task", "vectorized")
 ADAPTS = ("all", "head")
 HEAD_INITS = ("theta", "zero")
+QUERY_ASSIGNMENTS = ("independent", "balanced")
 INNER_OPTIMIZERS = ("sgd", "armijo", "hessian-free")
 OMNIGLOT_BACKGROUNDS = ("full", "small1", "small2")
 OMNIGLOT_VALS = ("auto", "alphabets", "characters")

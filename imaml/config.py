@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from imaml.choices import (ACTIVATIONS, ADAPTS, HEAD_INITS, ALGOS, BN_MODES, DIST_BACKENDS, EPISODES, EXECUTIONS, HYPERGRADS, INNER_OPTIMIZERS,
+from imaml.choices import (ACTIVATIONS, ADAPTS, HEAD_INITS, QUERY_ASSIGNMENTS, ALGOS, BN_MODES, DIST_BACKENDS, EPISODES, EXECUTIONS, HYPERGRADS, INNER_OPTIMIZERS,
                            LR_SCHEDULES, META_OPTIMIZERS, OMNIGLOT_BACKGROUNDS, OMNIGLOT_TASKS, OMNIGLOT_VALS,
                            ON_DIVERGENCE, WANDB_MODES)
 from imaml.errors import UsageError
@@ -94,6 +94,13 @@ class RunConfig:
     lam: float = option(1.0, 'iMAML proximal strength λ: inner objective L_support(φ) + λ/2·‖φ − θ‖²')
     test_lam: Optional[float] = option(None, 'iMAML: λ at meta-validation and meta-test; none: --lam (the paper). '
                                              '0 adapts without the proximal term there, as the official code does')
+    test_augment: int = option(0, 'meta-validation and meta-test: K jittered copies of each support image join '
+                                  "the support set and each query's log-probabilities are averaged over K "
+                                  'jittered copies (Omniglot tasks; docs/benchmarks.md); 0: off')
+    query_assignment: str = option("independent", "how a task's queries are classified: independent (each its "
+                                                  "own argmax) or balanced (transductive: the assignment with "
+                                                  'the same number of queries per class, e.g. Lake\'s runs)',
+                                   choices=QUERY_ASSIGNMENTS)
     hypergrad: str = option("cg", 'iMAML hypergradient solver: cg, neumann, darts, exact (dense; tiny models), '
                                   'minres (symmetric indefinite systems), normal-cg (CG on A²x = Av, two products '
                                   'per step), cg-damped (CG on A + --cg-damping·I); these three take --cg-steps '
@@ -241,6 +248,13 @@ class RunConfig:
         return self
 
     def _validate_adaptation(self) -> None:
+        if self.test_augment < 0:
+            raise UsageError(f"--test-augment {self.test_augment}: must be >= 0 (0: no test-time augmentation)")
+        if self.test_augment and self.task not in OMNIGLOT_TASKS:
+            raise UsageError(f"--test-augment {self.test_augment}: the test-time jitter is defined for Omniglot images "
+                             f"({', '.join(OMNIGLOT_TASKS)}); use --test-augment 0 with --task {self.task}")
+        if self.query_assignment == "balanced" and self.task == "sinusoid":
+            raise UsageError("--query-assignment balanced: the sinusoid task is regression; use independent")
         if self.test_lam is not None and not (self.test_lam >= 0 and math.isfinite(self.test_lam)):
             raise UsageError(f"--test-lam {self.test_lam}: must be >= 0 (0: no proximal term at meta-test)")
         if self.lower_problem and self.adapt != "all":
