@@ -100,7 +100,7 @@ def run_one(method: str, task: str, seed: int, out: Path, shared: Sequence[str],
             config: Optional[str]) -> dict:
     """One run.py (or peer) run; returns its results.json plus the wall time of the whole process."""
     command = command_for(method, task, seed, out, shared, own, config)
-    print("$ " + " ".join(command[1:]), flush=True)
+    print("$ " + " ".join(command[1:] if method in METHODS else command), flush=True)  # a peer: its interpreter
     (out / method).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(out / method / f"seed-{seed}.log", "w") as log:
