@@ -18,6 +18,11 @@ the first row (``benchmarks.paired``), with tasks/s, times, and for implicit row
 inner loops and solves met their tolerances. Writes ``<out>/comparison.md``,
 ``<out>/comparison.json`` and ``<out>/comparison.png``; each run stays in
 ``<out>/<method>/seed-<s>/``.
+
+Peer rows, chosen by name with ``--methods`` (not run by default): ``l2l-maml``, learn2learn's
+MAML, and ``torchopt-imaml``, TorchOpt's implicit iMAML (``benchmarks/peers``). Each runs in its own
+process like a run.py row, with the same flags and seed, the preset of its algorithm, on run.py's
+tasks and network; TorchOpt runs in its own venv (``bash benchmarks/peers/setup_torchopt.sh``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Dict, List, Optional, Sequence
 
 from benchmarks.paired import paired_difference, t_interval
 
-__all__ = ["METHODS", "PROTOCOL_KEYS", "run_one", "read_run", "check_protocol", "table", "plot", "main"]
+__all__ = ["METHODS", "PEERS", "PROTOCOL_KEYS", "run_one", "read_run", "check_protocol", "table", "plot", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 HESSIAN_FREE = ("--inner-optimizer", "hessian-free", "--inner-cg-steps", "5", "--inner-lr", "1.0")
@@ -46,6 +51,14 @@ METHODS = {
     "imaml-head": ("iMAML, zero-started head", "imaml", "{task}-imaml-head", ()),
     "pretrain": ("pretrain + fine-tune", "pretrain", None, ()),
 }
+# peer rows (benchmarks/peers): another library's implementation on run.py's tasks, network and flags
+# name: (label, the --algo whose preset it reads, its module, its interpreter: None for this one,
+# else a path from the repository root)
+PEERS = {
+    "l2l-maml": ("learn2learn MAML", "maml", "benchmarks.peers.l2l_maml", None),
+    "torchopt-imaml": ("TorchOpt iMAML", "imaml", "benchmarks.peers.torchopt_imaml", ".venv-peers/bin/python"),
+}
+LABELS = {name: row[0] for name, row in {**METHODS, **PEERS}.items()}
 # what the meta-test tasks (and their scoring) depend on: equal in every run of a seed, or no table
 PROTOCOL_KEYS = ("task", "test_ways", "shots", "seed")
 PROTOCOL_ENTRIES = ("test_tasks", "test_query_shots", "bn_mode", "model", "channels")
@@ -53,7 +66,12 @@ PROTOCOL_ENTRIES = ("test_tasks", "test_query_shots", "bn_mode", "model", "chann
 
 def command_for(method: str, task: str, seed: int, out: Path, shared: Sequence[str], own: Sequence[str],
                 config: Optional[str]) -> List[str]:
-    """The run.py command of one (method, seed)."""
+    """The run.py command of one (method, seed), or its peer script's."""
+    out_flags = ["--seed", str(seed), "--output-dir", str(out / method / f"seed-{seed}")]
+    if method in PEERS:
+        _, algo, module, _ = PEERS[method]
+        return [peer_python(method), "-m", module, "--task", task, "--algo", algo,
+                *(["--config", config] if config else []), *shared, *own, *out_flags]
     _, algo, preset, flags = METHODS[method]
     if config is None and preset is not None:
         named = ROOT / "configs" / f"{preset.format(task=task)}.yaml"
@@ -63,15 +81,26 @@ def command_for(method: str, task: str, seed: int, out: Path, shared: Sequence[s
         elif config is None:
             raise SystemExit(f"error: {method}: no preset {named.name}; give one with --config {method}=FILE")
     return [sys.executable, str(ROOT / "run.py"), "--task", task, "--algo", algo,
-            *(["--config", config] if config else []), *flags, *shared, *own, "--seed", str(seed),
-            "--output-dir", str(out / method / f"seed-{seed}")]
+            *(["--config", config] if config else []), *flags, *shared, *own, *out_flags]
+
+
+def peer_python(method: str) -> str:
+    """The interpreter a peer row runs in, or a SystemExit saying how to make its venv."""
+    venv = PEERS[method][3]
+    if venv is None:
+        return sys.executable
+    python = ROOT / venv
+    if not python.is_file():
+        raise SystemExit(f"error: {method} runs in its own venv and {venv} is missing; create it with: "
+                         f"bash benchmarks/peers/setup_torchopt.sh")
+    return str(python)
 
 
 def run_one(method: str, task: str, seed: int, out: Path, shared: Sequence[str], own: Sequence[str],
             config: Optional[str]) -> dict:
-    """One run.py run; returns its results.json plus the wall time of the whole process."""
+    """One run.py (or peer) run; returns its results.json plus the wall time of the whole process."""
     command = command_for(method, task, seed, out, shared, own, config)
-    print("$ " + " ".join(command[1:]), flush=True)
+    print("$ " + " ".join(command[1:] if method in METHODS else command), flush=True)  # a peer: its interpreter
     (out / method).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(out / method / f"seed-{seed}.log", "w") as log:
@@ -143,7 +172,7 @@ def _minutes(seconds: Optional[float]) -> str:
 
 def table(rows: Dict[str, dict], reference: str) -> str:
     """The markdown table: one row per method, accuracy in %, differences in points."""
-    head = ["method", "seeds", "**test accuracy** (mean over seeds, 95% CI)", f"paired Δ vs {METHODS[reference][0]} "
+    head = ["method", "seeds", "**test accuracy** (mean over seeds, 95% CI)", f"paired Δ vs {LABELS[reference]} "
             "(± over seeds; ± over tasks)", "inner loops / solves within tol.", "tasks/s", "meta-training",
             "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -154,7 +183,7 @@ def table(rows: Dict[str, dict], reference: str) -> str:
         health = (f"{100 * r['inner_converged']:.0f}% / {100 * r['solver_converged']:.0f}% "
                   f"(residual {r['solver_residual_mean']:.3f})" if "inner_converged" in r else "—")
         speed = "—" if r["tasks_per_second"] is None else f"{r['tasks_per_second']:.1f}"
-        lines.append("| " + " | ".join([METHODS[method][0], str(len(r["seeds"])),
+        lines.append("| " + " | ".join([LABELS[method], str(len(r["seeds"])),
                                         f"**{100 * r['mean']:.2f}%** (± {100 * r['ci95_seeds']:.2f})", delta, health,
                                         speed, _minutes(r["train_seconds"]), _minutes(r["wall_seconds"])]) + " |")
     return "\n".join(lines) + "\n"
@@ -172,7 +201,7 @@ def plot(rows: Dict[str, dict], path: Path, title: str) -> None:
         ax.scatter([i] * len(r["per_seed"]), [100 * v for v in r["per_seed"]], color="gray", s=12, zorder=3)
         ax.errorbar([i], [100 * r["mean"]], yerr=[100 * r["ci95_seeds"]] if r["ci95_seeds"] == r["ci95_seeds"] else None,
                     fmt="o", capsize=4, color="tab:blue")
-    ax.set_xticks(range(len(rows)), [METHODS[m][0] for m in rows], rotation=15, fontsize=8)
+    ax.set_xticks(range(len(rows)), [LABELS[m] for m in rows], rotation=15, fontsize=8)
     ax.set(ylabel="meta-test accuracy (%)", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -186,8 +215,9 @@ def _parse(argv: Optional[List[str]]) -> tuple:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="glyphs")
     parser.add_argument("--out", required=True, help="folder for the runs, the table and the plot")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                        help="the rows; the first is the reference of the paired differences")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(LABELS),
+                        help="the rows; the first is the reference of the paired differences (default: "
+                             "every run.py method; the peer rows l2l-maml and torchopt-imaml by name)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--config", action="append", default=[], metavar="METHOD=FILE",
                         help="the preset of one method (default: its own, see METHODS)")
@@ -207,6 +237,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         method, flag = item.split(":", 1)
         name, value = flag.split("=", 1)
         own.setdefault(method, []).extend([f"--{name.lstrip('-')}", value])
+    if not args.table_only:  # a missing venv stops the comparison before any run, not midway
+        for m in args.methods:
+            if m in PEERS:
+                peer_python(m)
     runs: Dict[str, Dict[int, dict]] = {m: {} for m in args.methods}
     for seed in args.seeds:  # seed by seed, so a stopped comparison has whole seeds
         for m in args.methods:

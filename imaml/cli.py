@@ -15,7 +15,8 @@ from imaml.errors import UsageError
 from imaml.output_lock import OutputLock
 from imaml.reporting import RunLog, write_json
 
-__all__ = ["run_from_args", "load_config", "configure_process", "checkpoint_path", "prepare_output_dir", "main"]
+__all__ = ["run_from_args", "load_config", "configure_process", "checkpoint_path", "prepare_output_dir", "run_protocol",
+           "main"]
 
 
 def load_config(argv: Optional[list] = None) -> RunConfig:
@@ -108,7 +109,7 @@ def _run(config: RunConfig, main_process: bool) -> dict:
         "meta_steps": config.meta_steps,
         "seed": config.seed,
         **outcome,
-        "protocol": _protocol(config, engine.env.kind, engine.env.describe()),
+        "protocol": run_protocol(config, engine.env.kind, engine.env.describe()),
         "splits": engine.env.describe(),
         "processes": distributed.world_size(),
         "config": config.to_dict(),
@@ -125,9 +126,10 @@ def _run(config: RunConfig, main_process: bool) -> dict:
     return results
 
 
-def _protocol(config: RunConfig, kind: str, splits: dict) -> dict:
-    """What a published number depends on, recorded beside it (a test split that describes its
-    own tasks, like Lake's runs, says how many queries per class it has)."""
+def run_protocol(config: RunConfig, kind: str, splits: dict) -> dict:
+    """What a published number depends on, recorded beside it: results.json's ``protocol``, which
+    the peer rows (benchmarks/peers) write too. A test split that describes its own tasks, like
+    Lake's runs, says how many queries per class it has."""
     queries = splits.get("test", {}).get("query_per_class", config.test_query_shots or config.query_shots)
     return {"test_tasks": config.test_tasks, "test_query_shots": queries,
             "test_inner_steps": config.test_inner_steps, "inner_steps": config.inner_steps,
