@@ -41,6 +41,9 @@ __all__ = ["METHODS", "PEERS", "PROTOCOL_KEYS", "run_one", "read_run", "check_pr
 
 ROOT = Path(__file__).resolve().parents[1]
 HESSIAN_FREE = ("--inner-optimizer", "hessian-free", "--inner-cg-steps", "5", "--inner-lr", "1.0")
+# TorchOpt's iMAML Omniglot example: λ = 2, 5 plain SGD steps of 0.1 (5 at test too), normal-equation CG, 5 steps
+TORCHOPT_EXAMPLE = ("--inner-optimizer", "sgd", "--inner-steps", "5", "--test-inner-steps", "5", "--inner-lr", "0.1",
+                    "--lam", "2", "--hypergrad", "normal-cg", "--cg-steps", "5")
 # name: (label, --algo, preset by name (None: the task's own <task>-<algo>), the method's own flags)
 METHODS = {
     "maml": ("MAML", "maml", None, ()),
@@ -50,13 +53,16 @@ METHODS = {
     "imaml-hf": ("iMAML, paper (Hessian-free)", "imaml", "{task}-imaml-hf", ()),
     "imaml-head": ("iMAML, zero-started head", "imaml", "{task}-imaml-head", ()),
     "pretrain": ("pretrain + fine-tune", "pretrain", None, ()),
+    "imaml-torchopt": ("iMAML at TorchOpt's example settings", "imaml", None, TORCHOPT_EXAMPLE),
 }
 # peer rows (benchmarks/peers): another library's implementation on run.py's tasks, network and flags
 # name: (label, the --algo whose preset it reads, its module, its interpreter: None for this one,
-# else a path from the repository root)
+# else a path from the repository root, its own flags). TorchOpt's row runs its example's settings,
+# beside the imaml-torchopt row (ours at the same settings)
 PEERS = {
-    "l2l-maml": ("learn2learn MAML", "maml", "benchmarks.peers.l2l_maml", None),
-    "torchopt-imaml": ("TorchOpt iMAML", "imaml", "benchmarks.peers.torchopt_imaml", ".venv-peers/bin/python"),
+    "l2l-maml": ("learn2learn MAML", "maml", "benchmarks.peers.l2l_maml", None, ()),
+    "torchopt-imaml": ("TorchOpt iMAML (its example's settings)", "imaml", "benchmarks.peers.torchopt_imaml",
+                       ".venv-peers/bin/python", TORCHOPT_EXAMPLE),
 }
 LABELS = {name: row[0] for name, row in {**METHODS, **PEERS}.items()}
 # what the meta-test tasks (and their scoring) depend on: equal in every run of a seed, or no table
@@ -69,9 +75,9 @@ def command_for(method: str, task: str, seed: int, out: Path, shared: Sequence[s
     """The run.py command of one (method, seed), or its peer script's."""
     out_flags = ["--seed", str(seed), "--output-dir", str(out / method / f"seed-{seed}")]
     if method in PEERS:
-        _, algo, module, _ = PEERS[method]
+        _, algo, module, _, flags = PEERS[method]
         return [peer_python(method), "-m", module, "--task", task, "--algo", algo,
-                *(["--config", config] if config else []), *shared, *own, *out_flags]
+                *(["--config", config] if config else []), *flags, *shared, *own, *out_flags]
     _, algo, preset, flags = METHODS[method]
     if config is None and preset is not None:
         named = ROOT / "configs" / f"{preset.format(task=task)}.yaml"
@@ -96,11 +102,33 @@ def peer_python(method: str) -> str:
     return str(python)
 
 
+def finished_as(command: List[str], method: str, folder: Path) -> bool:
+    """Whether ``folder`` holds a finished run of exactly the settings ``command`` asks for, so a
+    stopped comparison (or one given more rows or seeds) runs only what is missing."""
+    results = folder / "results.json"
+    if not results.is_file():
+        return False
+    from imaml.cli import load_config
+    from imaml.config import RunConfig
+
+    flags = command[2:] if method in METHODS else command[3:]  # after run.py, or after -m module
+    try:
+        saved = {**RunConfig().to_dict(), **json.loads(results.read_text())["config"]}  # a newer option: its default
+        expected = load_config(flags).to_dict()
+        return all(saved[k] == v for k, v in expected.items() if k != "output_dir")  # a moved run counts too
+    except Exception:  # unreadable results or flags: run it again
+        return False
+
+
 def run_one(method: str, task: str, seed: int, out: Path, shared: Sequence[str], own: Sequence[str],
-            config: Optional[str]) -> dict:
-    """One run.py (or peer) run; returns its results.json plus the wall time of the whole process."""
+            config: Optional[str], rerun: bool = False) -> dict:
+    """One run.py (or peer) run; returns its results.json plus the wall time of the whole process.
+    A finished run with the same settings in its folder is reused unless ``rerun``."""
     command = command_for(method, task, seed, out, shared, own, config)
     print("$ " + " ".join(command[1:] if method in METHODS else command), flush=True)  # a peer: its interpreter
+    if not rerun and finished_as(command, method, out / method / f"seed-{seed}"):
+        print(f"  (finished with these settings in {out / method}/seed-{seed}: reused)", flush=True)
+        return read_run(method, seed, out)
     (out / method).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(out / method / f"seed-{seed}.log", "w") as log:
@@ -224,6 +252,8 @@ def _parse(argv: Optional[List[str]]) -> tuple:
     parser.add_argument("--set", action="append", default=[], metavar="METHOD:FLAG=VALUE",
                         help="a run.py flag for one method only, e.g. pretrain:inner-lr=0.01")
     parser.add_argument("--table-only", action="store_true", help="tabulate the runs already in --out")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run every (method, seed) again, even where a finished run with the same settings is in --out")
     return parser.parse_args(ours), shared
 
 
@@ -245,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for seed in args.seeds:  # seed by seed, so a stopped comparison has whole seeds
         for m in args.methods:
             runs[m][seed] = (read_run(m, seed, out) if args.table_only
-                             else run_one(m, args.task, seed, out, shared, own[m], configs.get(m)))
+                             else run_one(m, args.task, seed, out, shared, own[m], configs.get(m), args.rerun))
     protocols = {seed: check_protocol({m: runs[m][seed] for m in args.methods}) for seed in args.seeds}
     protocol = {k: v for k, v in protocols[args.seeds[0]].items() if k != "seed"}
     rows = summarize(runs, args.methods[0])

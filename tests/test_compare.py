@@ -67,3 +67,22 @@ def test_the_intervals_are_students_over_seeds_and_normal_over_tasks():
     assert d["ci95_tasks"] == pytest.approx(1.96 * sd / math.sqrt(8))
     with pytest.raises(ValueError, match="the same tasks"):
         paired_difference({0: [1.0, 0.0]}, {0: [1.0]})
+
+
+def test_a_finished_run_is_reused_and_a_changed_one_runs_again(tmp_path, data_root, capsys):
+    out = tmp_path / "cmp"
+    methods = ["maml", "imaml-torchopt"]
+
+    def run(*extra):
+        assert compare.main(["--task", "glyphs", "--out", str(out), "--methods", *methods, "--seeds", "0", *extra,
+                             "--", *SMALL, "--data-root", data_root]) == 0
+        return {m: (out / m / "seed-0" / "results.json").stat().st_mtime_ns for m in methods}
+
+    first = run()
+    config = json.loads((out / "imaml-torchopt" / "seed-0" / "results.json").read_text())["config"]
+    assert (config["hypergrad"], config["lam"], config["inner_lr"]) == ("normal-cg", 2.0, 0.1)  # TorchOpt's example
+    capsys.readouterr()
+    assert run() == first and capsys.readouterr().out.count(": reused)") == 2  # nothing ran again
+    changed = run("--set", "maml:inner-lr=0.3")
+    assert changed["maml"] != first["maml"] and changed["imaml-torchopt"] == first["imaml-torchopt"]
+    assert run("--set", "maml:inner-lr=0.3", "--rerun")["imaml-torchopt"] != first["imaml-torchopt"]

@@ -109,7 +109,7 @@ def test_the_l2l_row_beside_maml_in_compare(tmp_path, data_root):
 
 
 def test_compare_names_the_setup_script_when_the_torchopt_venv_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setitem(compare.PEERS, "torchopt-imaml", (*compare.PEERS["torchopt-imaml"][:3], "no/such/python"))
+    monkeypatch.setitem(compare.PEERS, "torchopt-imaml", (*compare.PEERS["torchopt-imaml"][:3], "no/such/python", ()))
     with pytest.raises(SystemExit, match="bash benchmarks/peers/setup_torchopt.sh"):
         compare.main(["--out", str(tmp_path), "--methods", "maml", "torchopt-imaml", "--seeds", "0"])
     assert not (tmp_path / "maml").exists()  # refused before any run
