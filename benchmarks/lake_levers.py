@@ -7,7 +7,9 @@ For each run folder, the θ its run meta-tested (``checkpoints/latest.pt``, save
 meta-step) meta-tests its 20 runs again with ``--test-augment`` in ``--views`` and
 ``--query-assignment`` independent and balanced, everything else as the run had it. The meta-test
 levers change only how a trained θ is scored, so this measures each on the same θ. Prints the
-table (error per fold, their mean) and writes ``--json``.
+table (error per fold, their mean) and writes ``--json``. ``--split val`` scores the run's
+meta-validation tasks instead (background characters held out of meta-training): the split to
+choose the levers on, the runs being the test.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from imaml.config import RunConfig
 __all__ = ["main", "score"]
 
 
-def score(run_dir: Path, views: int, assignment: str) -> dict:
-    """The 20 runs' error with these levers, for the θ the run in ``run_dir`` ended with."""
+def score(run_dir: Path, views: int, assignment: str, split: str = "test") -> dict:
+    """The error on ``split`` (the 20 runs, or the validation tasks) with these levers, for the θ
+    the run in ``run_dir`` ended with."""
     state = checkpoint.load(run_dir / "checkpoints" / "latest.pt")
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     saved = {k: v for k, v in state["config"].items() if k in fields}
@@ -39,8 +42,8 @@ def score(run_dir: Path, views: int, assignment: str) -> dict:
                               "resume": None, "eval_only": False, "checkpoint": None}).validate()
         engine = build_engine(config)
         engine.load_state_dict(state)
-        result = engine.evaluate("test", config.test_tasks)
-    return {"error_rate": result["error_rate"], "per_run_error": result["per_run_error"],
+        result = engine.evaluate(split, config.test_tasks if split == "test" else config.val_tasks)
+    return {"error_rate": 1.0 - result["mean"], "per_run_error": result.get("per_run_error"),
             "step": engine.global_step}
 
 
@@ -48,6 +51,7 @@ def main(argv: List[str] | None = None) -> Dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="output folders of finished omniglot-lake runs")
     parser.add_argument("--views", nargs="+", type=int, default=[0, 8])
+    parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -55,7 +59,7 @@ def main(argv: List[str] | None = None) -> Dict[str, dict]:
     table: Dict[str, dict] = {}
     for views, assignment in settings:
         name = f"--test-augment {views} --query-assignment {assignment}"
-        table[name] = {run: score(Path(run), views, assignment) for run in args.runs}
+        table[name] = {run: score(Path(run), views, assignment, args.split) for run in args.runs}
         errors = [r["error_rate"] for r in table[name].values()]
         spread = statistics.stdev(errors) if len(errors) > 1 else 0.0
         print(f"{name:52s} " + " ".join(f"{100 * e:6.2f}%" for e in errors)
