@@ -25,7 +25,7 @@ from imaml.config import RunConfig
 from imaml.errors import UsageError
 from imaml.reporting import RunLog
 from imaml.vectorize import why_not_vectorizable
-from problems import LowerConfig, UpperConfig, VectorizedImplicitLower, VectorizedUnrolledLower
+from problems import LowerConfig, UpperConfig
 from problems.head_only import HeadOnFeatures
 
 __all__ = ["build_engine", "resolve_device", "use_vectorized", "choose_execution", "build_upper_config", "say_to"]
@@ -64,8 +64,8 @@ def choose_execution(config: RunConfig, model: torch.nn.Module, device: torch.de
         reason = "the darts solver perturbs one task's weights at a time"
     if reason is None and config.bn_mode != "transductive":
         reason = f"--bn-mode {config.bn_mode} keeps statistics across tasks or needs the support set at prediction"
-    if reason is None and parts is not None and not parts.built_in:
-        reason = "an extension class replaces a built-in problem or solver"
+    if reason is None and parts is not None:
+        reason = parts.why_not_stackable()
     if reason is None and distributed.world_size() > 1:
         reason = "the meta-batch is sharded across processes, which adapt their tasks one at a time"
     if config.execution != "auto":
@@ -114,12 +114,9 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device,
         lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",
                                    retain_graph=config.algo == "maml", grad_checkpoint=config.grad_checkpoint,
                                    head_init=config.head_init)
-    lower_cls = parts.lower
-    if vectorized and not issubclass(lower_cls, HeadOnFeatures):  # the head's core runs T tasks as it is
-        lower_cls = VectorizedImplicitLower if implicit else VectorizedUnrolledLower
-    lower = lower_cls("lower", lower_config, module=module, optimizer=optimizer, device=device)
+    lower = parts.lower("lower", lower_config, module=module, optimizer=optimizer, device=device)
     if vectorized:
-        lower.tasks_at_once = None  # the whole meta-batch at once
+        lower.tasks_at_once = None  # the same class, run for the whole meta-batch at once
     return lower
 
 

@@ -42,12 +42,17 @@ class Parts:
     model: ModelChoice  # an nn.Module, an nn.Module class, or None for build_model(config.model)
     solver: Optional[str]  # Betty's dispatch key for the iMAML hypergradient; None for unrolled
 
-    @property
-    def built_in(self) -> bool:
-        """No extension replaces a problem class or the solver (so the task-vectorized path,
-        which has its own problem classes, computes the same thing)."""
-        return (self.lower in BUILT_IN_LOWERS.values() and self.upper is MetaInit
-                and (self.solver is None or self.solver in {solver_key(name) for name in HYPERGRADS}))
+    def why_not_stackable(self) -> Optional[str]:
+        """Why these parts cannot adapt a whole meta-batch at once, or None: the Lower problem
+        must be built in or say ``stackable = True`` in its own class body (a subclass inherits
+        the hooks but not the promise), the Upper problem MetaInit, and the solver built in."""
+        if self.lower not in BUILT_IN_LOWERS.values() and not self.lower.__dict__.get("stackable", False):
+            return f"the Lower problem {qualname(self.lower)} does not declare stackable = True"
+        if self.upper is not MetaInit:
+            return f"the Upper problem {qualname(self.upper)} replaces MetaInit"
+        if self.solver is not None and self.solver not in {solver_key(name) for name in HYPERGRADS}:
+            return "an extension solver solves one task at a time"
+        return None
 
 
 def choose_parts(config: RunConfig, lower_cls: Optional[type] = None, upper_cls: Optional[type] = None,

@@ -72,7 +72,7 @@ class MetaEngine(Engine):
 
     @property
     def vectorized(self) -> bool:
-        """Whether the Lower problem adapts a whole meta-batch at once (problems.vectorized)."""
+        """Whether the Lower problem adapts a whole meta-batch at once (its stacked mode)."""
         return self.lower.tasks_at_once is None
 
     # -------------------------------------------------------------------- the one adaptation routine

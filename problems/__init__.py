@@ -3,7 +3,5 @@
 from problems.head_only import HeadImplicit, HeadUnrolled
 from problems.lower import ImplicitLower, LowerConfig, UnrolledLower
 from problems.upper import MetaInit, UpperConfig
-from problems.vectorized import VectorizedImplicitLower, VectorizedUnrolledLower
 
-__all__ = ["MetaInit", "UpperConfig", "ImplicitLower", "UnrolledLower", "LowerConfig", "VectorizedImplicitLower",
-           "VectorizedUnrolledLower", "HeadImplicit", "HeadUnrolled"]
+__all__ = ["MetaInit", "UpperConfig", "ImplicitLower", "UnrolledLower", "LowerConfig", "HeadImplicit", "HeadUnrolled"]

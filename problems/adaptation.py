@@ -1,10 +1,14 @@
 """What every Lower problem shares, per-task or task-vectorized: its config and ``TaskAdaptation``.
 
 A Lower problem adapts the T tasks of one inner loop: one at a time (T = 1, tensors as one task
-has them) or a whole meta-batch stacked along dim 0 (``problems.vectorized``). Either way it
-reports per-task tensors of one shape, [T]: ``task_losses``, ``task_scores``,
-``adapted_norms``, ``stationarity`` and, after a solve, ``hypergrad_infos`` (T of them), which is
-all the engine, the divergence guard and the records read.
+has them) or, when the builder sets ``tasks_at_once = None``, a whole meta-batch stacked along
+dim 0 (``stacked``: φ is [T, ...] per parameter, the model runs every task at once with its own
+parameters through ``imaml.vectorize.TaskGroupedModel``, and the objective is the sum of the
+per-task objectives, so each φ_t gets exactly its own task's gradient). That is how the same
+class is run, not another class. Either way it reports per-task tensors of one shape, [T]:
+``task_losses``, ``task_scores``, ``adapted_norms``, ``stationarity`` and, after a solve,
+``hypergrad_infos`` (T of them), which is all the engine, the divergence guard and the records
+read.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from torch import nn
 
 from imaml import betty_glue
 from imaml.errors import UsageError
-from imaml.metrics import global_norm, task_loss, task_score
+from imaml.metrics import global_norm, stacked_losses, stacked_scores, task_loss, task_score
 from imaml.models import predict_query
+from imaml.vectorize import TaskGroupedModel, stack_for_tasks
 from problems.head import find_head, head_names
 from problems.upper import MetaInit
 
@@ -82,6 +87,9 @@ class TaskAdaptation:
       rejects an Upper that is not a subclass of it.
     - ``variable_ways``: True if the Lower adapts to tasks with any number of classes (a
       head it creates per task), so ``--test-ways`` may differ from ``--ways``.
+    - ``stackable``: True if the class's hooks also work on a stacked meta-batch (``stacked``:
+      inputs [T, B, ...], φ [T, ...] per parameter), so ``--execution vectorized`` may run it;
+      the built-in problems are, an extension is not unless it says so.
     """
 
     upper_class: ClassVar[Type[MetaInit]] = MetaInit
@@ -91,8 +99,9 @@ class TaskAdaptation:
     fixed_head_init: ClassVar[Optional[str]] = None
 
     # tasks of a meta-batch one inner loop adapts: 1 (one at a time, unstacked), or None (the
-    # whole meta-batch at once, stacked along dim 0: problems.vectorized)
-    tasks_at_once: ClassVar[Optional[int]] = 1
+    # whole meta-batch at once, stacked along dim 0), set on the instance by the builder
+    tasks_at_once: Optional[int] = 1
+    stackable: ClassVar[bool] = False
     num_tasks = 1  # T, the tasks of the current inner loop
     hypergrad_infos: Sequence = ()  # after a solve (iMAML): the solver's SolveInfo of each task
 
@@ -138,6 +147,31 @@ class TaskAdaptation:
         return betty_glue.is_training(self)
 
     @property
+    def stacked(self) -> bool:
+        """Inputs and φ carry a task dimension ([T, ...]): a whole meta-batch adapts at once."""
+        return self.tasks_at_once is None
+
+    def count_tasks(self) -> int:
+        """T for the inner loop about to run: the current meta-batch's tasks, or 1."""
+        self.num_tasks = self.env.support[0].shape[0] if self.stacked else 1
+        return self.num_tasks
+
+    @property
+    def grouped(self) -> TaskGroupedModel:
+        """The model run for T tasks at once, each with its own parameters (stacked mode)."""
+        if getattr(self, "_grouped", None) is None:
+            self._grouped = TaskGroupedModel(self.module)
+        return self._grouped
+
+    def stacked_start(self, theta: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """φ₀ of every task, [T, ...] per parameter: θ's rows, with a zero-started head's
+        entries at zeros sized to the tasks' ways."""
+        zero = self.zero_started_index()
+        ways = self.task_ways() if zero else 0
+        stacked = stack_for_tasks(theta, self.num_tasks)
+        return [head_start([t[0]], "zero", ways, len(t))[0] if i in zero else t for i, t in enumerate(stacked)]
+
+    @property
     def meta_problem(self):
         """The Upper problem holding θ (Betty's parent in the dependency graph)."""
         return self.parents[0]
@@ -146,15 +180,22 @@ class TaskAdaptation:
         return self.env.support
 
     def support_loss(self, x, y):
-        """The task loss on the support set (summed over tasks when they are stacked)."""
+        """The task loss on the support set; stacked, Σ_t L_support,t(φ_t), so the sum gives
+        each φ_t its own task's gradient."""
+        if self.stacked:
+            return stacked_losses(self.env.kind, self(x), y).sum()
         return task_loss(self.env.kind, self(x), y)
 
     def task_losses(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The loss of each task of the inner loop, [T] (here T = 1: one task, unstacked)."""
+        """The loss of each task of the inner loop, [T] (T = 1 unstacked)."""
+        if self.stacked:
+            return stacked_losses(self.env.kind, output, target)
         return task_loss(self.env.kind, output, target).reshape(1)
 
     def task_scores(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Accuracy (classification) or MSE of each task of the inner loop, [T]."""
+        if self.stacked:
+            return stacked_scores(self.env.kind, output, target)
         return task_score(self.env.kind, output, target).reshape(1)
 
     def stationarity(self) -> Optional[torch.Tensor]:
@@ -163,8 +204,12 @@ class TaskAdaptation:
         return None
 
     def adapted_norms(self) -> torch.Tensor:
-        """‖φ‖ of each task being adapted ([1] here; one per task when tasks are stacked)."""
-        return global_norm(self.trainable_parameters()).reshape(1)
+        """‖φ_t‖ of each task being adapted, [T]."""
+        if not self.stacked:
+            return global_norm(self.trainable_parameters()).reshape(1)
+        with torch.no_grad():
+            return torch.stack([p.reshape(self.num_tasks, -1).norm(dim=1)
+                                for p in self.trainable_parameters()]).norm(dim=0)
 
     def begin_task(self) -> None:
         """Make the next ``step()`` start a fresh inner loop from θ, in any mode. (Betty only

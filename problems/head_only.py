@@ -44,8 +44,6 @@ class HeadOnFeatures:
     """What both skins share: the encoder's features, cached per inner loop, and the head
     applied to them for T tasks at once."""
 
-    tasks_at_once: Optional[int] = 1  # the builder sets None to adapt a whole meta-batch at once
-
     def setup_head(self) -> None:
         name, layer = find_head(self.module)
         if not isinstance(layer, nn.Linear):
@@ -57,15 +55,6 @@ class HeadOnFeatures:
         self._captured: List[torch.Tensor] = []
         layer.register_forward_pre_hook(lambda module, inputs: self._captured.append(inputs[0]))
         self._features: list = []  # (input tensor, its features [T, B, F]) of this inner loop
-
-    @property
-    def stacked(self) -> bool:
-        """Inputs carry a task dimension ([T, B, ...]) when a whole meta-batch adapts at once."""
-        return self.tasks_at_once is None
-
-    def count_tasks(self) -> int:
-        self.num_tasks = self.env.support[0].shape[0] if self.stacked else 1
-        return self.num_tasks
 
     # ------------------------------------------------------------------ features
     def encoder_state(self, task: int, support: bool) -> dict:
@@ -130,9 +119,7 @@ class HeadImplicit(HeadOnFeatures, ImplicitLower):
 
     def __init__(self, name, config, module, optimizer, device=None):
         super().__init__(name, config, module, optimizer, device=device)
-        self.setup_head()
-        self.phi: List[torch.Tensor] = []
-        self.task_meta_parameters = None  # per-task views of θ ([T, ...]), in meta-training
+        self.setup_head()  # φ is self.phi, as in ImplicitLower's stacked mode, always with a task dimension
         self.feature_graph = True
 
     def trainable_parameters(self):

@@ -31,6 +31,7 @@ from torch.func import functional_call
 from imaml import betty_glue, solvers
 from imaml.inner_optimizers import INNER_OPTIMIZERS, NEEDS_HVP, InnerLoop, InnerStep, rows, task_norms
 from imaml.models import scratch_buffers
+from imaml.vectorize import stack_for_tasks
 from problems.adaptation import LowerConfig, TaskAdaptation, head_start, proximal
 from problems.unrolled_steps import RecomputedSteps, differentiable_sgd
 
@@ -42,7 +43,8 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
     ``config.inner_optimizer`` (SGD, or a line-search method of ``imaml.inner_optimizers``),
     each task stopping at ``config.inner_tol`` stationarity (``stationarity()`` reports it).
 
-    φ is ``self.module``'s parameters, updated in place; the
+    φ is ``self.module``'s parameters, updated in place (stacked, ``self.phi``: [T, ...] leaves
+    started from θ's rows, run through ``self.grouped``); the
     meta-gradient is the implicit one at the adapted φ, for whatever objective
     ``training_step`` returns: −(∂²g/∂θ∂φ)(∂²g/∂φ²)⁻¹ ∇φ L_query, plus the direct ∂L_query/∂θ
     if ``forward`` uses θ itself (see ``problems/anil.py``).
@@ -72,6 +74,17 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         self.inner = InnerLoop(config.inner_tol)
         self._final_norms: Optional[torch.Tensor] = None
         self._zero_started = self.zero_started_index()
+        self.phi: list = []  # stacked: φ, [T, ...] per parameter (unstacked, φ is the module's own)
+        self.task_meta_parameters = None  # stacked: the per-task views of θ the proximal term used last
+
+    def trainable_parameters(self):
+        return self.phi if self.stacked else super().trainable_parameters()
+
+    def parameters(self):
+        return self.phi if self.stacked else super().parameters()
+
+    def forward(self, x):
+        return self.grouped(self.phi, x) if self.stacked else super().forward(x)
 
     def initialize(self, engine_config):
         super().initialize(engine_config)
@@ -116,8 +129,10 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         return {"loss": total}
 
     def task_objectives(self, batch) -> torch.Tensor:
-        """g of each task being adapted, [T] (here T = 1: ``training_step``); the line searches
-        compare these per task."""
+        """g of each task being adapted, [T] (unstacked, T = 1: ``training_step``); the line
+        searches compare these per task."""
+        if self.stacked:
+            return self.stacked_objectives(batch)
         return self.training_step(batch).reshape(1)
 
     def stacked_objectives(self, batch) -> torch.Tensor:
@@ -175,11 +190,15 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
 
     def anchor(self) -> List[torch.Tensor]:
         """Where each task starts, the proximal centre: θ, with a zero-started head's entries at
-        zero (a task-vectorized problem stacks it per task)."""
-        theta = self.meta_problem.initial_parameters()
-        if not self._zero_started:
-            return theta
-        phi = list(self.module.parameters())
+        zero; stacked, per-task views of θ ([T, ...]), from which the solver reads each task's
+        hypergradient."""
+        if self.stacked:
+            self.task_meta_parameters = stack_for_tasks(self.meta_problem.trainable_parameters(), self.num_tasks)
+            theta = self.task_meta_parameters
+            phi = self.phi
+        else:
+            theta = self.meta_problem.initial_parameters()
+            phi = list(self.module.parameters())
         return [torch.zeros_like(phi[i]) if i in self._zero_started else t for i, t in enumerate(theta)]
 
     def regularizer(self) -> torch.Tensor:
@@ -187,6 +206,12 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         return proximal(self.trainable_parameters(), self.anchor(), self.inner_lam)
 
     def on_inner_loop_start(self) -> None:
+        if self.count_tasks() and self.stacked:  # fresh [T, ...] leaves, stepped by the inner optimizer
+            theta = [t.detach() for t in self.meta_problem.trainable_parameters()]
+            self.phi = [t.clone().requires_grad_() for t in self.stacked_start(theta)]
+            self.optimizer.param_groups[0]["params"] = self.phi
+            self.optimizer.state.clear()
+            return
         ways = self.task_ways() if self._zero_started else 0
         with torch.no_grad():
             for i, (phi, theta) in enumerate(zip(self.module.parameters(), self.meta_problem.module.parameters())):
@@ -208,7 +233,8 @@ class UnrolledLower(TaskAdaptation, RecomputedSteps, IterativeProblem):
     empty optimizer state (``load_state_dict`` here would cut the graph to θ).
 
     φ is the tuple ``self.params`` (ordered as ``self.module.named_parameters()``, names in
-    ``self._param_names``), replaced by a new tuple at every inner step; the meta-gradient is
+    ``self._param_names``; stacked, [T, ...] each, run through ``self.grouped``), replaced by a
+    new tuple at every inner step; the meta-gradient is
     autograd through all of them. Hooks an extension overrides:
 
     - ``training_step(batch) -> Tensor``: the inner objective; default the support loss.
@@ -250,6 +276,8 @@ class UnrolledLower(TaskAdaptation, RecomputedSteps, IterativeProblem):
         return functional_call(self.module, tensors, (x,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stacked:
+            return self.grouped(self.params, x)
         if self.module.training and self.buffers:
             # BatchNorm updates running statistics in place; earlier steps' graphs keep theirs
             self.buffers = tuple(b.clone() for b in self.buffers)
@@ -273,6 +301,16 @@ class UnrolledLower(TaskAdaptation, RecomputedSteps, IterativeProblem):
         return self.support_loss(x, y)
 
     def on_inner_loop_start(self) -> None:
+        if self.count_tasks() and self.stacked:
+            stacked = self.stacked_start(self.meta_problem.trainable_parameters())
+            if self.in_training:  # keeps the graph to θ (a zero start has none: a fresh leaf)
+                self.params = tuple(t.clone() if t.requires_grad else t.requires_grad_() for t in stacked)
+            else:
+                self.params = tuple(t.detach().clone().requires_grad_() for t in stacked)
+            self.buffers = ()  # vectorizable models have none
+            for state in self.optimizer.state:
+                state.clear()
+            return
         theta = self.meta_problem.initial_parameters()
         if self.in_training:
             self.params = tuple(t.clone() for t in theta)  # keeps the graph to θ

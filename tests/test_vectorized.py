@@ -4,6 +4,8 @@ All in float64 on tiny models. The per-task path is itself tied to independent r
 test_meta_gradients.py, so equality here carries those checks over.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -13,6 +15,7 @@ from imaml.errors import UsageError
 from imaml.solvers import conjugate_gradient, dense_solve, neumann_series
 from imaml.models import MLP, Conv4
 from imaml.vectorize import TaskGroupedModel, why_not_vectorizable
+from problems import ImplicitLower
 from tests.reference import engine_meta_gradient, relative_error
 
 F64 = torch.float64
@@ -204,6 +207,35 @@ def test_auto_vectorizes_only_where_it_was_faster(make_config):
 def test_vectorized_refuses_what_it_cannot_do(make_config):
     with pytest.raises(UsageError, match="darts"):
         build_engine(make_config(task="sinusoid", algo="imaml", hypergrad="darts", execution="vectorized"))
+
+
+class _ScaledProximal(ImplicitLower):
+    """An extension whose hook reads only what every mode has: a 3× proximal term."""
+
+    def regularizer(self):
+        return 3.0 * super().regularizer()
+
+
+class _StackedScaledProximal(_ScaledProximal):
+    stackable = True  # its regularizer works on [T, ...] parameters as well
+
+
+def test_an_extension_runs_stacked_only_if_its_own_class_says_so(make_config):
+    config = make_config(**_sinusoid(algo="imaml", hypergrad="cg", cg_steps=100, cg_tol=1e-12, lam=5.0,
+                                     cg_trust_region=False))
+    with pytest.raises(UsageError, match="_ScaledProximal does not declare stackable = True"):
+        build_engine(dataclasses.replace(config, execution="vectorized"), lower_cls=_ScaledProximal)
+    assert not build_engine(config, lower_cls=_ScaledProximal).vectorized  # auto: per task
+    per_task = build_engine(dataclasses.replace(config, execution="per-task"), lower_cls=_StackedScaledProximal,
+                            dtype=F64)
+    stacked = build_engine(dataclasses.replace(config, execution="vectorized"), lower_cls=_StackedScaledProximal,
+                           dtype=F64)
+    assert stacked.vectorized and type(stacked.lower) is _StackedScaledProximal  # the same class, stacked
+    expected, _ = engine_meta_gradient(per_task)
+    got, _ = engine_meta_gradient(stacked)
+    assert relative_error(got, expected) < 1e-10
+    plain, _ = engine_meta_gradient(build_engine(dataclasses.replace(config, execution="per-task"), dtype=F64))
+    assert relative_error(plain, expected) > 1e-3  # the hook is in force
 
 
 # ----------------------------------------------------------------------------- checkpointing
