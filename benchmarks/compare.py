@@ -52,6 +52,7 @@ METHODS = {
     "imaml": ("iMAML, paper (GD)", "imaml", None, ()),
     "imaml-hf": ("iMAML, paper (Hessian-free)", "imaml", "{task}-imaml-hf", ()),
     "imaml-head": ("iMAML, zero-started head", "imaml", "{task}-imaml-head", ()),
+    "imaml-converged": ("iMAML, whole network after a head warm-up (converged)", "imaml", "{task}-imaml-converged", ()),
     "pretrain": ("pretrain + fine-tune", "pretrain", None, ()),
     "imaml-torchopt": ("iMAML at TorchOpt's example settings", "imaml", None, TORCHOPT_EXAMPLE),
 }

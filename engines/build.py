@@ -102,7 +102,7 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device,
                                 weight_decay=0.0 if implicit else config.inner_weight_decay)
     if implicit:
         lower_config = LowerConfig(
-            type=parts.solver, unroll_steps=config.inner_steps, lam=config.lam, test_lam=config.test_lam,
+            type=parts.solver, unroll_steps=config.inner_steps, lam=config.lam, test_lam=config.test_lam, head_lam=config.head_lam,
             weight_decay=config.inner_weight_decay,
             cg_iterations=config.cg_steps, cg_tol=config.cg_tol, cg_trust_region=config.cg_trust_region,
             cg_damping=config.cg_damping, neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,

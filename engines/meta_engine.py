@@ -239,7 +239,7 @@ class MetaEngine(Engine):
             self.evaluate("val", min(cfg.meta_batch_size, cfg.val_tasks), probe=True)  # the grid's first row
             self._record_inner_curves(0)
         elif self.global_step:
-            say(f"resuming after meta-step {self.global_step}")
+            say(getattr(self, "start_note", None) or f"resuming after meta-step {self.global_step}")
         self.train()
         bar = progress_bar(cfg.meta_steps, "meta-training", unit="step", initial=self.global_step)
         try:

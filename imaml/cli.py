@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -81,6 +83,7 @@ def _run(config: RunConfig, main_process: bool) -> dict:
 
     from imaml.wandb_sink import start_wandb
 
+    warmed = _warm_up(config, main_process) if config.warmup_fraction else None
     output_dir = Path(config.output_dir)
     log, checkpoint_dir = None, None
     if main_process:  # the output folder is prepared and this run's (_claim_output_dir)
@@ -92,6 +95,8 @@ def _run(config: RunConfig, main_process: bool) -> dict:
     start = checkpoint_path(config)
     if start is not None:
         engine.load_state_dict(checkpoint.load(start))  # every process loads the same state
+    elif warmed is not None:
+        _continue_from_warmup(engine, config, warmed)
     if config.eval_only:
         say(f"meta-test of {start} (meta-step {engine.global_step}) on {config.test_tasks} tasks ...")
         outcome = {"test": engine.evaluate("test", config.test_tasks), "checkpoint": str(start),
@@ -114,6 +119,10 @@ def _run(config: RunConfig, main_process: bool) -> dict:
         "processes": distributed.world_size(),
         "config": config.to_dict(),
     }
+    if warmed is not None:
+        results["warmup"] = {key: warmed["results"].get(key) for key in
+                             ("meta_steps", "meta_gradient", "best_validation", "train_seconds", "total_seconds")}
+        results["warmup"]["output_dir"] = warmed["output_dir"]
     if not main_process:
         return results
     write_json(output_dir / "results.json", results)
@@ -124,6 +133,44 @@ def _run(config: RunConfig, main_process: bool) -> dict:
     log.finish(results)
     log.say(f"wrote {output_dir / 'results.json'} and plots/")
     return results
+
+
+def warmup_config(config: RunConfig) -> RunConfig:
+    """The settings of ``--warmup-fraction``'s first phase: the same run with the head alone adapted,
+    at the head's λ, for the warm-up's meta-steps, in ``<output-dir>/warmup``."""
+    return replace(config, adapt="head", lam=config.head_lam or config.lam, head_lam=None,
+                   meta_steps=config.warmup_steps, warmup_fraction=0.0, output_dir=str(Path(config.output_dir) / "warmup"),
+                   resume=None, wandb_mode="disabled").validate()
+
+
+def _warm_up(config: RunConfig, main_process: bool) -> Optional[dict]:
+    """Run (or find finished) the warm-up phase; None when a resumed run is past it already."""
+    if checkpoint_path(config) is not None:  # resumed: the whole-network phase has its own checkpoint
+        return None
+    warm = warmup_config(config)
+    finished = Path(warm.output_dir) / "results.json"
+    if finished.is_file() and json.loads(finished.read_text()).get("config") == warm.to_dict():
+        results = json.loads(finished.read_text())  # a finished warm-up with these settings: reused
+    else:
+        if main_process:
+            prepare_output_dir(warm.output_dir)
+        results = _run(warm, main_process)
+    return {"results": results, "output_dir": warm.output_dir,
+            "theta": Path(warm.output_dir) / "checkpoints" / "latest.pt"}
+
+
+def _continue_from_warmup(engine, config: RunConfig, warmed: dict) -> None:
+    """Start the whole-network phase after the warm-up's meta-steps, from the warm-up's θ (a fresh
+    meta-optimizer), with its meta-test of θ₀ as this run's "before meta-training"."""
+    from imaml import checkpoint
+
+    state = checkpoint.load(warmed["theta"])
+    engine.upper.module.load_state_dict(state["upper"]["module"])
+    engine.global_step = config.warmup_steps
+    engine.before = state["before_meta_training"]
+    engine.env.load_state_dict(state["env"])  # the next meta-batches are the ones an unbroken run would draw
+    engine.start_note = (f"warm-up done ({warmed['output_dir']}): the whole network adapts from its θ, "
+                         f"meta-steps {config.warmup_steps + 1}-{config.meta_steps}")
 
 
 def run_protocol(config: RunConfig, kind: str, splits: dict) -> dict:

@@ -94,6 +94,13 @@ class RunConfig:
     lam: float = option(1.0, 'iMAML proximal strength λ: inner objective L_support(φ) + λ/2·‖φ − θ‖²')
     test_lam: Optional[float] = option(None, 'iMAML: λ at meta-validation and meta-test; none: --lam (the paper). '
                                              '0 adapts without the proximal term there, as the official code does')
+    head_lam: Optional[float] = option(None, 'iMAML with --adapt all: λ on the output layer alone (a weak '
+                                             "proximal term on the head, a strong one on the body); none: --lam")
+    warmup_fraction: float = option(0.0, 'iMAML with --adapt all: the first fraction of --meta-steps adapt the '
+                                          'head alone (--adapt head, λ = --head-lam or --lam), the rest the whole '
+                                          'network from the θ they reached: a curriculum that starts the '
+                                          'whole-network inner problem where it converges (docs/meta-gradients.md); '
+                                          'the warm-up run is in <output-dir>/warmup. 0: none')
     test_augment: int = option(0, 'meta-validation and meta-test: K jittered copies of each support image join '
                                   "the support set and each query's log-probabilities are averaged over K "
                                   'jittered copies (Omniglot tasks; docs/benchmarks.md); 0: off')
@@ -247,6 +254,11 @@ class RunConfig:
             raise UsageError(f"--wandb-id {self.wandb_id!r}: use 1 to 64 letters, digits, '-' or '_'")
         return self
 
+    @property
+    def warmup_steps(self) -> int:
+        """The meta-steps of ``--warmup-fraction``'s head warm-up."""
+        return round(self.warmup_fraction * self.meta_steps)
+
     def _validate_adaptation(self) -> None:
         if self.test_augment < 0:
             raise UsageError(f"--test-augment {self.test_augment}: must be >= 0 (0: no test-time augmentation)")
@@ -257,6 +269,19 @@ class RunConfig:
             raise UsageError("--query-assignment balanced: the sinusoid task is regression; use independent")
         if self.test_lam is not None and not (self.test_lam >= 0 and math.isfinite(self.test_lam)):
             raise UsageError(f"--test-lam {self.test_lam}: must be >= 0 (0: no proximal term at meta-test)")
+        if self.head_lam is not None:
+            if not (self.head_lam > 0 and math.isfinite(self.head_lam)):
+                raise UsageError(f"--head-lam {self.head_lam}: must be > 0")
+            if self.algo != "imaml" or self.adapt != "all":
+                raise UsageError(f"--head-lam {self.head_lam}: a second λ for the output layer of a whole network "
+                                 f"adapted by iMAML (--algo imaml --adapt all); with --adapt head, --lam is the head's")
+        if self.warmup_fraction:
+            if self.algo != "imaml" or self.adapt != "all" or self.lower_problem:
+                raise UsageError(f"--warmup-fraction {self.warmup_fraction}: a head warm-up before whole-network "
+                                 f"iMAML (--algo imaml --adapt all, no --lower-problem); use --warmup-fraction 0")
+            if not 0 < self.warmup_steps < self.meta_steps:
+                raise UsageError(f"--warmup-fraction {self.warmup_fraction}: {self.warmup_steps} of {self.meta_steps} "
+                                 f"meta-steps; give a fraction in (0, 1) that leaves both phases at least one step")
         if self.lower_problem and self.adapt != "all":
             raise UsageError(f"--adapt {self.adapt} with --lower-problem {self.lower_problem}: the Lower problem "
                              f"decides what adapts; drop one of the two")

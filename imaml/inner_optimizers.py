@@ -121,6 +121,9 @@ class InnerStep:
     cg_steps: int = 0
     hvp: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     grads: Optional[List[torch.Tensor]] = None
+    # hessian-free: λ of each entry of φ ([n]) where the proximal term's λ differs by parameter
+    # group (--head-lam); CG then runs on the system scaled by (λ + μ)^(-1/2)
+    proximal_diagonal: Optional[torch.Tensor] = None
 
 
 def line_search(step: InnerStep, direction: torch.Tensor, alpha: torch.Tensor) -> tuple:
@@ -189,14 +192,22 @@ def hessian_free(step: InnerStep, optimizer=None) -> None:
     Proximal objectives of real networks are not convex where the inner loop starts (A has
     eigenvalues below −λ there); the damping keeps the CG system positive definite where the
     model is trusted, CG stops on any negative curvature left, and a task whose direction is
-    not a descent direction falls back to ``armijo``'s steepest-descent step."""
+    not a descent direction falls back to ``armijo``'s steepest-descent step. Where λ differs by
+    parameter group (``proximal_diagonal``), CG is preconditioned by λ + μ: a weakly held head
+    and a strongly held body then converge at the same pace."""
     loop = step.loop
     grad = step.grad.detach()
     if loop.damping is None:
         loop.damping = torch.full_like(step.values, step.lam)
     mu = loop.damping
     with torch.no_grad():
-        direction, _ = conjugate_gradient(lambda u: step.hvp(u) + mu[:, None] * u, -grad, step.cg_steps, 1e-10)
+        if step.proximal_diagonal is None:
+            direction, _ = conjugate_gradient(lambda u: step.hvp(u) + mu[:, None] * u, -grad, step.cg_steps, 1e-10)
+        else:  # diagonally preconditioned: λ's scale per group, equalized (S(A + μI)S y = −S∇g, d = S y)
+            scale = (step.proximal_diagonal[None, :] + mu[:, None]).rsqrt()
+            scaled, _ = conjugate_gradient(lambda u: scale * (step.hvp(scale * u) + mu[:, None] * scale * u),
+                                           -scale * grad, step.cg_steps, 1e-10)
+            direction = scale * scaled
     predicted = 0.5 * (grad * direction).sum(dim=1)  # q(d) − q(0) for a CG iterate of the damped model (< 0)
     newton = predicted < 0
     direction = torch.where(newton[:, None], direction, -grad)

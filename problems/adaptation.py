@@ -14,7 +14,7 @@ read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Sequence, Type
+from typing import ClassVar, List, Optional, Sequence, Type, Union
 
 import torch
 from betty.configs import Config
@@ -31,15 +31,17 @@ from problems.upper import MetaInit
 __all__ = ["LowerConfig", "TaskAdaptation", "proximal", "head_start"]
 
 
-def proximal(phi: Sequence[torch.Tensor], centre: Optional[Sequence[torch.Tensor]], lam: float,
-             tasks: Optional[int] = None) -> torch.Tensor:
+def proximal(phi: Sequence[torch.Tensor], centre: Optional[Sequence[torch.Tensor]],
+             lam: Union[float, Sequence[float]], tasks: Optional[int] = None) -> torch.Tensor:
     """λ/2·‖φ − c‖², the proximal term of the iMAML paper (eq. 3), written once for every
     Lower problem (``centre`` None: c = 0, the inner weight decay): summed over everything, or
-    with ``tasks`` one value per task row ([T])."""
+    with ``tasks`` one value per task row ([T]). ``lam`` is one λ, or one per tensor of φ
+    (``--head-lam``: another λ on the output layer)."""
     gaps = phi if centre is None else [p - c for p, c in zip(phi, centre)]
+    lams = [lam] * len(gaps) if isinstance(lam, (int, float)) else list(lam)
     if tasks is None:
-        return 0.5 * lam * sum(g.pow(2).sum() for g in gaps)
-    return 0.5 * lam * sum(g.pow(2).reshape(tasks, -1).sum(1) for g in gaps)
+        return 0.5 * sum(w * g.pow(2).sum() for w, g in zip(lams, gaps))
+    return 0.5 * sum(w * g.pow(2).reshape(tasks, -1).sum(1) for w, g in zip(lams, gaps))
 
 
 def head_start(theta_head: Sequence[torch.Tensor], head_init: str, ways: int,
@@ -75,6 +77,7 @@ class LowerConfig(Config):
     grad_checkpoint: bool = False  # UnrolledLower: recompute each inner step in the backward pass
     head_init: str = "theta"  # where the adapted head starts: θ's head, or zero (--head-init)
     test_lam: Optional[float] = None  # iMAML: λ at meta-validation and meta-test (None: lam)
+    head_lam: Optional[float] = None  # iMAML, whole network: λ on the output layer (None: lam)
 
 
 class TaskAdaptation:

@@ -22,7 +22,7 @@ the hooks to override and the plumbing to leave alone (docs/extending.md walks t
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from betty.problems import ImplicitProblem, IterativeProblem
@@ -122,8 +122,9 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         if not self.inner.done:
             grad_rows = None if name == "sgd" else rows(grads, self.num_tasks)
             step = InnerStep(params, values, grad_rows, lambda: self._trial_objectives(batch), self.inner,
-                             lr=self.optimizer.param_groups[0]["lr"], lam=self.inner_lam,
+                             lr=self.optimizer.param_groups[0]["lr"], lam=self.weakest_lam(),
                              cg_steps=self.config.inner_cg_steps, grads=grads,
+                             proximal_diagonal=self.proximal_diagonal(),
                              hvp=lambda u: rows(torch.autograd.grad(grad_rows, params, u, retain_graph=True), self.num_tasks))
             INNER_OPTIMIZERS[name](step, self.optimizer)
         return {"loss": total}
@@ -140,7 +141,7 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         ``task_objectives`` of the problems whose parameters carry a task dimension."""
         x, y = batch
         phi, tasks = self.trainable_parameters(), self.num_tasks
-        values = self.task_losses(self(x), y) + proximal(phi, self.anchor(), self.inner_lam, tasks)
+        values = self.task_losses(self(x), y) + proximal(phi, self.anchor(), self.proximal_weights(), tasks)
         if self.config.weight_decay:
             values = values + proximal(phi, None, self.config.weight_decay, tasks)
         return values
@@ -188,6 +189,32 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         test_lam = getattr(self.config, "test_lam", None)
         return self.config.lam if self.in_training or test_lam is None else test_lam
 
+    def proximal_weights(self) -> Union[float, List[float]]:
+        """λ of each tensor of φ in the proximal term: ``inner_lam`` everywhere, or ``head_lam``
+        on the output layer (``--head-lam``; not where ``test_lam`` replaces every λ)."""
+        head_lam = getattr(self.config, "head_lam", None)
+        if head_lam is None or (not self.in_training and getattr(self.config, "test_lam", None) is not None):
+            return self.inner_lam
+        head = set(self.find_head_names())
+        return [head_lam if name in head else self.inner_lam for name, _ in self.module.named_parameters()]
+
+    def proximal_diagonal(self) -> Optional[torch.Tensor]:
+        """λ of each entry of (one task's) φ, flat [n], where it differs by parameter group
+        (``--head-lam``); None where one λ holds everywhere. The solvers precondition by it."""
+        weights = self.proximal_weights()
+        if not isinstance(weights, list) or len(set(weights)) == 1:
+            return None
+        theta = self.meta_problem.module.parameters()
+        sizes = [p[0].numel() if self.stacked else p.numel() for p in self.trainable_parameters()]
+        return torch.cat([torch.full((n,), w, dtype=t.dtype, device=t.device)
+                          for n, w, t in zip(sizes, weights, theta)])
+
+    def weakest_lam(self) -> float:
+        """The smallest λ of the proximal term: where Hessian-free's damping starts (a stronger
+        start would hold back the weakly held output layer of ``--head-lam``)."""
+        weights = self.proximal_weights()
+        return min(weights) if isinstance(weights, list) else weights
+
     def anchor(self) -> List[torch.Tensor]:
         """Where each task starts, the proximal centre: θ, with a zero-started head's entries at
         zero; stacked, per-task views of θ ([T, ...]), from which the solver reads each task's
@@ -203,7 +230,7 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
 
     def regularizer(self) -> torch.Tensor:
         """λ/2·‖φ − φ₀‖², the proximal term of the iMAML paper (eq. 3), φ₀ = ``anchor()``."""
-        return proximal(self.trainable_parameters(), self.anchor(), self.inner_lam)
+        return proximal(self.trainable_parameters(), self.anchor(), self.proximal_weights())
 
     def on_inner_loop_start(self) -> None:
         if self.count_tasks() and self.stacked:  # fresh [T, ...] leaves, stepped by the inner optimizer

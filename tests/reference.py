@@ -158,11 +158,12 @@ def unrolled_general(model, tasks, steps: int, kind: str, lrs, wrt=None, first_o
 
 
 def implicit_general(model, tasks, inner_lr: float, steps: int, lam: float, kind: str, adapted=None,
-                     zero_head=()) -> List[torch.Tensor]:
+                     zero_head=(), lam_by_name=None) -> List[torch.Tensor]:
     """The implicit meta-gradient with dense matrices, for a Lower problem over the adapted
     entries φ_a (the others are θ's own): g(φ_a, θ) = L_support + λ/2‖φ_a − φ₀(θ)‖², φ₀ = θ_a
-    or zero (``zero_head``). At φ_a after ``steps`` proximal SGD steps, the total derivative
-    of L_query(φ_a(θ), θ) by the implicit function theorem:
+    or zero (``zero_head``), λ per parameter name where ``lam_by_name`` says (``--head-lam``).
+    At φ_a after ``steps`` proximal SGD steps, the total derivative of L_query(φ_a(θ), θ) by
+    the implicit function theorem:
 
         dL/dθ = ∂L/∂θ (direct) − Jᵀ A⁻¹ ∇φ_a L,   A = ∂²g/∂φ_a² (dense Hessian),
         J = ∂(∇φ_a g)/∂θ (dense Jacobian)."""
@@ -185,9 +186,12 @@ def implicit_general(model, tasks, inner_lr: float, steps: int, lam: float, kind
         def anchor(th):
             return torch.cat([(start[i] if names[i] in zero_head else th[i]).reshape(-1) for i in idx])
 
+        weights = torch.cat([torch.full((size,), (lam_by_name or {}).get(names[i], lam), dtype=start[i].dtype)
+                             for i, size in zip(idx, a_sizes)])
+
         def g(flat_a, th):
             loss = _loss(model, names, assemble(flat_a, th), task.support_x, task.support_y, kind)
-            return loss + 0.5 * lam * (flat_a - anchor(th)).pow(2).sum()
+            return loss + 0.5 * (weights * (flat_a - anchor(th)).pow(2)).sum()
 
         flat_a = torch.cat([start[i].reshape(-1) for i in idx])
         for _ in range(steps):  # the same proximal SGD as the engine

@@ -22,6 +22,7 @@ parameters inside the solver iterations.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -29,7 +30,7 @@ import torch
 from imaml import betty_glue
 from imaml.metrics import global_norm
 from imaml.models import scratch_buffers
-from imaml.solvers.base import SolveInfo, measured
+from imaml.solvers.base import SolveInfo, converged_within, measured, relative_residual
 
 __all__ = ["implicit_gradient", "lower_objective", "flat"]
 
@@ -100,6 +101,22 @@ def _closed_form(exact: Callable, matvec: Callable, b: torch.Tensor) -> tuple:
     return x, infos
 
 
+def _scaled_solve(solve: Callable, matvec: Callable, b: torch.Tensor, config, scale: torch.Tensor) -> tuple:
+    """A = H + Λ with λ differing by parameter group (``--head-lam``): solve S A S y = S b with
+    S = Λ^(-1/2), whose proximal part is I (the solver's λ is then 1), to the tolerance that
+    bounds A's own relative residual by ``cg_tol``, and return x = S y with each residual
+    measured on A itself, the system the meta-gradient needs."""
+    tol = getattr(config, "cg_tol", 1e-10)
+    spread = float(scale.max() / scale.min())  # ‖Ax − b‖/‖b‖ ≤ spread·‖S(Ax − b)‖/‖Sb‖
+    y, infos = solve(lambda u: scale * matvec(scale * u), scale * b,
+                     replace(config, lam=1.0, head_lam=None, cg_tol=tol / spread))
+    x = scale * y
+    residual = relative_residual(matvec(x) - b, b.norm(dim=1)).tolist()
+    for info, res in zip(infos, residual):
+        info.residual, info.converged = res, info.converged and converged_within(True, res, tol)
+    return x, infos
+
+
 def implicit_gradient(solve: Callable, structured: bool = False) -> Callable:
     """Turn ``solve(matvec, b, config) -> (x, infos)`` (b, x: [T, n]) into a Betty jvp function.
 
@@ -118,9 +135,15 @@ def implicit_gradient(solve: Callable, structured: bool = False) -> Callable:
             return flat(torch.autograd.grad(flat_grad, params, grad_outputs=u, retain_graph=True), tasks)
 
         exact = getattr(curr, "solve_exactly", None) if structured else None
+        diagonal = curr.proximal_diagonal() if hasattr(curr, "proximal_diagonal") and exact is None else None
         with torch.no_grad():
             b = flat(vector, tasks).detach()
-            out = _closed_form(exact, matvec, b) if exact is not None else solve(matvec, b, curr.config)
+            if exact is not None:
+                out = _closed_form(exact, matvec, b)
+            elif diagonal is not None:
+                out = _scaled_solve(solve, matvec, b, curr.config, diagonal.rsqrt())
+            else:
+                out = solve(matvec, b, curr.config)
             x, infos = _check(solve, out, tasks)
         implicit, norms = _cross_term(flat_grad, x, curr, prev)
         for info, norm in zip(infos, norms):

@@ -34,7 +34,8 @@ def trust_radius(b: torch.Tensor, config) -> Optional[torch.Tensor]:
     holds whenever H ⪰ 0, i.e. whenever the inner solution is a minimizer of a locally convex
     support loss. Keeps the hypergradient λ·x no longer than ∇φ L_query when the system is
     indefinite. None (no bound) unless the config enables it and says what λ is."""
-    lam = getattr(config, "lam", None)
+    lams = [l for l in (getattr(config, "lam", None), getattr(config, "head_lam", None)) if l]
+    lam = min(lams) if lams else None  # --head-lam: the weaker of the two bounds
     if not getattr(config, "cg_trust_region", False) or not lam:
         return None
     return b.norm(dim=-1) / lam  # one radius per system
