@@ -144,6 +144,9 @@ def run_one(method: str, task: str, seed: int, out: Path, shared: Sequence[str],
 def read_run(method: str, seed: int, out: Path) -> dict:
     """A finished run's results.json, with the wall time ``run_one`` measured (else its total)."""
     folder = out / method / f"seed-{seed}"
+    if not (folder / "results.json").is_file():
+        raise SystemExit(f"error: {folder / 'results.json'} is missing: {method} (seed {seed}) has not finished; "
+                         f"run the comparison without --table-only to run it")
     results = json.loads((folder / "results.json").read_text())
     wall = out / method / f"seed-{seed}.wall.json"
     results["wall_seconds"] = (json.loads(wall.read_text())["wall_seconds"] if wall.is_file()

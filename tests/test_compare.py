@@ -86,3 +86,8 @@ def test_a_finished_run_is_reused_and_a_changed_one_runs_again(tmp_path, data_ro
     changed = run("--set", "maml:inner-lr=0.3")
     assert changed["maml"] != first["maml"] and changed["imaml-torchopt"] == first["imaml-torchopt"]
     assert run("--set", "maml:inner-lr=0.3", "--rerun")["imaml-torchopt"] != first["imaml-torchopt"]
+
+
+def test_table_only_names_a_run_that_has_not_finished(tmp_path):
+    with pytest.raises(SystemExit, match=r"maml/seed-0/results.json is missing: maml \(seed 0\) has not finished"):
+        compare.main(["--task", "glyphs", "--out", str(tmp_path), "--methods", "maml", "--seeds", "0", "--table-only"])
