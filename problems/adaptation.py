@@ -38,10 +38,10 @@ def proximal(phi: Sequence[torch.Tensor], centre: Optional[Sequence[torch.Tensor
     with ``tasks`` one value per task row ([T]). ``lam`` is one λ, or one per tensor of φ
     (``--head-lam``: another λ on the output layer)."""
     gaps = phi if centre is None else [p - c for p, c in zip(phi, centre)]
-    lams = [lam] * len(gaps) if isinstance(lam, (int, float)) else list(lam)
-    if tasks is None:
-        return 0.5 * sum(w * g.pow(2).sum() for w, g in zip(lams, gaps))
-    return 0.5 * sum(w * g.pow(2).reshape(tasks, -1).sum(1) for w, g in zip(lams, gaps))
+    squares = [g.pow(2).sum() if tasks is None else g.pow(2).reshape(tasks, -1).sum(1) for g in gaps]
+    if isinstance(lam, (int, float)):  # one λ: one product, not one per tensor
+        return 0.5 * lam * sum(squares)
+    return 0.5 * sum(w * q for w, q in zip(lam, squares))
 
 
 def head_start(theta_head: Sequence[torch.Tensor], head_init: str, ways: int,
