@@ -149,9 +149,8 @@ def _warm_up(config: RunConfig, main_process: bool) -> Optional[dict]:
         return None
     warm = warmup_config(config)
     finished = Path(warm.output_dir) / "results.json"
-    if finished.is_file() and json.loads(finished.read_text()).get("config") == warm.to_dict():
-        results = json.loads(finished.read_text())  # a finished warm-up with these settings: reused
-    else:
+    results = json.loads(finished.read_text()) if finished.is_file() else {}
+    if results.get("config") != warm.to_dict():  # else a finished warm-up with these settings: reused
         if main_process:
             prepare_output_dir(warm.output_dir)
         results = _run(warm, main_process)

@@ -204,10 +204,9 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         weights = self.proximal_weights()
         if not isinstance(weights, list) or len(set(weights)) == 1:
             return None
-        theta = self.meta_problem.module.parameters()
-        sizes = [p[0].numel() if self.stacked else p.numel() for p in self.trainable_parameters()]
-        return torch.cat([torch.full((n,), w, dtype=t.dtype, device=t.device)
-                          for n, w, t in zip(sizes, weights, theta)])
+        phi = self.trainable_parameters()
+        return torch.cat([torch.full(((p[0] if self.stacked else p).numel(),), w, dtype=p.dtype, device=p.device)
+                          for w, p in zip(weights, phi)])
 
     def weakest_lam(self) -> float:
         """The smallest λ of the proximal term: where Hessian-free's damping starts (a stronger
