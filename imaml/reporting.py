@@ -1,5 +1,6 @@
-"""Where a run's records go: one JSON line per logged step, a short line on stdout, and the
-final results file (written atomically, so no reader ever sees half of it)."""
+"""Where a run's records go: one JSON line per logged step (the full record), one line of at most
+``LINE_WIDTH`` characters on stdout that a person reads, and the final results file (written
+atomically, so no reader ever sees half of it)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
-__all__ = ["RunLog", "write_json"]
+__all__ = ["LINE_WIDTH", "RunLog", "write_json"]
+
+LINE_WIDTH = 120  # a console line's most characters: a terminal shows it whole
+_clock = time.monotonic  # the ETA's clock (tests replace it)
 
 
 def write_json(path: Path, data: Dict[str, Any]) -> None:
@@ -22,18 +27,48 @@ def write_json(path: Path, data: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
+def _number(value: float, decimals: int = 3) -> str:
+    """Fixed-point, or 1.23e+04 where that would be long or read as 0: at most 9 characters, so
+    no value can widen the console line much."""
+    if not math.isfinite(value):
+        return str(value)
+    if abs(value) >= 10 ** (6 - decimals) or 0 < abs(value) < 0.01:
+        return f"{value:.2e}"
+    return f"{value:.{decimals}f}"
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%" if math.isfinite(fraction) else str(fraction)
+
+
+def _whole_percent(fraction: float) -> str:
+    """Rounded down: 100% only where every inner loop or solve got within tolerance."""
+    return f"{math.floor(100 * fraction)}%" if math.isfinite(fraction) else str(fraction)
+
+
+def _duration(seconds: float) -> str:
+    """m:ss, h:mm:ss under 100 hours, then days and hours."""
+    if not math.isfinite(seconds):
+        return "-"
+    minutes, secs = divmod(round(max(seconds, 0.0)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours >= 100:
+        return f"{hours // 24}d{hours % 24:02d}h"
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _first(record: Dict[str, Any], *keys: str) -> Optional[float]:
+    """The value of the first of ``keys`` in ``record`` (meta-learners log train/query_*,
+    pretrain train/*)."""
+    return next((float(record[k]) for k in keys if k in record), None)
 
 
 class RunLog:
-    """``log(step, record)`` appends to ``<output-dir>/metrics.jsonl`` and prints a summary;
+    """``log(step, record)`` appends to ``<output-dir>/metrics.jsonl`` and prints ``console_line``;
     ``log_curves`` appends the inner-loop grid's rows to ``inner_curves.jsonl``."""
 
     def __init__(self, output_dir: str | os.PathLike, quiet: bool = False, append: bool = False,
-                 sink=None):
+                 sink=None, total_steps: Optional[int] = None):
         self.sink = sink  # e.g. a WandbSink: gets every record, and the results at the end
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -43,13 +78,63 @@ class RunLog:
             self.metrics_path.write_text("")
             self.curves_path.write_text("")
         self.quiet = quiet
+        self.total_steps = total_steps  # the run's --meta-steps: step/total and the ETA
+        self.last_validation: Optional[str] = None  # e.g. "84.1%": shown on every line once seen
+        self.first_logged: Optional[Tuple[int, float]] = None  # (step, clock): the ETA's start
 
     def log(self, step: int, record: Dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
         if self.sink is not None:
             self.sink.log(step, record)
-        self.say(f"step {step:>6} | " + " ".join(f"{k}={_short(v)}" for k, v in record.items()))
+        self.say(self.console_line(step, record))
+
+    def console_line(self, step: int, record: Dict[str, Any]) -> str:
+        """``step  40/200 | loss 0.412 | acc 86.3% | val 84.1% | 12.3 tasks/s | inner 100% solve 94%
+        | ETA 1:02``: the few numbers a person watches (the rest is in metrics.jsonl), each field
+        present only where the record has it, so lines of one run stay aligned."""
+        fields: List[str] = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"
+                             if self.total_steps else f"step {step:>6}"]
+        loss = _first(record, "train/query_loss", "train/loss")
+        accuracy = _first(record, "train/query_accuracy", "train/accuracy")
+        mse = _first(record, "train/query_mse", "train/mse")
+        if loss is not None:
+            fields.append(f"loss {_number(loss):>5}")
+        if accuracy is not None:
+            fields.append(f"acc {_percent(accuracy):>6}")
+        if mse is not None:
+            fields.append(f"mse {_number(mse):>5}")
+        if "val/accuracy" in record:
+            self.last_validation = _percent(float(record["val/accuracy"]))
+        elif "val/mse" in record:
+            self.last_validation = _number(float(record["val/mse"]))
+        fields.append(f"val {self.last_validation or '-':>6}")
+        if "train/tasks_per_second" in record:
+            fields.append(f"{_number(float(record['train/tasks_per_second']), 1):>5} tasks/s")
+        converged = [f"{name} {_whole_percent(float(record[key])):>4}" for name, key in
+                     (("inner", "train/inner_converged"), ("solve", "train/solver_converged")) if key in record]
+        if converged:
+            fields.append(" ".join(converged))
+        eta = self._eta(step)
+        if eta is not None:
+            fields.append(f"ETA {eta}")
+        line = " | ".join(fields)
+        return line if len(line) <= LINE_WIDTH else line[:LINE_WIDTH - 1] + "…"
+
+    def _eta(self, step: int) -> Optional[str]:
+        """Time left at the pace since the first logged step (startup, compilation and a
+        resume's earlier steps stay out of it); "-" until a second step is logged."""
+        now = _clock()
+        if self.first_logged is None:
+            self.first_logged = (step, now)
+        if not self.total_steps:
+            return None
+        first_step, first_time = self.first_logged
+        if step >= self.total_steps:
+            return "0:00"
+        if step <= first_step:
+            return "-"
+        return _duration((now - first_time) / (step - first_step) * (self.total_steps - step))
 
     def log_curves(self, step: int, record: Dict[str, Any]) -> None:
         """Append per-task inner-loop curves (lists, not scalars: they stay out of the sink's
