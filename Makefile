@@ -1,13 +1,18 @@
 # make run   - meta-train iMAML over a zero-started head on the embedded glyphs benchmark
 #              (configs/glyphs-imaml-head.yaml; sets up .venv first)
 # make test  - run the test suite (sets up .venv first)
-# Pass flags to run.py with ARGS, e.g.  make run ARGS="--algo maml --task sinusoid --shots 10"
+# Pass flags to run.py with ARGS: make run ARGS="--meta-steps 100" keeps make run's method (and so
+# its preset); ARGS naming a method or preset runs that instead, e.g.
+#   make run ARGS="--algo maml --task sinusoid --shots 10"
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.imaml-setup-done
 ARGS ?=
-RUN_ARGS = $(if $(ARGS),$(ARGS),--config configs/glyphs-imaml-head.yaml)
+# flags that choose the method or the preset; without them, make run's method is prepended
+METHOD_FLAGS := --algo --adapt --head-init --inner-optimizer --config --lower-problem --resume --eval-only
+NAMES_METHOD = $(filter $(METHOD_FLAGS) $(addsuffix =%,$(METHOD_FLAGS)),$(ARGS))
+RUN_ARGS = $(if $(NAMES_METHOD),,--algo imaml --adapt head --head-init zero) $(ARGS)
 PYTEST_ARGS ?= -q
 
 .PHONY: setup run test clean

@@ -44,11 +44,12 @@ HESSIAN_FREE = ("--inner-optimizer", "hessian-free", "--inner-cg-steps", "5", "-
 # TorchOpt's iMAML Omniglot example: λ = 2, 5 plain SGD steps of 0.1 (5 at test too), normal-equation CG, 5 steps
 TORCHOPT_EXAMPLE = ("--inner-optimizer", "sgd", "--inner-steps", "5", "--test-inner-steps", "5", "--inner-lr", "0.1",
                     "--lam", "2", "--hypergrad", "normal-cg", "--cg-steps", "5")
-# name: (label, --algo, preset by name (None: the task's own <task>-<algo>), the method's own flags)
+# name: (label, --algo, preset by name (None: the task's own for the method, <task>-<method>), the method's own flags);
+# ANIL runs MAML's preset with the head alone adapted
 METHODS = {
     "maml": ("MAML", "maml", None, ()),
     "fomaml": ("first-order MAML", "fomaml", None, ()),
-    "anil": ("ANIL (MAML, head alone)", "maml", None, ("--adapt", "head")),
+    "anil": ("ANIL (MAML, head alone)", "maml", "{task}-maml", ("--adapt", "head")),
     "imaml": ("iMAML, paper (GD)", "imaml", None, ()),
     "imaml-hf": ("iMAML, paper (Hessian-free)", "imaml", "{task}-imaml-hf", ()),
     "imaml-head": ("iMAML, zero-started head", "imaml", "{task}-imaml-head", ()),
@@ -74,7 +75,7 @@ PROTOCOL_ENTRIES = ("test_tasks", "test_query_shots", "bn_mode", "model", "chann
 def command_for(method: str, task: str, seed: int, out: Path, shared: Sequence[str], own: Sequence[str],
                 config: Optional[str]) -> List[str]:
     """The run.py command of one (method, seed), or its peer script's."""
-    out_flags = ["--seed", str(seed), "--output-dir", str(out / method / f"seed-{seed}")]
+    out_flags = ["--seed", str(seed), "--output-dir", str(out / method / f"seed-{seed}"), "--overwrite"]  # reuse: finished_as
     if method in PEERS:
         _, algo, module, _, flags = PEERS[method]
         return [peer_python(method), "-m", module, "--task", task, "--algo", algo,
@@ -83,8 +84,9 @@ def command_for(method: str, task: str, seed: int, out: Path, shared: Sequence[s
     if config is None and preset is not None:
         named = ROOT / "configs" / f"{preset.format(task=task)}.yaml"
         config = str(named) if named.is_file() else None
-        if config is None and method == "imaml-hf":
+        if config is None and method == "imaml-hf" and (ROOT / "configs" / f"{task}-imaml.yaml").is_file():
             flags = HESSIAN_FREE  # the task's GD preset, with Hessian-free inner steps
+            config = str(ROOT / "configs" / f"{task}-imaml.yaml")
         elif config is None:
             raise SystemExit(f"error: {method}: no preset {named.name}; give one with --config {method}=FILE")
     return [sys.executable, str(ROOT / "run.py"), "--task", task, "--algo", algo,
@@ -116,7 +118,7 @@ def finished_as(command: List[str], method: str, folder: Path) -> bool:
     try:
         saved = {**RunConfig().to_dict(), **json.loads(results.read_text())["config"]}  # a newer option: its default
         expected = load_config(flags).to_dict()
-        return all(saved[k] == v for k, v in expected.items() if k != "output_dir")  # a moved run counts too
+        return all(saved[k] == v for k, v in expected.items() if k not in ("output_dir", "overwrite"))  # a moved run counts too
     except Exception:  # unreadable results or flags: run it again
         return False
 

@@ -12,15 +12,18 @@ import argparse
 import os
 import secrets
 import string
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from imaml.config import CONFIG_DIR, FIELDS, WANDB_ID, RunConfig, field_type, flag
+from imaml.config import CONFIG_DIR, FIELDS, RunConfig, field_type, flag
 from imaml.errors import UsageError
+from imaml.methods import method_of
 
-__all__ = ["build_parser", "parse_flags", "parse_args", "config_from_flags", "coerce", "find_preset", "load_preset"]
+__all__ = ["build_parser", "parse_flags", "parse_args", "config_from_flags", "coerce", "find_preset", "load_preset",
+           "automatic_preset", "list_presets", "HELP_GROUPS"]
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -67,8 +70,10 @@ def find_preset(name: str) -> Path:
     return path  # load_preset names it
 
 
-def load_preset(path: Path) -> dict:
-    """Read a YAML preset; unknown keys and wrong types are errors, never silently dropped."""
+def load_preset(path: Path, _seen: tuple = ()) -> dict:
+    """Read a YAML preset; unknown keys and wrong types are errors, never silently dropped. A
+    preset may start from another, ``base: NAME`` (a shipped preset's name, or a path beside
+    it), and say only what differs: no preset repeats another's values."""
     if not path.is_file():
         raise UsageError(f"--config {path}: no such file")
     try:
@@ -78,12 +83,28 @@ def load_preset(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of option: value")
     out = {}
+    if "base" in data:
+        base = _base_path(path, str(data.pop("base")))
+        if base.resolve() in _seen or base.resolve() == path.resolve():
+            raise UsageError(f"{path}: base {base.stem} leads back to itself; break the cycle")
+        out = load_preset(base, (*_seen, path.resolve()))
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS or name == "config":
-            raise UsageError(f"{path}: unknown key '{key}'; known keys: {', '.join(sorted(FIELDS))}")
+            raise UsageError(f"{path}: unknown key '{key}'; known keys: base, {', '.join(sorted(FIELDS))}")
         out[name] = coerce(name, value, str(path))
     return out
+
+
+def _base_path(preset: Path, base: str) -> Path:
+    """A ``base:`` entry's file: beside the preset, else a shipped preset by name."""
+    for candidate in (preset.parent / base, preset.parent / f"{base}.yaml"):
+        if candidate.is_file():
+            return candidate
+    found = find_preset(base)
+    if not found.is_file():
+        raise UsageError(f"{preset}: base {base}: no such preset (python run.py --list-presets)")
+    return found
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,39 +140,106 @@ class _HelpFormatter(argparse.HelpFormatter):
         return super()._format_action_invocation(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per ``RunConfig`` field: ``--name-with-dashes``, its help (with the default in
-    brackets) and choices from the field's metadata; switches for booleans."""
+class _ListPresets(argparse.Action):
+    """``--list-presets``: every shipped preset with its first line, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(list_presets())
+        parser.exit()
+
+
+HELP_GROUPS = {  # --help's sections, in order; every RunConfig field is in exactly one
+    "method (what is meta-trained, how, and from which preset)": (
+        "algo", "adapt", "head_init", "config", "lower_problem", "upper_problem", "env"),
+    "task and episodes": (
+        "task", "ways", "test_ways", "shots", "query_shots", "data_root", "download", "augment",
+        "omniglot_background", "omniglot_val", "episodes", "class_rotations"),
+    "meta-training (the outer loop)": (
+        "meta_batch_size", "meta_steps", "meta_lr", "meta_optimizer", "meta_momentum", "meta_weight_decay",
+        "lr_schedule", "lr_step_every", "lr_gamma", "meta_grad_clip"),
+    "inner loop (task adaptation: meta-training, meta-validation and meta-test)": (
+        "inner_steps", "test_inner_steps", "inner_lr", "inner_momentum", "inner_weight_decay", "inner_optimizer",
+        "inner_tol", "inner_cg_steps", "lam", "test_lam", "head_lam", "warmup_fraction"),
+    "iMAML hypergradient (the implicit meta-gradient's linear solve)": (
+        "hypergrad", "cg_steps", "cg_tol", "cg_trust_region", "cg_damping", "neumann_terms", "neumann_alpha",
+        "darts_radius"),
+    "model": ("model", "channels", "bn_mode", "activation"),
+    "evaluation (meta-validation and meta-test)": (
+        "val_every", "val_tasks", "test_tasks", "test_query_shots", "test_augment", "query_assignment"),
+    "execution (same math, other speed or memory)": (
+        "execution", "grad_checkpoint", "device", "dist_backend", "processes", "keep_freed_memory"),
+    "the run: folder, seed, logs, checkpoints, divergence": (
+        "output_dir", "overwrite", "resume", "eval_only", "checkpoint", "seed", "log_every", "on_divergence",
+        "divergence_factor"),
+    "Weights & Biases (off unless --wandb-mode online|offline)": (
+        "wandb_mode", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_id",
+        "wandb_log_checkpoints"),
+}
+
+
+def build_parser(shown: Optional[RunConfig] = None, sources: Optional[dict] = None) -> argparse.ArgumentParser:
+    """One flag per ``RunConfig`` field, in ``HELP_GROUPS``: ``--name-with-dashes``, its help and
+    choices from the field's metadata; switches for booleans. Each help text ends with the value
+    that runs: ``shown``'s (default: the code's own), marked with where it comes from
+    (``sources[name]``: "preset" or "given"); no abbreviations of flags."""
     parser = _Parser(
         prog="run.py",
-        description="Meta-train an initialization with iMAML or unrolled MAML, then meta-test it. "
-                    "Settings come from the preset configs/<task>-<algo>.yaml (or --config); a flag "
-                    "overrides its preset. The values in brackets are the fallbacks for settings "
-                    "a preset leaves out. Switches (--eval-only, --grad-checkpoint, ...) take no "
-                    "value: --no-X turns one off, and --X true|false also works.",
+        usage="python run.py [--config PRESET] [options]   (python run.py --list-presets: the presets)",
+        description="Meta-train an initialization with iMAML or unrolled MAML, then meta-test it. Settings: "
+                    "flags > preset > the code's defaults; the preset is --config, or else the task's preset "
+                    "for the method the flags name (configs/<task>-<method>.yaml; --list-presets). The value "
+                    "in brackets is what runs with the flags written before --help (`run.py --algo maml --help`).",
+        epilog="Switches (--eval-only, ...) take no value: --no-X turns one off; --X true|false also works. "
+               "Flags are never abbreviated.",
         argument_default=argparse.SUPPRESS,
         formatter_class=_HelpFormatter,
+        allow_abbrev=False,
     )
-    defaults = RunConfig()
-    for name, f in FIELDS.items():
-        kwargs: dict = {"help": f.metadata["help"]}
-        if name not in ("config",):
-            kwargs["help"] += f" [{getattr(defaults, name)}]"
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        if field_type(name) is bool:
-            kwargs.update(action=_Switch, metavar="BOOL")
-        else:
-            kwargs["metavar"] = name.split("_")[-1].upper()
-        parser.add_argument(flag(name), dest=name, **kwargs)
+    parser.add_argument("--list-presets", action=_ListPresets, help="list the shipped presets, one line each, and exit")
+    shown = shown or RunConfig()
+    sources = sources or {}
+    for title, names in HELP_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = FIELDS[name]
+            value = getattr(shown, name)
+            where = f", {sources[name]}" if name in sources else ""
+            kwargs: dict = {"help": f.metadata["help"].replace("%", "%%") + f" [{value}{where}]"}
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            if field_type(name) is bool:
+                kwargs.update(action=_Switch, metavar="BOOL")
+            else:
+                kwargs["metavar"] = name.split("_")[-1].upper()
+            group.add_argument(flag(name), dest=name, **kwargs)
     return parser
 
 
 def parse_flags(argv: Optional[list] = None) -> tuple:
     """(the flags given, converted to their fields' types; the preset path named by --config, or
-    None): only what the command line says."""
+    None): only what the command line says. ``--help`` shows the values the other flags give."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _print_help([a for a in argv if a not in ("-h", "--help")])
     given = vars(build_parser().parse_args(argv))
     return {name: coerce(name, value, flag(name)) for name, value in given.items() if name != "config"}, given.get("config")
+
+
+def _print_help(argv: list) -> None:
+    """--help with each option's value as it would run with ``argv`` (its preset included)."""
+    try:
+        cli, preset_flag = parse_flags(argv)
+        preset_path = _preset_path(cli, preset_flag)
+        preset = load_preset(preset_path) if preset_path else {}
+        shown = config_from_flags(dict(cli), preset_flag)
+        sources = {**{name: "preset" for name in preset}, **{name: "given" for name in cli}}
+    except UsageError:  # the flags before --help are wrong: show the code's defaults
+        shown, sources = None, {}
+    build_parser(shown, sources).print_help()
+    sys.exit(0)
 
 
 def parse_args(argv: Optional[list] = None) -> RunConfig:
@@ -159,20 +247,27 @@ def parse_args(argv: Optional[list] = None) -> RunConfig:
     return config_from_flags(*parse_flags(argv))
 
 
-def config_from_flags(cli: dict, preset_flag: Optional[str] = None) -> RunConfig:
-    """The ``RunConfig`` of flags ``cli`` over the preset (``--config``, else the task's and
-    algorithm's own, if there is one); ``--resume DIR`` continues in DIR."""
-    algo = cli.get("algo", RunConfig.algo)
-    task = cli.get("task", RunConfig.task)
+def _preset_path(cli: dict, preset_flag: Optional[str]) -> Optional[Path]:
+    """``--config``'s file, or else the task's preset for the method the flags name, if it exists."""
     if preset_flag is not None:
-        preset_path: Optional[Path] = find_preset(preset_flag)
-    else:
-        candidate = CONFIG_DIR / f"{task}-{algo}.yaml"
-        preset_path = candidate if candidate.is_file() else None
+        return find_preset(preset_flag)
+    candidate = automatic_preset(cli)
+    return candidate if candidate.is_file() else None
+
+
+def automatic_preset(cli: dict) -> Path:
+    """``configs/<task>-<method>.yaml`` for the task and method the flags name (it may not exist)."""
+    return CONFIG_DIR / f"{cli.get('task', RunConfig.task)}-{method_of(cli)}.yaml"
+
+
+def config_from_flags(cli: dict, preset_flag: Optional[str] = None) -> RunConfig:
+    """The ``RunConfig`` of flags ``cli`` over the preset (``--config``, else the task's own for the
+    method the flags name, if there is one); ``--resume DIR`` continues in DIR."""
+    preset_path = _preset_path(cli, preset_flag)
     preset = load_preset(preset_path) if preset_path else {}
     if preset_flag is not None:  # an explicit preset may choose the task and algorithm itself
-        cli.setdefault("task", preset.get("task", task))
-        cli.setdefault("algo", preset.get("algo", algo))
+        cli.setdefault("task", preset.get("task", RunConfig.task))
+        cli.setdefault("algo", preset.get("algo", RunConfig.algo))
     if "lower_problem" in cli:  # a Lower problem named (none: the built-in one) replaces the preset's
         for name in ("adapt", "head_init"):  # adaptation settings, as the preset's own lower_problem
             if name not in cli:
@@ -180,13 +275,28 @@ def config_from_flags(cli: dict, preset_flag: Optional[str] = None) -> RunConfig
     merged = {**preset, **cli}
     if cli.get("resume"):
         merged["output_dir"] = cli["resume"]
-    _wandb_run_dir(merged)
+    _wandb_run_id(merged)
     return RunConfig(**merged, config=str(preset_path) if preset_path else None).validate()
 
 
-def _wandb_run_dir(merged: dict) -> None:
-    """With W&B on, fix the run's id now and, unless an output directory was chosen, write to
-    runs/<id>: each trial of a sweep (or any W&B run) keeps its own files, not runs/latest."""
+def list_presets() -> str:
+    """The shipped presets, one line each: the name ``--config`` takes and what it runs (the
+    preset's first comment line)."""
+    lines = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml"), key=lambda p: p.stem):
+        header = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line.lstrip("#").strip())
+        sentence = " ".join(header).split(". ")[0].rstrip(".")
+        lines.append(f"{path.stem:<30} {sentence if len(sentence) <= 90 else sentence[:89] + '…'}")
+    return "\n".join(lines)
+
+
+def _wandb_run_id(merged: dict) -> None:
+    """With W&B on and no output folder chosen, fix the run's id now: the run's folder is then
+    runs/<id> (``imaml.run_folder``), so each trial of a sweep keeps its own files."""
     if merged.get("wandb_mode", RunConfig.wandb_mode) == "disabled":
         return
     if "output_dir" in merged and not merged.get("wandb_id"):
@@ -194,5 +304,3 @@ def _wandb_run_dir(merged: dict) -> None:
     if not merged.get("wandb_id"):
         merged["wandb_id"] = os.environ.get("WANDB_RUN_ID") or "".join(
             secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B's own ids
-    if "output_dir" not in merged and isinstance(merged["wandb_id"], str) and WANDB_ID.fullmatch(merged["wandb_id"]):
-        merged["output_dir"] = f"runs/{merged['wandb_id']}"

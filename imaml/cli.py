@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
-from imaml.arguments import config_from_flags, parse_flags
-from imaml.config import FIELDS, RunConfig
+from imaml.arguments import automatic_preset, config_from_flags, parse_flags
+from imaml.config import CONFIG_DIR, FIELDS, RunConfig
 from imaml.errors import UsageError
+from imaml.methods import describe as describe_method
 from imaml.output_lock import OutputLock
 from imaml.reporting import RunLog, write_json
+from imaml.run_folder import NEW_FOLDER_ENV, begin_writing, choose_folder, drop_if_empty, prepare_output_dir
 
 __all__ = ["run_from_args", "load_config", "configure_process", "checkpoint_path", "prepare_output_dir", "run_protocol",
-           "main"]
+           "first_line", "main"]
 
 
 def load_config(argv: Optional[list] = None) -> RunConfig:
@@ -42,30 +43,35 @@ def run_from_args(argv: Optional[list] = None) -> dict:
     from engines import distributed  # heavy imports only once the flags are known good
 
     configure_process(config)
-    with distributed.process_group(config), _claim_output_dir(config, distributed.is_main()):
-        return _run(config, main_process=distributed.is_main())
+    with distributed.process_group(config), _claim_output_dir(config, distributed.is_main()) as (config, new):
+        return _run(config, main_process=distributed.is_main(), new_folder=new)
 
 
 @contextmanager
-def _claim_output_dir(config: RunConfig, main_process: bool) -> Iterator[None]:
-    """The main process prepares and locks ``--output-dir`` before any work (a local job's
-    launcher already holds the lock: its rank 0 shares it); every process of a job learns
-    whether it could, so a refusal stops them all, said once by rank 0."""
+def _claim_output_dir(config: RunConfig, main_process: bool) -> Iterator[Tuple[RunConfig, bool]]:
+    """The main process chooses, checks and locks the run's folder before any work (a local
+    job's launcher already holds the lock: its rank 0 shares it); every process of a job learns
+    the folder, or that it was refused, which stops them all, said once by rank 0. A folder made
+    for this run and left empty (the run was refused before writing) is removed again."""
     from engines import distributed
 
-    lock, refused = OutputLock(config.output_dir), None
+    lock, refused, new = None, None, False
     if main_process:
         try:
-            prepare_output_dir(config.output_dir)
-            lock.acquire()
+            config, new = choose_folder(config)
+            lock = OutputLock(config.output_dir).acquire()
         except UsageError as err:
             refused = err
     if distributed.max_over_ranks(float(refused is not None)):
-        raise refused or UsageError(f"--output-dir {config.output_dir}: refused by rank 0")
+        raise refused or UsageError("--output-dir: refused by rank 0")
+    config = replace(config, output_dir=distributed.gather_objects(config.output_dir)[0])  # rank 0's folder
     try:
-        yield
+        yield config, new
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+        if main_process and new:
+            drop_if_empty(Path(config.output_dir))
 
 
 def configure_process(config: RunConfig) -> None:
@@ -76,31 +82,34 @@ def configure_process(config: RunConfig) -> None:
         keep_freed_memory()
 
 
-def _run(config: RunConfig, main_process: bool) -> dict:
-    """Build, (resume,) run and report; only the main process writes files or prints."""
+def _run(config: RunConfig, main_process: bool, new_folder: bool = False) -> dict:
+    """Build (every check that can refuse the run), (resume,) run and report; only the main
+    process writes files or prints, and nothing is written before the run has been built."""
     from engines import build_engine, distributed
+    from engines.progress import describe_result
     from imaml import checkpoint
-
     from imaml.wandb_sink import start_wandb
 
-    warmed = _warm_up(config, main_process) if config.warmup_fraction else None
     output_dir = Path(config.output_dir)
-    log, checkpoint_dir = None, None
-    if main_process:  # the output folder is prepared and this run's (_claim_output_dir)
-        log = RunLog(output_dir, append=bool(config.resume), sink=start_wandb(config, output_dir))
-        write_json(output_dir / "config.json", config.to_dict())
-        checkpoint_dir = output_dir / "checkpoints"
+    log = RunLog(output_dir, append=True, total_steps=config.meta_steps) if main_process else None
     say = log.say if log else (lambda line: None)
-    engine = build_engine(config, log=log, checkpoint_dir=checkpoint_dir)
+    say(first_line(config))
+    engine = build_engine(config, log=log, checkpoint_dir=output_dir / "checkpoints" if main_process else None)
     start = checkpoint_path(config)
     if start is not None:
         engine.load_state_dict(checkpoint.load(start))  # every process loads the same state
-    elif warmed is not None:
+    if main_process:
+        begin_writing(output_dir, continuing=bool(config.resume), new=new_folder)
+        log.sink = start_wandb(config, output_dir)
+        write_json(output_dir / "config.json", config.to_dict())
+    warmed = _warm_up(config, main_process) if config.warmup_fraction and start is None else None
+    if warmed is not None:
         _continue_from_warmup(engine, config, warmed)
     if config.eval_only:
         say(f"meta-test of {start} (meta-step {engine.global_step}) on {config.test_tasks} tasks ...")
         outcome = {"test": engine.evaluate("test", config.test_tasks), "checkpoint": str(start),
                    "checkpoint_step": engine.global_step}
+        say(f"meta-test: {describe_result(outcome['test'])}")
     else:
         say(_describe(config, engine.env.kind, distributed.world_size()))
         outcome = engine.run()
@@ -131,8 +140,25 @@ def _run(config: RunConfig, main_process: bool) -> dict:
 
         write_plots(output_dir)
     log.finish(results)
-    log.say(f"wrote {output_dir / 'results.json'} and plots/")
+    log.say(f"wrote {output_dir / 'results.json'}" + ("" if config.eval_only else " and plots/"))
     return results
+
+
+def first_line(config: RunConfig) -> str:
+    """What runs, from which preset, into which folder: the first thing a run prints."""
+    if config.config:
+        preset = f"preset {_shown_path(config.config)}"
+    elif config.resume or config.eval_only:
+        preset = "the settings saved with its checkpoint"
+    else:
+        preset = f"no preset ({_shown_path(automatic_preset(config.to_dict()))} does not exist: the code's defaults)"
+    return f"{describe_method(config)}, on {config.task}; {preset}; writing {config.output_dir}"
+
+
+def _shown_path(path) -> str:
+    """A preset's path as the docs write it: configs/<name>.yaml for a shipped one."""
+    path = Path(path).resolve()
+    return f"configs/{path.name}" if path.parent == CONFIG_DIR else str(path)
 
 
 def warmup_config(config: RunConfig) -> RunConfig:
@@ -208,15 +234,25 @@ def main(argv: Optional[list] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config = load_config(argv)
+        from envs.downloads import fetch_missing
+
+        fetch_missing(config)  # --download: once, here, before any output folder or worker process
         from engines import distributed
 
         processes = distributed.local_processes(config)
         if processes > 1:  # one single-thread process per core, sharing each meta-batch
-            prepare_output_dir(config.output_dir)  # here, not only in a worker: before any work
-            if config.wandb_id:  # the workers' W&B run (and its runs/<id>) is this one
+            config, new = choose_folder(config)  # here, not only in a worker: before any work
+            argv = [*argv, "--output-dir", config.output_dir]
+            if config.wandb_id:  # the workers' W&B run is this one
                 argv = [*argv, "--wandb-id", config.wandb_id]
-            with OutputLock(config.output_dir).acquire() as lock:  # handed down to the workers
-                return distributed.run_local_job(argv, processes, lock)
+            if new:  # rank 0 makes it runs/latest once the run has passed its checks
+                os.environ[NEW_FOLDER_ENV] = config.output_dir
+            try:
+                with OutputLock(config.output_dir).acquire() as lock:  # handed down to the workers
+                    return distributed.run_local_job(argv, processes, lock)
+            finally:
+                if new:
+                    drop_if_empty(Path(config.output_dir))
         run_from_args(argv)
     except UsageError as err:
         say(f"error: {err}", file=sys.stderr)
@@ -239,28 +275,6 @@ def checkpoint_path(config: RunConfig) -> Optional[Path]:
     return None
 
 
-def prepare_output_dir(path: str) -> Path:
-    """Create ``--output-dir`` (and its parents) and check that files can be written there, so
-    a bad one stops the run before any work, not at its first write; a UsageError names the
-    path and the problem."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UsageError(f"--output-dir {path}: exists and is not a directory") from None
-    except OSError as err:
-        raise UsageError(f"--output-dir {path}: cannot create this directory ({err.strerror or err})") from None
-    try:
-        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise UsageError(f"--output-dir {path}: cannot write files in it ({err.strerror or err})") from None
-    for sub in ("checkpoints", "plots"):
-        if (out / sub).exists() and not (out / sub).is_dir():
-            raise UsageError(f"--output-dir {path}: {out / sub} exists and is not a directory")
-    return out
-
-
 def _saved_config(cli: dict) -> Optional[dict]:
     """The configuration stored in the checkpoint that ``--resume``/``--eval-only`` names."""
     probe = RunConfig(**{k: v for k, v in cli.items() if k in ("resume", "eval_only", "checkpoint")})
@@ -272,9 +286,9 @@ def _saved_config(cli: dict) -> Optional[dict]:
     from imaml import checkpoint
 
     saved = checkpoint.load(path)["config"]
-    run_control = ("resume", "eval_only", "checkpoint")
-    if probe.eval_only:  # a meta-test of a checkpoint is a W&B run of its own
-        run_control += ("wandb_id",)
+    run_control = ("resume", "eval_only", "checkpoint", "overwrite")
+    if probe.eval_only:  # a meta-test of a checkpoint is a run of its own: its own folder and W&B run
+        run_control += ("wandb_id", "output_dir")
     return {k: v for k, v in saved.items() if k in FIELDS and k not in run_control}
 
 

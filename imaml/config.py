@@ -117,9 +117,10 @@ class RunConfig:
     cg_tol: float = option(1e-5, 'CG stops when ‖residual‖ ≤ tol·‖∇φ L_query‖')
     cg_trust_region: bool = option(True, 'truncate CG (Steihaug) at ‖x‖ = ‖v‖/λ and on negative curvature: the '
                                          'hypergradient is never longer than ∇φ L_query')
-    neumann_terms: int = option(20, 'neumann terms')
+    neumann_terms: int = option(20, 'hypergrad neumann: terms of the series Σ (I − αA)^k (one Hessian-vector product '
+                                    'each)')
     neumann_alpha: Optional[float] = option(None, 'Neumann step size; none: 1/λ_max estimated by power iteration')
-    darts_radius: float = option(0.01, 'darts radius')
+    darts_radius: float = option(0.01, 'hypergrad darts: the finite-difference step, relative to the parameters\' norm')
     cg_damping: float = option(0.0, "cg-damped: μ ≥ 0 added to the system's diagonal, as the official iMAML code "
                                     'does; a bias toward a scaled first-order gradient, shown by '
                                     'train/solver_residual (against the undamped system); 0: the plain operator')
@@ -140,7 +141,7 @@ class RunConfig:
                                         "average-pooled; MAML's Omniglot), resnet12, or mlp; or an import path "
                                         'module:Class to an nn.Module built as Class(input_shape, num_outputs, '
                                         "config); none: the task's default")
-    channels: int = option(64, 'channels')
+    channels: int = option(64, 'filters per convolution (hidden units per layer for mlp)')
     bn_mode: str = option("transductive", 'BatchNorm statistics: transductive (batch statistics at meta-train and '
                                           'meta-test, the MAML paper), inductive (running statistics from '
                                           'meta-training used at meta-test), episodic (support-set statistics '
@@ -155,14 +156,14 @@ class RunConfig:
     upper_problem: Optional[str] = option(None, 'import path module:Class to an Upper problem (subclass of MetaInit)')
     env: Optional[str] = option(None, 'import path module:Class to an Env (subclass of envs.FewShotEnv)')
     # evaluation
-    val_every: int = option(100, 'val every')
-    val_tasks: int = option(100, 'val tasks')
+    val_every: int = option(100, 'meta-validate (and checkpoint) every this many meta-steps, and at the end')
+    val_tasks: int = option(100, 'tasks per meta-validation')
     test_tasks: int = option(600, 'tasks in the final meta-test (mean and 95%% CI over them)')
     test_query_shots: Optional[int] = option(None, 'query examples per class at meta-validation and meta-test; '
                                                    'none: --query-shots')
     # run
-    seed: int = option(0, 'seed')
-    device: str = option("cpu", 'device')
+    seed: int = option(0, 'seed of every random choice (tasks, θ₀, jitter), in [0, 2³² − 1]')
+    device: str = option("cpu", 'cpu, cuda or cuda:N')
     dist_backend: str = option("auto", 'torch.distributed backend when launched with torchrun: auto (nccl on '
                                        'GPUs, gloo on CPU), nccl or gloo; see docs/distributed.md', choices=DIST_BACKENDS)
     processes: int = option(0, 'on CPU, single-thread processes sharing each meta-batch (a local torchrun-style '
@@ -170,18 +171,23 @@ class RunConfig:
     keep_freed_memory: bool = option(True, 'on CPU, malloc keeps freed memory for the next inner step instead of '
                                            'returning it to the system (faster; memory stays at its peak until '
                                            'exit)')
-    output_dir: str = option("runs/latest", 'where results.json and logs are written')
-    log_every: int = option(10, 'log every')
+    output_dir: Optional[str] = option(None, "the run's folder (results.json, logs, plots, checkpoints), used as "
+                                             'given; one that holds a run is refused unless --resume or --overwrite. '
+                                             'none: a new folder runs/<date>_<time> (runs/<W&B id> with W&B on), '
+                                             'with runs/latest pointing at the newest')
+    overwrite: bool = option(False, 'replace the run held in --output-dir (its files are removed once the new run '
+                                    'has passed every check)')
+    log_every: int = option(10, 'print and record a line every this many meta-steps')
     # robustness: what a diverging meta-batch does, and optional meta-gradient clipping
     on_divergence: str = option("stop", 'when a meta-batch diverges: stop (save a checkpoint, exit 3) or skip it', choices=ON_DIVERGENCE)
     divergence_factor: float = option(1000.0, 'adapted weights with ‖φ‖ > factor·‖θ‖ count as diverged')
     meta_grad_clip: float = option(0.0, 'clip the meta-gradient to this norm; 0: off')
     # Weights & Biases (disabled unless asked for; local logs and plots are always written)
     wandb_mode: str = option("disabled", 'Weights & Biases: online, offline (sync later) or disabled', choices=WANDB_MODES)
-    wandb_project: Optional[str] = option(None, 'wandb project')
-    wandb_entity: Optional[str] = option(None, 'wandb entity')
-    wandb_name: Optional[str] = option(None, 'wandb name')
-    wandb_group: Optional[str] = option(None, 'wandb group')
+    wandb_project: Optional[str] = option(None, "W&B project; none: W&B's default (uncategorized)")
+    wandb_entity: Optional[str] = option(None, "W&B user or team; none: the logged-in user's default")
+    wandb_name: Optional[str] = option(None, "W&B run's display name; none: W&B's generated name")
+    wandb_group: Optional[str] = option(None, 'W&B group, e.g. one per comparison, to see its runs together')
     wandb_tags: Optional[str] = option(None, 'W&B tags, comma-separated')
     wandb_id: Optional[str] = option(None, 'W&B run id; with W&B on and no --output-dir the run writes to '
                                            'runs/<id>; none: $WANDB_RUN_ID (as a sweep agent sets it) or a new id')
@@ -193,7 +199,9 @@ class RunConfig:
                                          'larger --meta-steps')
     eval_only: bool = option(False, 'only meta-test the --checkpoint and write results.json')
     checkpoint: Optional[str] = option(None, 'a checkpoint file, for --eval-only')
-    config: Optional[str] = option(None, 'YAML preset: a file, or a shipped preset by name (e.g. omniglot-imaml-hf); default: configs/<task>-<algo>.yaml')
+    config: Optional[str] = option(None, 'YAML preset: a file, or a shipped preset by name (e.g. omniglot-imaml-hf; '
+                                         'list them with --list-presets); none: the task\'s preset for the method '
+                                         'the flags name, configs/<task>-<method>.yaml, if there is one')
 
     def validate(self) -> "RunConfig":
         """Check every value once, before any work; raise UsageError naming the fix."""
@@ -248,11 +256,17 @@ class RunConfig:
             raise UsageError(f"--device {self.device}: unknown device; use cpu, cuda or cuda:N")
         if not 0 <= self.seed <= MAX_SEED:
             raise UsageError(f"--seed {self.seed}: must be an integer in [0, {MAX_SEED}]")
-        if not self.output_dir:
-            raise UsageError("--output-dir: may not be empty")
+        self._validate_run_folder()
         if self.wandb_id is not None and not WANDB_ID.fullmatch(self.wandb_id):
             raise UsageError(f"--wandb-id {self.wandb_id!r}: use 1 to 64 letters, digits, '-' or '_'")
         return self
+
+    def _validate_run_folder(self) -> None:
+        if self.output_dir == "":
+            raise UsageError("--output-dir: may not be empty (leave it out for a new folder under runs/)")
+        if self.overwrite and self.resume:
+            raise UsageError("--overwrite with --resume: --resume continues the run in its folder, --overwrite "
+                             "replaces it; drop one")
 
     @property
     def warmup_steps(self) -> int:

@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 
 from imaml.errors import UsageError
 
-__all__ = ["OutputLock", "ENV"]
+__all__ = ["OutputLock", "ENV", "in_use"]
 
 ENV = "IMAML_OUTPUT_LOCK"  # "<fd>" of the launcher's lock, in a local job's workers
 
@@ -45,8 +45,7 @@ class OutputLock:
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "a process starting up"
                 os.close(fd)
-                raise UsageError(f"--output-dir {self.folder}: in use by another run ({holder}); wait for it "
-                                 f"to end or stop it, or pass another --output-dir") from None
+                raise in_use(self.folder, holder) from None
             except OSError as err:  # a filesystem without locks: say so and go on
                 os.close(fd)
                 print(f"warning: cannot lock --output-dir {self.folder} ({err.strerror or err}); make sure "
@@ -59,6 +58,26 @@ class OutputLock:
             else:  # its last holder removed it between our open and our lock: take the new one
                 os.close(fd)
         return self
+
+    def holder(self) -> Optional[str]:
+        """Who holds the folder now (another run, still going; not our own job's launcher), or
+        None; takes nothing."""
+        if self._inherited() is not None:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "a process starting up"
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Give the folder back: the file goes first, while still held, so no one locks a
@@ -86,6 +105,12 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def in_use(folder: Path, holder: str) -> UsageError:
+    """The one line that stops a second run into a folder in use."""
+    return UsageError(f"--output-dir {folder}: in use by another run ({holder}); wait for it to end or stop it, "
+                      f"or pass another --output-dir")
 
 
 def _same_file(fd: int, path: Path) -> bool:

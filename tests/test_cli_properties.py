@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from imaml import config as config_module
 from imaml.cli import main, run_from_args
 from imaml.arguments import parse_args
-from imaml.cli import prepare_output_dir
+from imaml.run_folder import choose_folder
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 
@@ -123,8 +123,8 @@ def test_every_flag_with_any_value_validates_or_names_the_problem(scratch, monke
     one-line UsageError, for any combination of any values of every flag."""
     from engines.extensions import choose_parts
 
-    # a default output directory (runs/latest, or runs/<new W&B id> with W&B on) is created
-    # here, not in the checkout
+    # a default output directory (runs/<date>_<time>, or runs/<new W&B id> with W&B on) is
+    # created here, not in the checkout
     monkeypatch.chdir(scratch)
 
     @settings(max_examples=1000, **SETTINGS)
@@ -133,7 +133,7 @@ def test_every_flag_with_any_value_validates_or_names_the_problem(scratch, monke
         try:
             config = parse_args(argv)
             choose_parts(config)
-            prepare_output_dir(config.output_dir)
+            choose_folder(config)
         except UsageError as err:
             assert _one_line(str(err)), (argv, str(err))
 

@@ -121,7 +121,7 @@ def test_each_sweep_trial_writes_to_runs_slash_its_w_and_b_run_id(tmp_path, data
         run_from_args(_sweep_command(data_root))
     monkeypatch.setenv("WANDB_RUN_ID", "agent-named-1")  # what a sweep agent sets for its trial
     run_from_args(_sweep_command(data_root))
-    dirs = sorted((tmp_path / "runs").iterdir())
+    dirs = sorted(p for p in (tmp_path / "runs").iterdir() if p.name != "latest")
     assert len(dirs) == 3 and (tmp_path / "runs" / "agent-named-1") in dirs
     for out in dirs:
         assert (out / "results.json").is_file() and (out / "plots" / "inner_loop.png").is_file()
@@ -137,7 +137,7 @@ def test_a_local_multi_process_job_shares_one_runs_dir(tmp_path, data_root, monk
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     assert main(_sweep_command(data_root, "--processes", "2", "--test-tasks", "2")) == 0
-    dirs = list((tmp_path / "runs").iterdir())
+    dirs = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]
     assert len(dirs) == 1 and (dirs[0] / "results.json").is_file()
     assert _of(_offline_run(dirs[0]), "run")[0].run_id == dirs[0].name
 
@@ -145,14 +145,20 @@ def test_a_local_multi_process_job_shares_one_runs_dir(tmp_path, data_root, monk
 def test_w_and_b_run_ids_and_output_dirs(tmp_path, monkeypatch):
     from imaml.arguments import parse_args
     from imaml.errors import UsageError
+    from imaml.run_folder import choose_folder
 
+    def folder(argv):
+        return choose_folder(parse_args(argv))[0]
+
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
-    assert parse_args([]).output_dir == "runs/latest" and parse_args([]).wandb_id is None  # W&B off: as before
-    first, second = parse_args(["--wandb-mode", "offline"]), parse_args(["--wandb-mode", "offline"])
+    assert parse_args([]).output_dir is None and parse_args([]).wandb_id is None  # a new runs/<date>_<time>
+    assert folder([]).output_dir.startswith("runs/20")
+    first, second = folder(["--wandb-mode", "offline"]), folder(["--wandb-mode", "offline"])
     assert first.wandb_id != second.wandb_id and first.output_dir == f"runs/{first.wandb_id}"
-    given = parse_args(["--wandb-mode", "offline", "--output-dir", str(tmp_path)])
-    assert given.output_dir == str(tmp_path) and given.wandb_id is None  # W&B names the run itself
-    named = parse_args(["--wandb-mode", "online", "--wandb-id", "trial_7"])
+    given = folder(["--wandb-mode", "offline", "--output-dir", str(tmp_path / "mine")])
+    assert given.output_dir == str(tmp_path / "mine") and given.wandb_id is None  # W&B names the run itself
+    named = folder(["--wandb-mode", "online", "--wandb-id", "trial_7"])
     assert named.output_dir == "runs/trial_7"
     with pytest.raises(UsageError) as err:
         parse_args(["--wandb-mode", "offline", "--wandb-id", "a/b"])

@@ -14,7 +14,7 @@ from imaml.errors import UsageError
 FLAGS = ["--task", "glyphs", "--algo", "imaml", "--meta-steps", "4", "--warmup-fraction", "0.5", "--lam", "10",
          "--head-lam", "0.1", "--head-init", "zero", "--meta-batch-size", "2", "--inner-steps", "3",
          "--test-inner-steps", "3", "--val-every", "2", "--val-tasks", "2", "--test-tasks", "4", "--log-every", "1",
-         "--processes", "1", "--no-wandb"]
+         "--processes", "1", "--wandb-mode", "disabled"]
 
 
 def _flags(tmp_path, *more):

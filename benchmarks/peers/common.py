@@ -28,6 +28,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -215,14 +216,21 @@ def run(argv: Optional[Sequence[str]], peer_class: type) -> dict:
     """Everything a peer script does: flags, build, meta-test θ₀, meta-train, meta-test, and
     ``<output-dir>/results.json`` with the fields ``benchmarks.compare`` reads."""
     from engines.progress import describe_result, peak_memory_mb
-    from imaml.cli import prepare_output_dir, run_protocol
+    from imaml.cli import run_protocol
     from imaml.reporting import RunLog, write_json
+    from imaml.run_folder import begin_writing, choose_folder, drop_if_empty
 
-    config = load_config(argv, peer_class)
-    output_dir = prepare_output_dir(config.output_dir)
-    log = RunLog(output_dir)
+    config, new = choose_folder(load_config(argv, peer_class))  # refused as run.py refuses: nothing written yet
+    output_dir = Path(config.output_dir)
+    try:
+        setup = build(config)
+    except BaseException:
+        if new:
+            drop_if_empty(output_dir)
+        raise
+    begin_writing(output_dir, continuing=False, new=new)
+    log = RunLog(output_dir, total_steps=config.meta_steps)
     write_json(output_dir / "config.json", config.to_dict())
-    setup = build(config)
     peer = peer_class(setup)
     say = log.say
     say(f"{peer.library} {peer.algo} on {config.task} (run.py's tasks, θ₀ and flags; seed {config.seed})")
