@@ -1,6 +1,6 @@
 # make run   - meta-train iMAML over a zero-started head on the embedded glyphs benchmark
 #              (configs/glyphs-imaml-head.yaml; sets up .venv first)
-# make test  - run the test suite (sets up .venv first)
+# make test  - run the test suite, one worker per core (sets up .venv first)
 # Pass flags to run.py with ARGS: make run ARGS="--meta-steps 100" keeps make run's method (and so
 # its preset); ARGS naming a method or preset runs that instead, e.g.
 #   make run ARGS="--algo maml --task sinusoid --shots 10"
@@ -26,8 +26,9 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) run.py $(RUN_ARGS)
 
+# one worker per core; a long test does not hold up the others (worksteal)
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist worksteal $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
