@@ -7,7 +7,7 @@
 
 import sys
 
-from imaml.cli import main
+from imaml.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

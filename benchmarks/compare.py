@@ -111,7 +111,7 @@ def finished_as(command: List[str], method: str, folder: Path) -> bool:
     results = folder / "results.json"
     if not results.is_file():
         return False
-    from imaml.cli import load_config
+    from imaml.app.cli import load_config
     from imaml.config import RunConfig
 
     flags = command[2:] if method in METHODS else command[3:]  # after run.py, or after -m module

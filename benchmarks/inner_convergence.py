@@ -22,7 +22,7 @@ from typing import List
 import torch
 
 from engines.build import build_engine
-from imaml.arguments import parse_args
+from imaml.app.arguments import parse_args
 from imaml.inner_optimizers import rows
 from imaml.solvers import largest_eigenvalue
 

@@ -124,7 +124,7 @@ class EngineProcesses:
 def serve_engine_worker(spec: dict) -> None:
     """One process of ``EngineProcesses`` (``worker_module`` runs this for ``--worker``), set up as run.py sets up each of its processes."""
     from engines import distributed
-    from imaml.cli import configure_process
+    from imaml.app.cli import configure_process
 
     config = engine_config(spec)
     configure_process(config)

@@ -133,8 +133,9 @@ def local_job_environment(processes: int) -> dict:
     return env
 
 
-def run_local_job(argv: List[str], processes: int, lock=None) -> int:
-    """Run ``argv`` (run.py's flags) in ``processes`` processes on this machine, wired as
+def run_local_job(command: List[str], processes: int, lock=None) -> int:
+    """Run ``command`` (the application's worker: an interpreter, its module and run.py's flags)
+    in ``processes`` processes on this machine, wired as
     torchrun wires its workers (gloo, one thread each unless OMP_NUM_THREADS is set), holding
     ``lock`` (the output folder's ``OutputLock``) with them. Ctrl-C and SIGTERM are passed on
     once, so the job saves its checkpoint and stops; returns the exit status of rank 0 (or
@@ -143,7 +144,7 @@ def run_local_job(argv: List[str], processes: int, lock=None) -> int:
     # Rank 0 speaks for the job; the others' stderr is kept aside and shown only if one of
     # them fails while rank 0 did not (otherwise it only echoes rank 0's error).
     logs = [None] + [tempfile.TemporaryFile(mode="w+") for _ in range(1, processes)]
-    workers = [subprocess.Popen([sys.executable, "-m", "imaml.cli", *argv], start_new_session=True,
+    workers = [subprocess.Popen(command, start_new_session=True,
                                 env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=logs[r],
                                 pass_fds=lock.fds() if lock else ())
                for r in range(processes)]

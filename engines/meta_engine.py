@@ -18,7 +18,7 @@ from engines.run_control import RunControl, engine_state, restore_engine_state
 from imaml.config import RunConfig
 from imaml.errors import RunStopped
 from imaml.reporting import RunLog
-from imaml.test_time import MetaTestLevers
+from engines.test_time import MetaTestLevers
 
 __all__ = ["MetaEngine"]
 

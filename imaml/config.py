@@ -1,6 +1,6 @@
 """Typed run configuration: dataclass defaults < YAML preset < command-line flags.
 
-One ``RunConfig`` is built and validated once (``imaml.arguments``, ``imaml.cli``) and passed
+One ``RunConfig`` is built and validated once (``imaml.app.arguments``, ``imaml.app.cli``) and passed
 down; no globals. Each field carries its help and choices (``option``): the CLI is built from them.
 """
 

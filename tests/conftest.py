@@ -23,6 +23,14 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "device: a test of a device path; runs on --device (make_config's device)")
+    config.addinivalue_line("markers", "long: a test of a minute or more (whole pipelines in subprocesses); started "
+                                       "first, so that make test's parallel workers finish together")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The long tests first (docs/architecture.md, "The test suite"): a long test drawn last would
+    keep one worker busy after the others are done."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
 
 
 @pytest.fixture

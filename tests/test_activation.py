@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from imaml import config as config_module
-from imaml.cli import main
+from imaml.app.cli import main
 from imaml.models import ACTIVATIONS, build_model
 
 

@@ -15,7 +15,7 @@ import torch
 
 from envs import glyphs
 from envs.omniglot import CACHE, read_set
-from imaml.cli import main
+from imaml.app.cli import main
 from imaml.errors import UsageError
 from tests.benchmark_files import official_omniglot_set, read_code, write_cifarfs, write_files
 

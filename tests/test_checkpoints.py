@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from imaml import checkpoint
-from imaml.cli import main, run_from_args
+from imaml.app.cli import main, run_from_args
 
 
 def _common(data_root, algo):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from imaml.arguments import parse_args
-from imaml.cli import main, run_from_args
+from imaml.app.arguments import parse_args
+from imaml.app.cli import main, run_from_args
 from imaml.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_errors_print_no_traceback_from_the_real_entry_point(tmp_path):
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_preset_is_valid_and_names_its_task(preset):
     from envs import TASKS
-    from imaml.arguments import parse_args
+    from imaml.app.arguments import parse_args
 
     config = parse_args(["--config", str(ROOT / "configs" / preset)])
     # <task>-<algo>[-variant].yaml, or <task>-cpu.yaml: the task's best preset for this CPU, whatever its algorithm
@@ -173,7 +173,7 @@ def test_keep_freed_memory_keeps_a_freed_block_for_reuse(setting):
 @pytest.mark.parametrize("device,flag,applied", [("cpu", True, True), ("cpu", False, False), ("cuda", True, False)])
 def test_run_applies_the_allocator_setting_on_cpu_unless_told_not_to(monkeypatch, make_config, device, flag, applied):
     import imaml.allocator
-    from imaml.cli import configure_process
+    from imaml.app.cli import configure_process
 
     calls = []
     monkeypatch.setattr(imaml.allocator, "keep_freed_memory", lambda: calls.append(1) or True)
@@ -185,7 +185,7 @@ def test_run_applies_the_allocator_setting_on_cpu_unless_told_not_to(monkeypatch
 def test_every_boolean_option_is_a_switch_with_an_optional_value(switch):
     """``--x`` on, ``--no-x`` off, ``--x VALUE`` / ``--x=VALUE`` as given (W&B sweeps pass
     ``--x=true``); the last one wins."""
-    from imaml.arguments import build_parser, coerce
+    from imaml.app.arguments import build_parser, coerce
 
     flag = "--" + switch.replace("_", "-")
     negated = "--no-" + flag[2:]

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imaml import config as config_module
-from imaml.cli import main, run_from_args
-from imaml.arguments import parse_args
-from imaml.run_folder import choose_folder
+from imaml.app.cli import main, run_from_args
+from imaml.app.arguments import parse_args
+from imaml.app.run_folder import choose_folder
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 
@@ -189,6 +189,7 @@ def _small_runs(scratch: Path, trained: Path):
     return _flags(strategies)
 
 
+@pytest.mark.long  # docs/architecture.md, "The test suite"
 def test_small_runs_finish_or_stop_with_one_line(scratch, trained, data_root):
     """``main`` on random small runs: exit 0 with results.json, or exit 2 (bad input) or 3
     (divergence) with one line on stderr; nothing raises, nothing prints a traceback."""

@@ -14,6 +14,7 @@ SMALL = ["--ways", "3", "--channels", "4", "--query-shots", "2", "--meta-steps",
          "--processes", "1"]
 
 
+@pytest.mark.long  # docs/architecture.md, "The test suite"
 def test_compare_runs_every_method_over_seeds_on_the_same_tasks(tmp_path, data_root):
     out = tmp_path / "cmp"
     methods = ["maml", "anil", "imaml", "imaml-hf", "imaml-head", "pretrain"]
@@ -69,6 +70,7 @@ def test_the_intervals_are_students_over_seeds_and_normal_over_tasks():
         paired_difference({0: [1.0, 0.0]}, {0: [1.0]})
 
 
+@pytest.mark.long  # docs/architecture.md, "The test suite"
 def test_a_finished_run_is_reused_and_a_changed_one_runs_again(tmp_path, data_root, capsys):
     out = tmp_path / "cmp"
     methods = ["maml", "imaml-torchopt"]

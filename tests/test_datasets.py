@@ -10,7 +10,7 @@ import torch
 
 from envs import build_task_sources
 from envs.datasets import DATASETS
-from imaml.cli import main
+from imaml.app.cli import main
 from imaml.config import RunConfig
 from tests.benchmark_files import WRITERS
 

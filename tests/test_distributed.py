@@ -24,10 +24,10 @@ import torch
 import torch.multiprocessing as mp
 
 from engines import build_engine, distributed
-from imaml.cli import main, run_from_args
+from imaml.app.cli import main, run_from_args
 from imaml.config import RunConfig
 from imaml.errors import RunStopped, UsageError
-from imaml.output_lock import OutputLock
+from imaml.app.output_lock import OutputLock
 from tests.reference import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]

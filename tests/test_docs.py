@@ -40,7 +40,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from imaml.arguments import build_parser, coerce, find_preset  # noqa: E402
+from imaml.app.arguments import build_parser, coerce, find_preset  # noqa: E402
 from imaml.config import FIELDS  # noqa: E402
 from imaml.errors import UsageError  # noqa: E402
 from imaml.plugins import is_import_path, load_object  # noqa: E402
@@ -279,7 +279,7 @@ def check_benchmark(module: str, args: List[str]) -> List[str]:
         source = path.read_text()
         return [f"{flag}: not in {path.relative_to(ROOT)}" for flag in ours
                 if flag.startswith("--") and flag.split("=")[0] not in source]
-    if type(parser).__module__ == "imaml.arguments":  # a peer: run.py's own flags
+    if type(parser).__module__ == "imaml.app.arguments":  # a peer: run.py's own flags
         return check_run_args(args, module)
     passes_on = "parse_known_args" in path.read_text()  # what it does not know goes on to run.py
     problems = check_run_args(shared, f"run.py (after -- of {module})")
@@ -520,7 +520,7 @@ def test_run_py_help_runs():
 
 def test_run_py_list_presets_runs():
     if "--list-presets" not in run_options():
-        pytest.skip("run.py has no --list-presets yet (the docs name it; imaml/arguments.py is adding it)")
+        pytest.skip("run.py has no --list-presets yet (the docs name it; imaml/app/arguments.py is adding it)")
     done = _run("--list-presets")
     assert done.returncode == 0, done.stderr
     assert "glyphs-imaml-head" in done.stdout

@@ -20,7 +20,7 @@ import pytest
 from envs import downloads
 from envs.datasets import DATASETS
 from envs.downloads import download, fetch_missing
-from imaml.cli import main
+from imaml.app.cli import main
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 from tests.benchmark_files import WRITERS

@@ -8,7 +8,7 @@ import torch
 
 from engines import build_engine
 from imaml import checkpoint
-from imaml.cli import run_from_args
+from imaml.app.cli import run_from_args
 from imaml.errors import UsageError
 from imaml.models import MLP
 from problems.head import head_names

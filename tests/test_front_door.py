@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from imaml.arguments import HELP_GROUPS, automatic_preset, list_presets, load_preset, parse_args
-from imaml.cli import main
+from imaml.app.arguments import HELP_GROUPS, automatic_preset, list_presets, load_preset, parse_args
+from imaml.app.cli import main
 from imaml.config import CONFIG_DIR, FIELDS
 from imaml.errors import UsageError
-from imaml.methods import method_of
-from imaml.output_lock import OutputLock
+from imaml.app.methods import method_of
+from imaml.app.output_lock import OutputLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("glyphs", "sinusoid", "omniglot-lake", "omniglot", "mini-imagenet", "tiered-imagenet", "cifarfs", "fc100")

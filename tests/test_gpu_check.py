@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["setup", "tests", "run-glyphs", "run-omniglot", "run-torchrun", "memory", "throughput-imaml-network",
          "throughput-imaml-head", "throughput-maml", "throughput-anil"]
@@ -20,6 +22,7 @@ def _results(log: str) -> dict:
     return json.loads(log[log.rindex("\n{") + 1:])
 
 
+@pytest.mark.long  # docs/architecture.md, "The test suite"
 def test_cpu_dry_run_takes_every_step_and_writes_every_file(tmp_path, data_root):
     out = tmp_path / "out"
     env = {**os.environ, "IMAML_PYTHON": sys.executable,

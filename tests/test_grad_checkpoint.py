@@ -14,7 +14,7 @@ from torch import nn
 
 from benchmarks.measure import SavedTensorPeak
 from engines import build_engine
-from imaml.cli import main, run_from_args
+from imaml.app.cli import main, run_from_args
 from imaml.errors import UsageError
 from problems import UnrolledLower
 from problems.head import head_names

@@ -14,7 +14,7 @@ import torch
 from engines import build_engine
 from imaml.errors import UsageError
 from imaml.inner_optimizers import INNER_OPTIMIZERS, InnerLoop, InnerStep, rows
-from imaml.cli import main
+from imaml.app.cli import main
 from tests.reference import engine_meta_gradient, implicit_maml, relative_error, unrolled_general
 from tests.test_meta_gradients import _shrink_mlp
 
@@ -172,7 +172,7 @@ def test_vectorized_objectives_are_the_per_task_terms(make_config):
     (["--algo", "imaml", "--inner-cg-steps", "0"], "--inner-cg-steps"),
 ])
 def test_inner_loop_options_are_refused_where_they_do_not_apply(flags, message):
-    from imaml.arguments import parse_args
+    from imaml.app.arguments import parse_args
 
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         parse_args(flags).validate()

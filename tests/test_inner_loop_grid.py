@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engines import build_engine
-from imaml.cli import run_from_args
+from imaml.app.cli import run_from_args
 from imaml.metrics import task_loss
 from imaml.plots import draw_inner_loop_grid, grid_rows, read_inner_curves
 

@@ -53,3 +53,29 @@ def test_bettys_private_attributes_are_named_in_betty_glue_only():
 def test_no_dispatch_on_a_vectorized_attribute():
     found = [f for f in _sources() if re.search(r"getattr\([^)]*[\"']vectorized[\"']", (ROOT / f).read_text())]
     assert not found, found
+
+
+def _imports(path: Path) -> list:
+    """Every module ``path`` imports (top level or inside a function), by absolute name."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.extend([node.module] + [f"{node.module}.{alias.name}" for alias in node.names])
+    return names
+
+
+def test_the_layers_point_one_way():
+    """imaml/ (the library) imports neither the data (envs), the levels (problems), the
+    orchestration (engines) nor the application (imaml.app); nothing but the application and the
+    entry points imports the application."""
+    library = [p for p in (ROOT / "imaml").rglob("*.py") if "app" not in p.relative_to(ROOT / "imaml").parts]
+    assert len(library) > 20
+    for path in library:
+        wrong = [name for name in _imports(path) if name.split(".")[0] in ("envs", "problems", "engines")
+                 or name.startswith("imaml.app")]
+        assert not wrong, f"{path.relative_to(ROOT)} imports {wrong}"
+    for folder in ("envs", "problems", "engines"):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert not [n for n in _imports(path) if n.startswith("imaml.app")], f"{path.relative_to(ROOT)} imports the app"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from imaml.cli import run_from_args
+from imaml.app.cli import run_from_args
 
 
 # the task's presets, shortened

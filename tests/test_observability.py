@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from imaml.cli import run_from_args
+from imaml.app.cli import run_from_args
 from tests.wandb_records import read_finished_run
 
 
@@ -131,7 +131,7 @@ def test_each_sweep_trial_writes_to_runs_slash_its_w_and_b_run_id(tmp_path, data
 
 def test_a_local_multi_process_job_shares_one_runs_dir(tmp_path, data_root, monkeypatch):
     """The job's parent picks the W&B run id (and so runs/<id>); its workers use the same."""
-    from imaml.cli import main
+    from imaml.app.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
@@ -143,9 +143,9 @@ def test_a_local_multi_process_job_shares_one_runs_dir(tmp_path, data_root, monk
 
 
 def test_w_and_b_run_ids_and_output_dirs(tmp_path, monkeypatch):
-    from imaml.arguments import parse_args
+    from imaml.app.arguments import parse_args
     from imaml.errors import UsageError
-    from imaml.run_folder import choose_folder
+    from imaml.app.run_folder import choose_folder
 
     def folder(argv):
         return choose_folder(parse_args(argv))[0]
@@ -191,7 +191,7 @@ def test_online_wandb_without_login_falls_back_to_offline(tmp_path, data_root, m
 def test_sweep_file_names_real_flags():
     import yaml
 
-    from imaml.arguments import build_parser, parse_args
+    from imaml.app.arguments import build_parser, parse_args
     from imaml.config import CONFIG_DIR
 
     sweep = yaml.safe_load((CONFIG_DIR / "sweeps" / "glyphs-imaml-head.yaml").read_text())

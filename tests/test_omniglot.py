@@ -11,7 +11,7 @@ import torch
 from envs import build_task_sources
 from envs.omniglot import read_runs, read_set
 from envs.tasks import RotatedClasses
-from imaml.cli import main
+from imaml.app.cli import main
 from imaml.config import RunConfig
 from tests.benchmark_files import official_omniglot_set, official_runs, read_code, write_files
 

@@ -1,4 +1,4 @@
-"""One run per output folder (imaml/output_lock.py): a second run into a folder in use stops
+"""One run per output folder (imaml/app/output_lock.py): a second run into a folder in use stops
 before any work with one line naming the folder and the run that holds it; a run killed with
 -9 leaves a lock that the next run simply takes; --resume of a killed or finished run works."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from imaml import checkpoint
-from imaml.cli import main
+from imaml.app.cli import main
 from imaml.errors import UsageError
-from imaml.output_lock import ENV, OutputLock
+from imaml.app.output_lock import ENV, OutputLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_a_second_run_into_a_folder_in_use_stops_and_a_killed_run_resumes(tmp_pa
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from imaml.output_lock import OutputLock
+from imaml.app.output_lock import OutputLock
 lock = OutputLock({out!r}).acquire()
 print("held", flush=True)
 time.sleep(600)

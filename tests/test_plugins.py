@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engines import build_engine
-from imaml.cli import main, run_from_args
+from imaml.app.cli import main, run_from_args
 from imaml.errors import UsageError
 from problems.anil import ANILImplicit, ANILUnrolled
 from tests.reference import engine_meta_gradient, relative_error

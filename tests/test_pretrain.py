@@ -9,7 +9,7 @@ import torch
 
 from engines import build_engine
 from envs.omniglot import OneShotRuns
-from imaml.cli import main, run_from_args
+from imaml.app.cli import main, run_from_args
 from imaml.errors import UsageError
 from problems.pretrain import FineTune, FineTuneHead, Pretrained, prototype_head
 from tests.benchmark_files import WRITERS, read_code
@@ -213,7 +213,7 @@ def test_a_pretrain_run_writes_what_a_meta_learning_run_writes(tmp_path, data_ro
 
 
 def test_the_glyphs_preset_selects_pretrain(tmp_path):
-    from imaml.arguments import parse_args
+    from imaml.app.arguments import parse_args
 
     config = parse_args(["--algo", "pretrain", "--output-dir", str(tmp_path)])
     assert config.config.endswith("glyphs-pretrain.yaml") and config.meta_steps == 400

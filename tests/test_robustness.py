@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from imaml import checkpoint
-from imaml.cli import main
+from imaml.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The meta-test levers (imaml.test_time): the balanced assignment against brute force, the
+"""The meta-test levers (engines.test_time): the balanced assignment against brute force, the
 jittered views' determinism, and both through the engine on Lake's protocol (small files in the
 official formats)."""
 
@@ -10,10 +10,10 @@ import torch
 
 from engines import build_engine
 from envs.meta_batch import MetaBatch
-from imaml.cli import main
+from imaml.app.cli import main
 from imaml.config import RunConfig
 from imaml.errors import UsageError
-from imaml.test_time import MetaTestLevers, balanced_assignment
+from engines.test_time import MetaTestLevers, balanced_assignment
 from tests.test_omniglot import TINY, lake_config, write_lake_root
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from imaml import checkpoint
-from imaml.cli import _continue_from_warmup, load_config, main, warmup_config
+from imaml.app.cli import load_config, main
+from imaml.app.warmup import continue_from_warmup, warmup_config
 from imaml.errors import UsageError
 
 FLAGS = ["--task", "glyphs", "--algo", "imaml", "--meta-steps", "4", "--warmup-fraction", "0.5", "--lam", "10",
@@ -51,7 +52,7 @@ def test_the_whole_network_phase_starts_from_the_warmup_theta(tmp_path):
     saved = checkpoint.load(tmp_path / "run" / "warmup" / "checkpoints" / "latest.pt")
     warmed = {"theta": tmp_path / "run" / "warmup" / "checkpoints" / "latest.pt", "output_dir": "warmup"}
     before = [p.detach().clone() for p in engine.upper.module.parameters()]
-    _continue_from_warmup(engine, config, warmed)
+    continue_from_warmup(engine, config, warmed)
     after = dict(engine.upper.module.named_parameters())
     assert all(torch.equal(after[name], value) for name, value in saved["upper"]["module"].items() if name in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after.values()))  # θ₀ was replaced

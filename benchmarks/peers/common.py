@@ -3,7 +3,7 @@
 A peer runs another library's implementation of a method on exactly what ``run.py`` runs for the
 same flags and seed, so ``benchmarks.compare`` can score it task by task beside our rows:
 
-- the flags are run.py's (``imaml.arguments``: same names, the same preset
+- the flags are run.py's (``imaml.app.arguments``: same names, the same preset
   ``configs/<task>-<algo>.yaml`` for the peer's algorithm, flags over it), validated the same way;
 - the task sources, the Env and θ₀ are built as ``engines.build.build_engine`` builds them
   (``torch.manual_seed(seed)`` right before the model), so the meta-training batches (the Env's
@@ -34,7 +34,7 @@ from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from imaml.arguments import config_from_flags, parse_flags
+from imaml.app.arguments import config_from_flags, parse_flags
 from imaml.config import RunConfig, flag
 from imaml.errors import UsageError
 
@@ -216,9 +216,9 @@ def run(argv: Optional[Sequence[str]], peer_class: type) -> dict:
     """Everything a peer script does: flags, build, meta-test θ₀, meta-train, meta-test, and
     ``<output-dir>/results.json`` with the fields ``benchmarks.compare`` reads."""
     from engines.progress import describe_result, peak_memory_mb
-    from imaml.cli import run_protocol
+    from imaml.app.results import run_protocol
     from imaml.reporting import RunLog, write_json
-    from imaml.run_folder import begin_writing, choose_folder, drop_if_empty
+    from imaml.app.run_folder import begin_writing, choose_folder, drop_if_empty
 
     config, new = choose_folder(load_config(argv, peer_class))  # refused as run.py refuses: nothing written yet
     output_dir = Path(config.output_dir)

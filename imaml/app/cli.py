@@ -1,8 +1,8 @@
-"""The command line: parse, build, run, write results.json. ``run.py`` calls ``main``."""
+"""The command line: parse, claim the run's folder, build, run, write results.json. ``run.py``
+calls ``main``; a local multi-process job's workers run this module."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from contextlib import contextmanager
@@ -10,20 +10,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
-from imaml.arguments import automatic_preset, config_from_flags, parse_flags
+from imaml.app.arguments import automatic_preset, config_from_flags, parse_flags
+from imaml.app.methods import describe as describe_method
+from imaml.app.output_lock import OutputLock
+from imaml.app.results import assemble_results, describe_protocol
+from imaml.app.run_folder import NEW_FOLDER_ENV, begin_writing, checkpoint_path, choose_folder, drop_if_empty
+from imaml.app.warmup import continue_from_warmup, warm_up
 from imaml.config import CONFIG_DIR, FIELDS, RunConfig
 from imaml.errors import UsageError
-from imaml.methods import describe as describe_method
-from imaml.output_lock import OutputLock
 from imaml.reporting import RunLog, write_json
-from imaml.run_folder import NEW_FOLDER_ENV, begin_writing, choose_folder, drop_if_empty, prepare_output_dir
 
-__all__ = ["run_from_args", "load_config", "configure_process", "checkpoint_path", "prepare_output_dir", "run_protocol",
-           "first_line", "main"]
+__all__ = ["run_from_args", "load_config", "configure_process", "first_line", "main"]
 
 
 def load_config(argv: Optional[list] = None) -> RunConfig:
-    """The run's configuration: flags over preset over defaults (``imaml.arguments``); resuming
+    """The run's configuration: flags over preset over defaults (``imaml.app.arguments``); resuming
     (``--resume``) or evaluating a checkpoint (``--eval-only``), the checkpoint's own settings
     with the flags given now over them."""
     cli, preset_flag = parse_flags(argv)
@@ -102,36 +103,18 @@ def _run(config: RunConfig, main_process: bool, new_folder: bool = False) -> dic
         begin_writing(output_dir, continuing=bool(config.resume), new=new_folder)
         log.sink = start_wandb(config, output_dir)
         write_json(output_dir / "config.json", config.to_dict())
-    warmed = _warm_up(config, main_process) if config.warmup_fraction and start is None else None
+    warmed = warm_up(config, main_process, _run) if config.warmup_fraction and start is None else None
     if warmed is not None:
-        _continue_from_warmup(engine, config, warmed)
+        continue_from_warmup(engine, config, warmed)
     if config.eval_only:
         say(f"meta-test of {start} (meta-step {engine.global_step}) on {config.test_tasks} tasks ...")
         outcome = {"test": engine.evaluate("test", config.test_tasks), "checkpoint": str(start),
                    "checkpoint_step": engine.global_step}
         say(f"meta-test: {describe_result(outcome['test'])}")
     else:
-        say(_describe(config, engine.env.kind, distributed.world_size()))
+        say(describe_protocol(config, engine.env.kind, distributed.world_size()))
         outcome = engine.run()
-    results = {
-        "algo": config.algo,
-        "task": config.task,
-        "ways": config.ways if engine.env.kind == "classification" else None,
-        "test_ways": (config.test_ways or config.ways) if engine.env.kind == "classification" else None,
-        "shots": config.shots,
-        "query_shots": config.query_shots,
-        "meta_steps": config.meta_steps,
-        "seed": config.seed,
-        **outcome,
-        "protocol": run_protocol(config, engine.env.kind, engine.env.describe()),
-        "splits": engine.env.describe(),
-        "processes": distributed.world_size(),
-        "config": config.to_dict(),
-    }
-    if warmed is not None:
-        results["warmup"] = {key: warmed["results"].get(key) for key in
-                             ("meta_steps", "meta_gradient", "best_validation", "train_seconds", "total_seconds")}
-        results["warmup"]["output_dir"] = warmed["output_dir"]
+    results = assemble_results(config, engine, outcome, warmed)
     if not main_process:
         return results
     write_json(output_dir / "results.json", results)
@@ -161,70 +144,6 @@ def _shown_path(path) -> str:
     return f"configs/{path.name}" if path.parent == CONFIG_DIR else str(path)
 
 
-def warmup_config(config: RunConfig) -> RunConfig:
-    """The settings of ``--warmup-fraction``'s first phase: the same run with the head alone adapted,
-    at the head's λ, for the warm-up's meta-steps, in ``<output-dir>/warmup``."""
-    return replace(config, adapt="head", lam=config.head_lam or config.lam, head_lam=None,
-                   meta_steps=config.warmup_steps, warmup_fraction=0.0, output_dir=str(Path(config.output_dir) / "warmup"),
-                   resume=None, wandb_mode="disabled").validate()
-
-
-def _warm_up(config: RunConfig, main_process: bool) -> Optional[dict]:
-    """Run (or find finished) the warm-up phase; None when a resumed run is past it already."""
-    if checkpoint_path(config) is not None:  # resumed: the whole-network phase has its own checkpoint
-        return None
-    warm = warmup_config(config)
-    finished = Path(warm.output_dir) / "results.json"
-    results = json.loads(finished.read_text()) if finished.is_file() else {}
-    if results.get("config") != warm.to_dict():  # else a finished warm-up with these settings: reused
-        if main_process:
-            prepare_output_dir(warm.output_dir)
-        results = _run(warm, main_process)
-    return {"results": results, "output_dir": warm.output_dir,
-            "theta": Path(warm.output_dir) / "checkpoints" / "latest.pt"}
-
-
-def _continue_from_warmup(engine, config: RunConfig, warmed: dict) -> None:
-    """Start the whole-network phase after the warm-up's meta-steps, from the warm-up's θ (a fresh
-    meta-optimizer), with its meta-test of θ₀ as this run's "before meta-training"."""
-    from imaml import checkpoint
-
-    state = checkpoint.load(warmed["theta"])
-    engine.upper.module.load_state_dict(state["upper"]["module"])
-    engine.global_step = config.warmup_steps
-    engine.before = state["before_meta_training"]
-    engine.env.load_state_dict(state["env"])  # the next meta-batches are the ones an unbroken run would draw
-    engine.start_note = (f"warm-up done ({warmed['output_dir']}): the whole network adapts from its θ, "
-                         f"meta-steps {config.warmup_steps + 1}-{config.meta_steps}")
-
-
-def run_protocol(config: RunConfig, kind: str, splits: dict) -> dict:
-    """What a published number depends on, recorded beside it: results.json's ``protocol``, which
-    the peer rows (benchmarks/peers) write too. A test split that describes its own tasks, like
-    Lake's runs, says how many queries per class it has."""
-    queries = splits.get("test", {}).get("query_per_class", config.test_query_shots or config.query_shots)
-    return {"test_tasks": config.test_tasks, "test_query_shots": queries,
-            "test_inner_steps": config.test_inner_steps, "inner_steps": config.inner_steps,
-            "bn_mode": config.bn_mode if kind == "classification" else None,
-            "model": config.model, "activation": config.activation, "channels": config.channels,
-            "meta_batch_size": config.meta_batch_size,
-            "hypergrad": config.hypergrad if config.algo == "imaml" else None,
-            "lam": config.lam if config.algo == "imaml" else None, "seed": config.seed}
-
-
-def _describe(config: RunConfig, kind: str, processes: int) -> str:
-    ways = f"{config.ways}-way " if kind == "classification" else ""
-    bn = f", BatchNorm {config.bn_mode}" if kind == "classification" else ""
-    if config.algo == "pretrain":  # engines/pretrain.py: no inner loop in training
-        images = config.meta_batch_size * config.ways * (config.shots + config.query_shots)
-        return (f"pretrain on {config.task}: {config.meta_steps} steps of {images} images over all training "
-                f"classes; meta-test {ways}{config.shots}-shot, {config.test_inner_steps} fine-tuning steps{bn}, "
-                f"device {config.device}" + (f", {processes} processes" if processes > 1 else ""))
-    return (f"{config.algo} on {config.task}: {ways}{config.shots}-shot, meta-batch {config.meta_batch_size}, "
-            f"{config.meta_steps} meta-steps, {config.inner_steps} inner steps ({config.test_inner_steps} at "
-            f"test){bn}, device {config.device}" + (f", {processes} processes" if processes > 1 else ""))
-
-
 def main(argv: Optional[list] = None) -> int:
     """Console-script entry point (same behaviour as run.py)."""
     from imaml.errors import RunStopped
@@ -249,7 +168,7 @@ def main(argv: Optional[list] = None) -> int:
                 os.environ[NEW_FOLDER_ENV] = config.output_dir
             try:
                 with OutputLock(config.output_dir).acquire() as lock:  # handed down to the workers
-                    return distributed.run_local_job(argv, processes, lock)
+                    return distributed.run_local_job([sys.executable, "-m", "imaml.app.cli", *argv], processes, lock)
             finally:
                 if new:
                     drop_if_empty(Path(config.output_dir))
@@ -264,15 +183,6 @@ def main(argv: Optional[list] = None) -> int:
         say("interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def checkpoint_path(config: RunConfig) -> Optional[Path]:
-    """The checkpoint a resumed or evaluation-only run starts from."""
-    if config.resume:
-        return Path(config.resume) / "checkpoints" / "latest.pt"
-    if config.eval_only:
-        return Path(config.checkpoint)
-    return None
 
 
 def _saved_config(cli: dict) -> Optional[dict]:

@@ -19,10 +19,10 @@ from typing import Optional, Tuple
 
 from imaml.config import WANDB_ID, RunConfig
 from imaml.errors import UsageError
-from imaml.output_lock import OutputLock, in_use
+from imaml.app.output_lock import OutputLock, in_use
 
 __all__ = ["RUNS", "RUN_FILES", "NEW_FOLDER_ENV", "held_run", "choose_folder", "prepare_output_dir",
-           "begin_writing", "drop_if_empty"]
+           "begin_writing", "drop_if_empty", "checkpoint_path"]
 
 RUNS = Path("runs")  # where folders are made for runs without --output-dir, beside runs/latest
 # everything a run writes in its folder: what --overwrite removes, and what says a folder holds a run
@@ -133,6 +133,15 @@ def _point_latest(folder: Path) -> None:
     link.unlink(missing_ok=True)
     os.symlink(folder.name, link)
     os.replace(link, latest)
+
+
+def checkpoint_path(config: RunConfig) -> Optional[Path]:
+    """The checkpoint a resumed or evaluation-only run starts from."""
+    if config.resume:
+        return Path(config.resume) / "checkpoints" / "latest.pt"
+    if config.eval_only:
+        return Path(config.checkpoint)
+    return None
 
 
 def drop_if_empty(folder: Path) -> None:

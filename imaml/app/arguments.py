@@ -2,7 +2,7 @@
 
 ``build_parser`` makes one flag per ``RunConfig`` field, with the help and choices the field
 carries (``imaml.config.option``); ``parse_args`` reads flags and the preset they pick. A resumed
-or evaluated run's saved settings are the CLI's business (``imaml.cli.load_config``), not the
+or evaluated run's saved settings are the CLI's business (``imaml.app.cli.load_config``), not the
 parser's: nothing here opens a checkpoint.
 """
 
@@ -20,7 +20,7 @@ import yaml
 
 from imaml.config import CONFIG_DIR, FIELDS, RunConfig, field_type, flag
 from imaml.errors import UsageError
-from imaml.methods import method_of
+from imaml.app.methods import method_of
 
 __all__ = ["build_parser", "parse_flags", "parse_args", "config_from_flags", "coerce", "find_preset", "load_preset",
            "automatic_preset", "list_presets", "HELP_GROUPS"]
@@ -296,7 +296,7 @@ def list_presets() -> str:
 
 def _wandb_run_id(merged: dict) -> None:
     """With W&B on and no output folder chosen, fix the run's id now: the run's folder is then
-    runs/<id> (``imaml.run_folder``), so each trial of a sweep keeps its own files."""
+    runs/<id> (``imaml.app.run_folder``), so each trial of a sweep keeps its own files."""
     if merged.get("wandb_mode", RunConfig.wandb_mode) == "disabled":
         return
     if "output_dir" in merged and not merged.get("wandb_id"):

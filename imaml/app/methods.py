@@ -2,7 +2,7 @@
 
 A method is the pair (algorithm, what adapts from where): ``--algo maml --adapt head`` is ANIL,
 ``--algo imaml --adapt head --head-init zero`` the head iMAML. The automatic preset is
-``configs/<task>-<method>.yaml`` for the method the flags name (``imaml.arguments``), and the
+``configs/<task>-<method>.yaml`` for the method the flags name (``imaml.app.arguments``), and the
 first console line of a run says the method in words (``describe``), so neither can silently
 disagree with what runs. Torch-free: the command line reads it before any heavy import.
 """
