@@ -1,6 +1,6 @@
 """Meta-training and Lake meta-test speed of the adaptation settings, on real Omniglot files.
 
-    python -m benchmarks.lake_proxy --source ../shared/data/omniglot/images_background_small1.zip \\
+    python -m studies.lake_proxy --source ../shared/data/omniglot/images_background_small1.zip \\
         --hold-out Korean --out data/lake-proxy-korean
     OMP_NUM_THREADS=1 python -m benchmarks.adaptation_speed --data-root data/lake-proxy-korean
 
@@ -94,7 +94,7 @@ def _timed(fn) -> float:
 
 def main(argv: List[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", required=True, help="a root with omniglot-py/ (benchmarks.lake_proxy writes one)")
+    parser.add_argument("--data-root", required=True, help="a root with omniglot-py/ (studies.lake_proxy writes one)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--output-dir", default="runs/adaptation_speed")

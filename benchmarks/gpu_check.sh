@@ -8,7 +8,7 @@
 #
 # Steps, in this order: setup (which Python, torch and CUDA); tests (pytest -m device --device cuda);
 # run-glyphs (run.py's default job, short); run-omniglot (real Omniglot: Lake's protocol on 20 runs
-# built from Korean, held out of images_background_small1.zip by benchmarks.lake_proxy);
+# built from Korean, held out of images_background_small1.zip by studies.lake_proxy);
 # run-torchrun (torchrun --nproc-per-node 1, --dist-backend nccl); memory (benchmarks.memory at 1,
 # 5, 25, 50 inner steps); then one throughput row per method (benchmarks.throughput, THROUGHPUT_ROWS
 # below). Options: --out DIR (default $OUT if set, else runs/gpu_check), --data-root DIR (glyphs,
@@ -184,7 +184,7 @@ fi
 if [ "$STEP_RC" = 0 ] && [ ! -f "$ZIP" ]; then
   echo "no data: $ZIP is absent" >>"$STEP_LOG"; skip "no data ($ZIP)"
 fi
-sub "$PY" -m benchmarks.lake_proxy --source "$ZIP" --hold-out Korean --out "$WORK/lake"
+sub "$PY" -m studies.lake_proxy --source "$ZIP" --hold-out Korean --out "$WORK/lake"
 sub "$PY" run.py --config configs/omniglot-lake-imaml-head-cpu.yaml --data-root "$WORK/lake" --device "$DEVICE" \
     --output-dir "$WORK/omniglot" "${RUN[@]}" --test-tasks 20 "${ONE_PROCESS[@]}"  # the meta-test: the 20 runs
 sub cat "$WORK/omniglot/results.json"

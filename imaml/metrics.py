@@ -59,11 +59,19 @@ def global_norm(tensors) -> torch.Tensor:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
-def mean_ci95(values: Sequence[float]) -> tuple:
-    """Mean and half-width of the 95% interval, 1.96·std/√N (std with N−1)."""
+# Student's t, two-sided 95%, by degrees of freedom (beyond the table: the normal's 1.96)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def mean_ci95(values: Sequence[float], student: bool = False) -> tuple:
+    """Mean and half-width of its 95% interval, z·std/√N (std with N−1; nan for one value): z =
+    1.96 over many values (test tasks), or with ``student`` Student's t with N−1 degrees of
+    freedom, for a few (seeds; between the table's rows, the larger t)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, 1.96 * math.sqrt(var / n)
+    z = _T95[max(k for k in _T95 if k <= n - 1)] if student and n - 1 <= 30 else 1.96
+    return mean, z * math.sqrt(var / n)

@@ -1,13 +1,14 @@
-"""benchmarks.compare: the methods on the same test tasks, over seeds, with paired differences;
-benchmarks.paired: the statistics."""
+"""studies.compare: the methods on the same test tasks, over seeds, with paired differences;
+studies.paired: the statistics."""
 
 import json
 import math
 
 import pytest
 
-from benchmarks import compare
-from benchmarks.paired import paired_difference, t_interval
+from studies import compare
+from imaml.metrics import mean_ci95
+from studies.paired import paired_difference
 
 SMALL = ["--ways", "3", "--channels", "4", "--query-shots", "2", "--meta-steps", "2", "--meta-batch-size", "2",
          "--inner-steps", "1", "--test-inner-steps", "2", "--test-tasks", "4", "--val-tasks", "2", "--val-every", "2",
@@ -56,9 +57,10 @@ def test_compare_refuses_runs_with_different_meta_test_tasks():
 
 
 def test_the_intervals_are_students_over_seeds_and_normal_over_tasks():
-    mean, half = t_interval([0.90, 0.92, 0.94])  # sd 0.02, n 3: t(2) = 4.303
+    mean, half = mean_ci95([0.90, 0.92, 0.94], student=True)  # sd 0.02, n 3: t(2) = 4.303
     assert mean == pytest.approx(0.92) and half == pytest.approx(4.303 * 0.02 / math.sqrt(3))
-    assert math.isnan(t_interval([0.5])[1])
+    assert math.isnan(mean_ci95([0.5], student=True)[1])
+    assert mean_ci95([0.90, 0.92, 0.94])[1] == pytest.approx(1.96 * 0.02 / math.sqrt(3))  # many values: z
     a = {0: [1.0, 0.0, 1.0, 1.0], 1: [1.0, 1.0, 0.0, 1.0]}
     b = {0: [0.0, 0.0, 1.0, 1.0], 1: [1.0, 0.0, 0.0, 1.0]}
     d = paired_difference(a, b)

@@ -8,7 +8,7 @@ prompts, ``VAR=value`` prefixes, ``\\`` continuations, ``&&``/``;`` chains and c
   ``make run ARGS="..."``): every ``--flag`` is one of run.py's parser, exactly (no abbreviations);
   a value is one of the flag's choices and of its field's type; ``--config NAME`` is a shipped
   preset; an import path (``--lower-problem problems.meta_sgd:MetaSGDLower``) imports.
-- ``python -m benchmarks.X`` / ``python benchmarks/X.py``: the module exists and its own parser
+- ``python -m benchmarks.X`` / ``python studies/X.py`` (and the other way round): the module exists and its own parser
   (captured where the module parses its arguments) takes every flag; flags after ``--``, and the
   unknown flags of a module that passes them on (``parse_known_args``), are run.py's.
 - ``bash X.sh``, ``wandb sweep FILE``, ``python -m pytest FILE``, ``make TARGET``: the file or target exists.
@@ -47,7 +47,8 @@ from imaml.plugins import is_import_path, load_object  # noqa: E402
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = {"", "bash", "sh", "shell", "console"}
-PACKAGES = ("benchmarks", "engines", "envs", "imaml", "problems", "tests")
+PACKAGES = ("benchmarks", "engines", "envs", "imaml", "problems", "studies", "tests")
+SCRIPT_PACKAGES = ("benchmarks", "studies")  # modules with command lines of their own
 FOLDERS = (*PACKAGES, "configs", "docs", "scripts", "requirements")
 IMPORT_FLAGS = ("lower_problem", "upper_problem", "model", "hypergrad", "env")
 WRAPPERS = {"do", "then", "else", "time", "nohup", "env", "srun", "exec"}
@@ -304,10 +305,10 @@ def check_benchmark_values(module: str, flag: str, action: argparse.Action, valu
             continue
         if action.choices and value not in action.choices:
             problems.append(f"{flag} {value}: not one of {', '.join(map(str, action.choices))}")
-        elif module == "benchmarks.compare" and flag == "--set" and ":" in value and "=" in value:
+        elif module == "studies.compare" and flag == "--set" and ":" in value and "=" in value:
             name, _, setting = value.split(":", 1)[1].partition("=")
             problems += check_run_args([f"--{name}", setting], f"run.py (--set {value})")
-        elif module == "benchmarks.compare" and flag == "--config" and "=" in value:
+        elif module == "studies.compare" and flag == "--config" and "=" in value:
             preset = value.split("=", 1)[1]
             if not find_preset(preset).is_file():
                 problems.append(f"--config {value}: no such preset")
@@ -340,11 +341,11 @@ def check_python(args: List[str]) -> List[str]:
             if module == "pytest":
                 return [f"{p}: no such test file" for p in rest
                         if p.startswith("tests/") and not (ROOT / p.split("::")[0]).exists()]
-            return check_benchmark(module, rest) if module.startswith("benchmarks") else []
+            return check_benchmark(module, rest) if module.startswith(SCRIPT_PACKAGES) else []
         if word.endswith(".py"):
             if Path(word).name == "run.py":
                 return check_run_args(args[k + 1:])
-            if word.startswith("benchmarks/"):
+            if word.startswith(tuple(f"{package}/" for package in SCRIPT_PACKAGES)):
                 return check_benchmark(word[:-3].replace("/", "."), args[k + 1:])
             return []
     return []
@@ -482,12 +483,12 @@ FOREIGN_FLAGS = {"--no-deps", "--index-url", "--standalone", "--nnodes", "--npro
 def known_flags() -> set:
     """run.py's flags, every benchmark module's, the shell scripts', and FOREIGN_FLAGS."""
     flags = set(run_options()) | FOREIGN_FLAGS
-    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+    for path in sorted(p for package in SCRIPT_PACKAGES for p in (ROOT / package).rglob("*.py")):
         source = path.read_text()
         if "ArgumentParser" in source and "__main__" in source:
             parser = module_parser(".".join(path.relative_to(ROOT).with_suffix("").parts))
             flags |= set(parser._option_string_actions) if parser else set()
-    for path in [*(ROOT / "benchmarks").rglob("*.sh"), *(ROOT / "scripts").glob("*.sh")]:
+    for path in [*(ROOT / "benchmarks").rglob("*.sh"), *(ROOT / "studies").rglob("*.sh"), *(ROOT / "scripts").glob("*.sh")]:
         flags |= set(re.findall(r"--[a-z][\w-]*", path.read_text()))
     return flags
 
@@ -533,7 +534,7 @@ python run.py --no-wandb --algo imaml   # a flag that does not exist
 OMP_NUM_THREADS=1 .venv/bin/python run.py --task glyphs \\
     --config no-such-preset && make run ARGS="--meta-stepz 100"
 torchrun --standalone --nproc_per_node=2 run.py --lower-problem problems.meta_sgd:NoSuchLower
-python -m benchmarks.compare --out runs/x --methods maml no-such-method -- --algo imaml --seeds-of-run 1
+python -m studies.compare --out runs/x --methods maml no-such-method -- --algo imaml --seeds-of-run 1
 python -m benchmarks.nonexistent --x 1
 python run.py --algo imaml --adapt head --head-init zero --data-root ~/data --processes N   # fine
 ```

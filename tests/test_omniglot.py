@@ -226,7 +226,7 @@ def test_maml_split_reads_the_full_sets_from_their_zips(tmp_path):
 
 
 def test_proxy_runs_hold_their_alphabet_out_of_the_background_zip(tmp_path):
-    from benchmarks.lake_proxy import build_proxy
+    from studies.lake_proxy import build_proxy
 
     source = tmp_path / "images_background_small1.zip"
     write_files(official_omniglot_set("images_background_small1", 3, 20), tmp_path, source)
@@ -244,7 +244,7 @@ def test_proxy_runs_hold_their_alphabet_out_of_the_background_zip(tmp_path):
 
 
 def test_hausdorff_baseline_reads_the_full_size_runs_and_classifies_them(lake_root):
-    from benchmarks.hausdorff import modified_hausdorff, run_errors
+    from studies.hausdorff import modified_hausdorff, run_errors
 
     root, _ = lake_root
     square, shifted = np.argwhere(np.ones((3, 3))).astype(float), np.argwhere(np.ones((3, 3))).astype(float) + 1

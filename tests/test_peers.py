@@ -1,7 +1,7 @@
-"""benchmarks/peers: learn2learn's MAML and TorchOpt's iMAML on run.py's tasks, network and flags.
+"""studies/peers: learn2learn's MAML and TorchOpt's iMAML on run.py's tasks, network and flags.
 
 The TorchOpt tests run only where ``torchopt`` imports (its own venv: bash
-benchmarks/peers/setup_torchopt.sh, then ``.venv-peers/bin/python -m pytest tests/test_peers.py``).
+studies/peers/setup_torchopt.sh, then ``.venv-peers/bin/python -m pytest tests/test_peers.py``).
 """
 
 import json
@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from benchmarks import compare
-from benchmarks.peers import common
-from benchmarks.peers.l2l_maml import L2LMAML
+from studies import compare
+from studies.peers import common
+from studies.peers.l2l_maml import L2LMAML
 from engines import build_engine
 from tests.reference import engine_meta_gradient, relative_error
 
@@ -110,7 +110,7 @@ def test_the_l2l_row_beside_maml_in_compare(tmp_path, data_root):
 
 def test_compare_names_the_setup_script_when_the_torchopt_venv_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(compare.PEERS, "torchopt-imaml", (*compare.PEERS["torchopt-imaml"][:3], "no/such/python", ()))
-    with pytest.raises(SystemExit, match="bash benchmarks/peers/setup_torchopt.sh"):
+    with pytest.raises(SystemExit, match="bash studies/peers/setup_torchopt.sh"):
         compare.main(["--out", str(tmp_path), "--methods", "maml", "torchopt-imaml", "--seeds", "0"])
     assert not (tmp_path / "maml").exists()  # refused before any run
 
@@ -126,14 +126,14 @@ def test_the_peers_refuse_what_they_do_not_run(tmp_path, data_root):
 
 def _torchopt():
     return pytest.importorskip("torchopt", reason="TorchOpt lives in its own venv (bash "
-                                                  "benchmarks/peers/setup_torchopt.sh); CI does not have it")
+                                                  "studies/peers/setup_torchopt.sh); CI does not have it")
 
 
 def test_the_torchopt_peers_meta_gradient_is_the_exact_implicit_one(tmp_path, data_root):
     _torchopt()
     from torch.func import functional_call
 
-    from benchmarks.peers.torchopt_imaml import TorchOptIMAML
+    from studies.peers.torchopt_imaml import TorchOptIMAML
     from imaml.metrics import task_loss
     from imaml.models import MLP
     from tests.reference import proximal_adapt
@@ -165,7 +165,7 @@ def test_the_torchopt_peers_meta_gradient_is_the_exact_implicit_one(tmp_path, da
 
 def test_the_torchopt_peer_scores_theta0_as_run_py_does(tmp_path, data_root):
     _torchopt()
-    from benchmarks.peers.torchopt_imaml import TorchOptIMAML
+    from studies.peers.torchopt_imaml import TorchOptIMAML
 
     config = _config(TorchOptIMAML, tmp_path, data_root, "--task", "glyphs", *TINY, "--inner-tol", "0",
                      "--execution", "per-task", "--test-inner-steps", "3")

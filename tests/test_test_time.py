@@ -122,7 +122,7 @@ def test_levers_are_in_results_and_refused_where_they_do_not_apply(lake_root, tm
 
 
 def test_the_levers_benchmark_scores_a_finished_run_with_every_combination(lake_root, tmp_path, capsys):
-    from benchmarks import lake_levers
+    from studies import lake_levers
 
     out = tmp_path / "run"
     assert main([*TINY, "--data-root", str(lake_root), "--output-dir", str(out)]) == 0, capsys.readouterr().err

@@ -40,7 +40,7 @@ def assemble_results(config: RunConfig, engine, outcome: dict, warmed: Optional[
 
 def run_protocol(config: RunConfig, kind: str, splits: dict) -> dict:
     """What a published number depends on, recorded beside it: results.json's ``protocol``, which
-    the peer rows (benchmarks/peers) write too. A test split that describes its own tasks, like
+    the peer rows (studies/peers) write too. A test split that describes its own tasks, like
     Lake's runs, says how many queries per class it has."""
     queries = splits.get("test", {}).get("query_per_class", config.test_query_shots or config.query_shots)
     return {"test_tasks": config.test_tasks, "test_query_shots": queries,

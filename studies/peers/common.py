@@ -1,7 +1,7 @@
 """What the peer rows share: run.py's flags, its Env, model and tasks, its scoring and its results.json.
 
 A peer runs another library's implementation of a method on exactly what ``run.py`` runs for the
-same flags and seed, so ``benchmarks.compare`` can score it task by task beside our rows:
+same flags and seed, so ``studies.compare`` can score it task by task beside our rows:
 
 - the flags are run.py's (``imaml.app.arguments``: same names, the same preset
   ``configs/<task>-<algo>.yaml`` for the peer's algorithm, flags over it), validated the same way;
@@ -119,7 +119,7 @@ def _check_common(config: RunConfig) -> None:
     for name, value in refused.items():
         if value:
             raise UsageError(f"{flag(name)} {getattr(config, name)}: not run by the peer rows, which adapt the "
-                             f"whole network from θ with plain SGD (see benchmarks/peers/common.py)")
+                             f"whole network from θ with plain SGD (see studies/peers/common.py)")
 
 
 def build(config: RunConfig, dtype: torch.dtype = torch.float32) -> PeerSetup:
@@ -214,7 +214,7 @@ def _better(validation: dict, best: Optional[dict]) -> bool:
 
 def run(argv: Optional[Sequence[str]], peer_class: type) -> dict:
     """Everything a peer script does: flags, build, meta-test θ₀, meta-train, meta-test, and
-    ``<output-dir>/results.json`` with the fields ``benchmarks.compare`` reads."""
+    ``<output-dir>/results.json`` with the fields ``studies.compare`` reads."""
     from engines.progress import describe_result, peak_memory_mb
     from imaml.app.results import run_protocol
     from imaml.reporting import RunLog, write_json

@@ -1,7 +1,7 @@
 """The methods side by side on the same test tasks, over seeds, with paired differences.
 
-    python -m benchmarks.compare --task glyphs --out runs/compare-glyphs --seeds 0 1 2
-    python -m benchmarks.compare --task omniglot-lake --out runs/compare-lake --methods maml anil imaml-head \\
+    python -m studies.compare --task glyphs --out runs/compare-glyphs --seeds 0 1 2
+    python -m studies.compare --task omniglot-lake --out runs/compare-lake --methods maml anil imaml-head \\
         --config imaml-head=configs/omniglot-lake-imaml-head-cpu.yaml --config maml=configs/omniglot-lake-maml-cpu.yaml \\
         -- --data-root data/lake-proxy-korean --meta-steps 200
 
@@ -14,15 +14,15 @@ the method's own flags, the flags after ``--`` (shared by all), ``--set METHOD:F
 then ``--seed``. Within a seed every run must agree on everything the meta-test tasks depend
 on (the script refuses otherwise), so the rows are scored on identical tasks and compared
 task by task: the table gives each row's accuracy over seeds and its paired difference from
-the first row (``benchmarks.paired``), with tasks/s, times, and for implicit rows how many
+the first row (``studies.paired``), with tasks/s, times, and for implicit rows how many
 inner loops and solves met their tolerances. Writes ``<out>/comparison.md``,
 ``<out>/comparison.json`` and ``<out>/comparison.png``; each run stays in
 ``<out>/<method>/seed-<s>/``.
 
 Peer rows, chosen by name with ``--methods`` (not run by default): ``l2l-maml``, learn2learn's
-MAML, and ``torchopt-imaml``, TorchOpt's implicit iMAML (``benchmarks/peers``). Each runs in its own
+MAML, and ``torchopt-imaml``, TorchOpt's implicit iMAML (``studies/peers``). Each runs in its own
 process like a run.py row, with the same flags and seed, the preset of its algorithm, on run.py's
-tasks and network; TorchOpt runs in its own venv (``bash benchmarks/peers/setup_torchopt.sh``).
+tasks and network; TorchOpt runs in its own venv (``bash studies/peers/setup_torchopt.sh``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from benchmarks.paired import paired_difference, t_interval
+from imaml.metrics import mean_ci95
+from studies.paired import paired_difference
 
 __all__ = ["METHODS", "PEERS", "PROTOCOL_KEYS", "run_one", "read_run", "check_protocol", "table", "plot", "main"]
 
@@ -57,13 +58,13 @@ METHODS = {
     "pretrain": ("pretrain + fine-tune", "pretrain", None, ()),
     "imaml-torchopt": ("iMAML at TorchOpt's example settings", "imaml", None, TORCHOPT_EXAMPLE),
 }
-# peer rows (benchmarks/peers): another library's implementation on run.py's tasks, network and flags
+# peer rows (studies/peers): another library's implementation on run.py's tasks, network and flags
 # name: (label, the --algo whose preset it reads, its module, its interpreter: None for this one,
 # else a path from the repository root, its own flags). TorchOpt's row runs its example's settings,
 # beside the imaml-torchopt row (ours at the same settings)
 PEERS = {
-    "l2l-maml": ("learn2learn MAML", "maml", "benchmarks.peers.l2l_maml", None, ()),
-    "torchopt-imaml": ("TorchOpt iMAML (its example's settings)", "imaml", "benchmarks.peers.torchopt_imaml",
+    "l2l-maml": ("learn2learn MAML", "maml", "studies.peers.l2l_maml", None, ()),
+    "torchopt-imaml": ("TorchOpt iMAML (its example's settings)", "imaml", "studies.peers.torchopt_imaml",
                        ".venv-peers/bin/python", TORCHOPT_EXAMPLE),
 }
 LABELS = {name: row[0] for name, row in {**METHODS, **PEERS}.items()}
@@ -101,7 +102,7 @@ def peer_python(method: str) -> str:
     python = ROOT / venv
     if not python.is_file():
         raise SystemExit(f"error: {method} runs in its own venv and {venv} is missing; create it with: "
-                         f"bash benchmarks/peers/setup_torchopt.sh")
+                         f"bash studies/peers/setup_torchopt.sh")
     return str(python)
 
 
@@ -177,7 +178,7 @@ def summarize(runs: Dict[str, Dict[int, dict]], reference: str) -> Dict[str, dic
     rows = {}
     for method, by_seed in runs.items():
         seeds = sorted(by_seed)
-        mean, ci = t_interval([by_seed[s]["test"]["mean"] for s in seeds])
+        mean, ci = mean_ci95([by_seed[s]["test"]["mean"] for s in seeds], student=True)
         row = {"seeds": seeds, "mean": mean, "ci95_seeds": ci,
                "per_seed": [by_seed[s]["test"]["mean"] for s in seeds],
                "tasks_per_second": _average(by_seed, "tasks_per_second"),
@@ -246,7 +247,7 @@ def _parse(argv: Optional[List[str]]) -> tuple:
     argv = sys.argv[1:] if argv is None else list(argv)
     shared = argv[argv.index("--") + 1:] if "--" in argv else []
     ours = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="glyphs")
     parser.add_argument("--out", required=True, help="folder for the runs, the table and the plot")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(LABELS),

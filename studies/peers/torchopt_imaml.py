@@ -1,11 +1,11 @@
-"""TorchOpt 0.7.3's implicit iMAML, as a peer row of ``benchmarks.compare`` (``torchopt-imaml``).
+"""TorchOpt 0.7.3's implicit iMAML, as a peer row of ``studies.compare`` (``torchopt-imaml``).
 
-    bash benchmarks/peers/setup_torchopt.sh          # once: .venv-peers (TorchOpt is no requirement here)
-    .venv-peers/bin/python -m benchmarks.peers.torchopt_imaml --task omniglot --data-root DIR --seed 0 \\
+    bash studies/peers/setup_torchopt.sh          # once: .venv-peers (TorchOpt is no requirement here)
+    .venv-peers/bin/python -m studies.peers.torchopt_imaml --task omniglot --data-root DIR --seed 0 \\
         --lam 2 --inner-steps 5 --inner-lr 0.1 --cg-steps 5 --output-dir runs/torchopt
 
 Takes run.py's flags and reads the paper's iMAML preset (``configs/<task>-imaml.yaml``), on
-run.py's tasks and network (``benchmarks/peers/common.py``). The algorithm is that of TorchOpt's
+run.py's tasks and network (``studies/peers/common.py``). The algorithm is that of TorchOpt's
 Omniglot example (``examples/iMAML/imaml_omniglot_functional.py``): the whole network is adapted
 from a detached copy of θ by ``--inner-steps`` steps of ``torchopt.sgd(lr=--inner-lr)`` on the
 proximal objective g(φ, θ) = L_support(φ) + λ/2·‖φ − θ‖² (λ = ``--lam``), and that inner solver
@@ -28,7 +28,7 @@ from typing import Callable, Sequence, Tuple
 import torch
 from torch.func import functional_call
 
-from benchmarks.peers.common import Peer, PeerSetup, main
+from studies.peers.common import Peer, PeerSetup, main
 from imaml.errors import UsageError
 from imaml.metrics import task_loss, task_score
 from imaml.models import predict_query
@@ -46,8 +46,8 @@ def import_torchopt():
         import torchopt
     except ImportError:
         raise UsageError("torchopt is not installed in this environment; it has a venv of its own: "
-                         "bash benchmarks/peers/setup_torchopt.sh, then run .venv-peers/bin/python -m "
-                         "benchmarks.peers.torchopt_imaml") from None
+                         "bash studies/peers/setup_torchopt.sh, then run .venv-peers/bin/python -m "
+                         "studies.peers.torchopt_imaml") from None
     return torchopt
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# A separate venv, .venv-peers, for the TorchOpt peer row (benchmarks/peers/torchopt_imaml.py).
+# A separate venv, .venv-peers, for the TorchOpt peer row (studies/peers/torchopt_imaml.py).
 # TorchOpt is no requirement of this project: it goes into its own venv with --no-deps, and a
 # .pth file there makes the project venv's packages (torch, numpy, betty, learn2learn, ...)
 # importable, so both rows run the same torch. The repository's own packages import from the
-# working directory (run the peer as `python -m benchmarks.peers.torchopt_imaml` from the root).
+# working directory (run the peer as `python -m studies.peers.torchopt_imaml` from the root).
 #
-#   bash benchmarks/peers/setup_torchopt.sh [PROJECT_VENV]      (default: <repo>/.venv)
+#   bash studies/peers/setup_torchopt.sh [PROJECT_VENV]      (default: <repo>/.venv)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -1,7 +1,7 @@
 """What each meta-test lever buys on Lake's runs: one trained θ, scored with every combination.
 
     python run.py --config configs/omniglot-lake-cpu.yaml --data-root data/lake-proxy-korean --output-dir runs/lake-korean
-    OMP_NUM_THREADS=1 python -m benchmarks.lake_levers runs/lake-korean runs/lake-latin runs/lake-greek
+    OMP_NUM_THREADS=1 python -m studies.lake_levers runs/lake-korean runs/lake-latin runs/lake-greek
 
 For each run folder, the θ its run meta-tested (``checkpoints/latest.pt``, saved at the last
 meta-step) meta-tests its 20 runs again with ``--test-augment`` in ``--views`` and

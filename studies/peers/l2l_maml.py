@@ -1,9 +1,9 @@
-"""learn2learn 0.2.0's second-order MAML, as a peer row of ``benchmarks.compare`` (``l2l-maml``).
+"""learn2learn 0.2.0's second-order MAML, as a peer row of ``studies.compare`` (``l2l-maml``).
 
-    python -m benchmarks.peers.l2l_maml --task omniglot --data-root DIR --seed 0 --output-dir runs/l2l
+    python -m studies.peers.l2l_maml --task omniglot --data-root DIR --seed 0 --output-dir runs/l2l
 
 Takes run.py's flags and reads the MAML preset (``configs/<task>-maml.yaml``), on run.py's tasks
-and network (``benchmarks/peers/common.py``). Each task, as learn2learn's own MAML examples do it:
+and network (``studies/peers/common.py``). Each task, as learn2learn's own MAML examples do it:
 ``learner = maml.clone()``, ``--inner-steps`` calls of ``learner.adapt(support loss)`` with
 ``learn2learn.algorithms.MAML(θ, lr=--inner-lr, first_order=False)``, then the query loss divided
 by the meta-batch size backpropagated into θ, task by task; one meta-update per meta-batch.
@@ -18,7 +18,7 @@ from typing import Tuple
 
 import torch
 
-from benchmarks.peers.common import Peer, PeerSetup, main
+from studies.peers.common import Peer, PeerSetup, main
 from imaml.errors import UsageError
 from imaml.metrics import task_loss, task_score
 from imaml.models import predict_query

@@ -13,7 +13,7 @@ alphabets out and writes, under ``--out``:
 
 Then ``python run.py --task omniglot-lake --data-root OUT ...`` runs the real protocol on it:
 
-    python -m benchmarks.lake_proxy --source ../shared/data/omniglot/images_background_small1.zip \\
+    python -m studies.lake_proxy --source ../shared/data/omniglot/images_background_small1.zip \\
         --hold-out Korean --out data/lake-proxy-korean
 """
 

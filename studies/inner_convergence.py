@@ -6,7 +6,7 @@ For one meta-batch of a task's training tasks, at θ₀ (or at the θ of a check
 line searches, the seconds, and the extreme eigenvalues of A = ∂²g/∂φ² at φ_K (power
 iteration), i.e. whether the implicit function theorem's assumptions hold there.
 
-    python -m benchmarks.inner_convergence --task omniglot --data-root data/omniglot-small1-sets \\
+    python -m studies.inner_convergence --task omniglot --data-root data/omniglot-small1-sets \\
         --model conv4-strided --setting sgd:2:16:0.1 --setting armijo:2:50:1.0 --setting hessian-free:2:20:0.1
 
 ``--setting OPTIMIZER:LAMBDA:STEPS:LR``; the run's other settings come from the flags after

@@ -2,9 +2,9 @@
 Distance (Dubuisson & Jain, 1994) between the inked pixels of each test item and of each
 training image, centred on their mean; an item goes to the closest class. Its demo script
 reports 38.8% errors on the official runs. Run it on any data root in the official format,
-e.g. the proxy runs of ``benchmarks.lake_proxy``, to put a network's error beside it:
+e.g. the proxy runs of ``studies.lake_proxy``, to put a network's error beside it:
 
-    python -m benchmarks.hausdorff --data-root data/lake-proxy-korean
+    python -m studies.hausdorff --data-root data/lake-proxy-korean
 """
 
 from __future__ import annotations
