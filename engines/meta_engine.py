@@ -244,9 +244,14 @@ class MetaEngine(Engine):
         bar = progress_bar(cfg.meta_steps, "meta-training", unit="step", initial=self.global_step)
         try:
             for step in range(self.global_step + 1, cfg.meta_steps + 1):
-                self._meta_step(step, bar)
+                if self.budget_spent():  # a resumed run whose budget was spent before it stopped
+                    break
+                if self._meta_step(step, bar):
+                    break
         finally:
             bar.close()
+        if self.budget_spent():
+            say(f"time budget of {cfg.time_budget:g} s of meta-training spent after meta-step {self.global_step}")
         say(f"meta-test after meta-training on {cfg.test_tasks} tasks ...")
         test = self.evaluate("test", cfg.test_tasks)
         say(f"after meta-training: {describe_result(test)}")
@@ -257,12 +262,22 @@ class MetaEngine(Engine):
             "best_validation": self.best,
             "meta_gradient": self.records.health.summary(),
             "train_seconds": self.train_seconds,
+            "meta_steps_done": self.global_step,
+            "time_budget": cfg.time_budget,
             "tasks_per_second": self.tasks_seen / self.train_seconds if self.train_seconds else None,
             "total_seconds": time.perf_counter() - started,
         }
 
-    def _meta_step(self, step: int, bar) -> None:
-        """Meta-step ``step``, then its log record, validation and checkpoints as they fall due."""
+    def budget_spent(self) -> bool:
+        """Whether ``--time-budget`` seconds of meta-training (``train_seconds``: the meta-steps
+        alone, not validation or logging) have run, in any process of a job (they stop together)."""
+        budget = self.run_config.time_budget
+        return budget is not None and bool(distributed.max_over_ranks(float(self.train_seconds >= budget)))
+
+    def _meta_step(self, step: int, bar) -> bool:
+        """Meta-step ``step``, then its log record, validation and checkpoints as they fall due;
+        True if it was the last (``--time-budget`` spent), which logs, validates and saves as the
+        last of ``--meta-steps`` does."""
         cfg = self.run_config
         self.global_step = step
         tick = time.perf_counter()
@@ -274,13 +289,14 @@ class MetaEngine(Engine):
         self.train_seconds += time.perf_counter() - tick
         bar.update()
         bar.set_postfix(tasks_per_s=f"{self.tasks_seen / self.train_seconds:.1f}")
+        last = step == cfg.meta_steps or self.budget_spent()
         record: Dict[str, float] = {}
-        if step % cfg.log_every == 0 or step == cfg.meta_steps:
+        if step % cfg.log_every == 0 or last:
             record.update(self._train_record())
             record["train/tasks_per_second"] = self.tasks_seen / self.train_seconds
             record["sys/peak_memory_mb"] = peak_memory_mb(self.env.device)
             record["train/skipped_meta_batches"] = self.guard.skipped
-        if step % cfg.val_every == 0 or step == cfg.meta_steps:
+        if step % cfg.val_every == 0 or last:
             self.last_validation = validation = self.validation()
             record.update({f"val/{validation['metric']}": validation["mean"],
                            f"val/{validation['metric']}_ci95": validation["ci95"]})
@@ -292,3 +308,4 @@ class MetaEngine(Engine):
         if record and self.run_log:
             self.run_log.log(step, record)  # one record per step, train and validation together
         self._stop_if_signalled()
+        return last
