@@ -18,6 +18,7 @@ from engines import distributed
 from engines.extensions import Parts, choose_parts, make_model
 from engines.divergence import DivergenceGuard, PretrainDivergenceGuard
 from engines.pretrain import PretrainEngine, choose_pretrain_parts
+from engines.protonet import ProtoNetEngine, choose_protonet_parts
 from engines.meta_engine import MetaEngine
 from engines.records import TaskRecords
 from engines.run_control import RunControl
@@ -108,7 +109,7 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device,
             cg_damping=config.cg_damping, neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
             darts_alpha=config.darts_radius, inner_optimizer=config.inner_optimizer, inner_tol=config.inner_tol,
             inner_cg_steps=config.inner_cg_steps, head_init=config.head_init)
-    elif config.algo == "pretrain":  # fine-tuning, in evaluation only: --test-inner-steps of plain SGD
+    elif config.algo in BASELINES:  # evaluation only: pretrain's --test-inner-steps of plain SGD, protonet's none
         lower_config = LowerConfig(unroll_steps=config.test_inner_steps, first_order=True)
     else:
         lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",
@@ -147,6 +148,10 @@ def build_lr_schedule(config: RunConfig, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# the baselines: no bilevel problem in training; (their parts, their engine)
+BASELINES = {"pretrain": (choose_pretrain_parts, PretrainEngine), "protonet": (choose_protonet_parts, ProtoNetEngine)}
+
+
 def build_engine(config: RunConfig, log: Optional[RunLog] = None,
                  dtype: torch.dtype = torch.float32, checkpoint_dir: Optional[Path] = None, *,
                  lower_cls: Optional[type] = None, upper_cls: Optional[type] = None,
@@ -160,7 +165,8 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     ``sources`` (``{"train", "val", "test"}`` task sources) replaces ``config.task``'s, e.g. the
     benchmarks' synthetic tasks."""
     pretrain = config.algo == "pretrain"  # the supervised baseline (engines/pretrain.py)
-    parts = (choose_pretrain_parts if pretrain else choose_parts)(config, lower_cls, upper_cls, env_cls, model, solver)
+    choose, engine_class = BASELINES.get(config.algo, (choose_parts, MetaEngine))
+    parts = choose(config, lower_cls, upper_cls, env_cls, model, solver)
     device = resolve_device(config.device)
     if sources is None:
         with distributed.node_main_first():  # one download / generation per node
@@ -170,9 +176,10 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     data = env.pooled if pretrain else sources["train"]  # θ classifies all training classes, or a task's
     outputs = data.num_classes if pretrain else data.num_outputs
     model = make_model(config, parts, data.input_shape, outputs).to(device, dtype)
-    if pretrain:  # one supervised step per meta-step, over this process's rows of the mini-batch
-        vectorized, rows = False, len(distributed.shard(env.batch_size))
-        upper_config = build_upper_config(config, log, False, tasks_per_update=1, share=rows / env.batch_size,
+    if config.algo in BASELINES:  # one step of θ per meta-step, over this process's rows or tasks
+        batch = env.batch_size if pretrain else config.meta_batch_size
+        vectorized, mine = False, len(distributed.shard(batch))
+        upper_config = build_upper_config(config, log, False, tasks_per_update=1, share=mine / batch,
                                           guard_class=PretrainDivergenceGuard)
     else:
         vectorized, why = choose_execution(config, model, device, data.input_shape, parts)
@@ -185,9 +192,8 @@ def build_engine(config: RunConfig, log: Optional[RunLog] = None,
     lower = build_lower(config, model, device, parts, vectorized)
 
     get_betty_logger().setLevel(logging.WARNING)  # Betty prints its problem graph at INFO
-    return (PretrainEngine if pretrain else MetaEngine)(upper, lower, env, config, log=log,
-                                                        control=RunControl(checkpoint_dir),
-                                                        records=TaskRecords(config, say_to(log)))
+    return engine_class(upper, lower, env, config, log=log, control=RunControl(checkpoint_dir),
+                        records=TaskRecords(config, say_to(log)))
 
 
 def _meta_upper_config(config: RunConfig, log: Optional[RunLog], vectorized: bool) -> UpperConfig:

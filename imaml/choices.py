@@ -5,7 +5,7 @@ __all__ = ["ALGOS", "HYPERGRADS", "WANDB_MODES", "BN_MODES", "ACTIVATIONS", "MET
            "EXECUTIONS", "INNER_OPTIMIZERS", "OMNIGLOT_BACKGROUNDS", "OMNIGLOT_VALS", "EPISODES", "OMNIGLOT_TASKS",
            "ON_DIVERGENCE", "MODELS", "ADAPTS", "HEAD_INITS", "QUERY_ASSIGNMENTS"]
 
-ALGOS = ("imaml", "maml", "fomaml", "pretrain")
+ALGOS = ("imaml", "maml", "fomaml", "pretrain", "protonet")
 HYPERGRADS = ("cg", "neumann", "darts", "exact", "minres", "normal-cg", "cg-damped")
 WANDB_MODES = ("online", "offline", "disabled")
 BN_MODES = ("transductive", "inductive", "episodic")

@@ -39,7 +39,9 @@ class RunConfig:
 
     algo: str = option("imaml", 'imaml (implicit gradients), maml (second-order unrolled), fomaml (first order) '
                                 'or pretrain (the baseline: one classifier trained on all meta-training classes, '
-                                'fine-tuned per task from a prototype head; docs/benchmarks.md)', choices=ALGOS)
+                                'fine-tuned per task from a prototype head; docs/benchmarks.md) or protonet '
+                                '(Prototypical Networks: prototypes of the encoder\'s features, no inner loop)',
+                   choices=ALGOS)
     task: str = option("glyphs", 'glyphs (embedded, generated), sinusoid, or a benchmark read from --data-root: '
                                  "omniglot, omniglot-lake (Lake's 20 one-shot runs), mini-imagenet, "
                                  'tiered-imagenet, cifarfs, fc100 (files: docs/benchmarks.md)')
@@ -73,6 +75,10 @@ class RunConfig:
     meta_optimizer: str = option("adam", 'adam, adamw or sgd (with --meta-momentum)', choices=META_OPTIMIZERS)
     meta_momentum: float = option(0.9, 'momentum of --meta-optimizer sgd')
     meta_weight_decay: float = option(0.0, 'weight decay of the meta-optimizer')
+    time_budget: Optional[float] = option(None, 'seconds of meta-training (the meta-steps alone, not validation): '
+                                                'meta-training stops after the meta-step that crosses them, then '
+                                                'validates, checkpoints and meta-tests as at --meta-steps; a resumed '
+                                                'run continues the budget; none: --meta-steps alone')
     lr_schedule: str = option("none", 'meta learning-rate schedule over --meta-steps: none, cosine, or step (× '
                                       '--lr-gamma every --lr-step-every meta-steps)', choices=LR_SCHEDULES)
     lr_step_every: int = option(10000, 'step schedule: multiply by --lr-gamma every this many meta-steps')
@@ -256,12 +262,17 @@ class RunConfig:
             raise UsageError(f"--device {self.device}: unknown device; use cpu, cuda or cuda:N")
         if not 0 <= self.seed <= MAX_SEED:
             raise UsageError(f"--seed {self.seed}: must be an integer in [0, {MAX_SEED}]")
-        self._validate_run_folder()
+        self._validate_run()
         if self.wandb_id is not None and not WANDB_ID.fullmatch(self.wandb_id):
             raise UsageError(f"--wandb-id {self.wandb_id!r}: use 1 to 64 letters, digits, '-' or '_'")
         return self
 
-    def _validate_run_folder(self) -> None:
+    def _validate_run(self) -> None:
+        if self.time_budget is not None:
+            _positive("time_budget", self.time_budget)
+            if self.warmup_fraction:
+                raise UsageError(f"--time-budget {self.time_budget:g} with --warmup-fraction: the budget of a run "
+                                 f"in two phases is not defined yet; use --meta-steps, or --warmup-fraction 0")
         if self.output_dir == "":
             raise UsageError("--output-dir: may not be empty (leave it out for a new folder under runs/)")
         if self.overwrite and self.resume:
@@ -299,8 +310,11 @@ class RunConfig:
         if self.lower_problem and self.adapt != "all":
             raise UsageError(f"--adapt {self.adapt} with --lower-problem {self.lower_problem}: the Lower problem "
                              f"decides what adapts; drop one of the two")
-        if self.algo == "pretrain" and (self.adapt, self.head_init) != ("all", "theta"):
-            raise UsageError("--adapt/--head-init: --algo pretrain fine-tunes its own prototype head; drop them")
+        if self.algo in ("pretrain", "protonet") and (self.adapt, self.head_init) != ("all", "theta"):
+            raise UsageError(f"--adapt/--head-init: --algo {self.algo} fits its own prototype head; drop them")
+        if self.algo == "protonet" and self.task == "sinusoid":
+            raise UsageError("--algo protonet classifies by class prototypes; --task sinusoid is regression: use "
+                             "--algo maml, fomaml or imaml")
 
     def _validate_inner_loop(self) -> None:
         if self.algo != "imaml":

@@ -76,7 +76,7 @@ class FineTune(UnrolledLower):
         super().patch_modules()
         name, layer = find_head(self.module)
         if not isinstance(layer, nn.Linear) or layer.bias is None:
-            raise UsageError(f"--algo pretrain fits a new linear head per task; the model's output layer "
+            raise UsageError(f"--algo pretrain and protonet fit a new linear head per task; the model's output layer "
                              f"{type(self.module).__name__}.{name} is not an nn.Linear with a bias")
         self._head_layer = layer
         self._head_index = {n.rsplit(".", 1)[-1]: i for i, n in enumerate(self._param_names)

@@ -56,6 +56,7 @@ METHODS = {
     "imaml-head": ("iMAML, zero-started head", "imaml", "{task}-imaml-head", ()),
     "imaml-converged": ("iMAML, whole network after a head warm-up (converged)", "imaml", "{task}-imaml-converged", ()),
     "pretrain": ("pretrain + fine-tune", "pretrain", None, ()),
+    "protonet": ("ProtoNet", "protonet", None, ()),
     "imaml-torchopt": ("iMAML at TorchOpt's example settings", "imaml", None, TORCHOPT_EXAMPLE),
 }
 # peer rows (studies/peers): another library's implementation on run.py's tasks, network and flags

@@ -19,11 +19,11 @@ _DEFAULT_HEAD_INIT = {"imaml": "zero"}  # the head iMAML starts its head at zero
 def method_name(algo: str, adapt: str = "all", head_init: Optional[str] = None,
                 inner_optimizer: str = "sgd") -> str:
     """The method's short name, as presets are named: imaml, imaml-hf (whole network, Hessian-free
-    inner steps), imaml-head, maml, anil, fomaml, fo-anil, pretrain; a head start other than the
+    inner steps), imaml-head, maml, anil, fomaml, fo-anil, pretrain, protonet; a head start other than the
     method's own adds ``-zero`` or ``-theta`` (``maml-zero``: the whole network with a zero-started
     head)."""
-    if algo == "pretrain":
-        return "pretrain"
+    if algo in ("pretrain", "protonet"):
+        return algo
     head = adapt == "head"
     usual = _DEFAULT_HEAD_INIT.get(algo, "theta") if head else "theta"
     if head and algo in ("maml", "fomaml"):
@@ -57,6 +57,7 @@ _WORDS = {
     "fo-anil": "first-order ANIL (θ's head on θ's features)",
     "fo-anil-zero": "first-order ANIL over a zero-started head",
     "pretrain": "pretrain + fine-tune (one classifier over all training classes, the baseline)",
+    "protonet": "ProtoNet (prototypes of θ's features, squared Euclidean distance; no inner loop)",
 }
 
 

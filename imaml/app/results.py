@@ -56,6 +56,10 @@ def describe_protocol(config: RunConfig, kind: str, processes: int) -> str:
     """The run's protocol in one line, printed before meta-training."""
     ways = f"{config.ways}-way " if kind == "classification" else ""
     bn = f", BatchNorm {config.bn_mode}" if kind == "classification" else ""
+    if config.algo == "protonet":  # engines/protonet.py: no inner loop at all
+        return (f"protonet on {config.task}: {ways}{config.shots}-shot, meta-batch {config.meta_batch_size}, "
+                f"{config.meta_steps} meta-steps, prototypes at meta-test (no inner step){bn}, device {config.device}"
+                + (f", {processes} processes" if processes > 1 else ""))
     if config.algo == "pretrain":  # engines/pretrain.py: no inner loop in training
         images = config.meta_batch_size * config.ways * (config.shots + config.query_shots)
         return (f"pretrain on {config.task}: {config.meta_steps} steps of {images} images over all training "
