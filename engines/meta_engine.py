@@ -305,6 +305,8 @@ class MetaEngine(Engine):
                 self.best = {**validation, "step": step}
                 self.save("best")
             self.save("latest")
+        if record:  # the x-axis of accuracy against compute (--time-budget's seconds)
+            record["sys/meta_training_seconds"] = self.train_seconds
         if record and self.run_log:
             self.run_log.log(step, record)  # one record per step, train and validation together
         self._stop_if_signalled()

@@ -39,6 +39,7 @@ def test_the_budget_stops_saves_meta_tests_and_resumes(tmp_path, data_root, monk
     assert results["test"]["num_tasks"] == 4  # meta-tested as at the end of --meta-steps
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3] and "val/accuracy" in records[0]  # logged and validated
+    assert records[0]["sys/meta_training_seconds"] == 3.0  # the x-axis of accuracy against compute
     assert checkpoint.load(out / "checkpoints" / "latest.pt")["step"] == 3
     assert checkpoint.load(out / "checkpoints" / "best.pt")["step"] == 3
     resumed = run_from_args(["--resume", str(out), "--time-budget", "4.5"])  # the budget continues: 2 more
