@@ -16,7 +16,8 @@ on (the script refuses otherwise), so the rows are scored on identical tasks and
 task by task: the table gives each row's accuracy over seeds and its paired difference from
 the first row (``studies.paired``), with tasks/s, times, and for implicit rows how many
 inner loops and solves met their tolerances. Writes ``<out>/comparison.md``,
-``<out>/comparison.json`` and ``<out>/comparison.png``; each run stays in
+``<out>/comparison.json``, ``<out>/comparison.png`` and ``<out>/comparison_time.png`` (meta-validation
+accuracy against meta-training seconds, ``studies.curves``); each run stays in
 ``<out>/<method>/seed-<s>/``.
 
 Peer rows, chosen by name with ``--methods`` (not run by default): ``l2l-maml``, learn2learn's
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from imaml.metrics import mean_ci95
+from studies.curves import plot_against_time, validation_curve
 from studies.paired import paired_difference
 
 __all__ = ["METHODS", "PEERS", "PROTOCOL_KEYS", "run_one", "read_run", "check_protocol", "table", "plot", "main"]
@@ -293,6 +295,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                     indent=2, default=str))
     plot(rows, out / "comparison.png", f"{args.task}: {protocol['test_ways']}-way {protocol['shots']}-shot, "
                                        f"{protocol['test_tasks']} test tasks, seeds {args.seeds}")
+    curves = {m: {seed: validation_curve(out / m / f"seed-{seed}") for seed in args.seeds} for m in args.methods}
+    plot_against_time(curves, LABELS, out / "comparison_time.png", f"{args.task}: meta-validation against compute")
     print(text)
     return 0
 

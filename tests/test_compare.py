@@ -8,6 +8,7 @@ import pytest
 
 from studies import compare
 from imaml.metrics import mean_ci95
+from studies.curves import on_grid, plot_against_time, validation_curve
 from studies.paired import paired_difference
 
 SMALL = ["--ways", "3", "--channels", "4", "--query-shots", "2", "--meta-steps", "2", "--meta-batch-size", "2",
@@ -40,6 +41,9 @@ def test_compare_runs_every_method_over_seeds_on_the_same_tasks(tmp_path, data_r
     expected = [sum(a - b for a, b in zip(per_task["anil"][s], per_task["maml"][s])) / 4 for s in (0, 1)]
     assert rows["anil"]["difference"]["per_seed"] == pytest.approx(expected)
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "comparison_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = validation_curve(out / "maml" / "seed-0")  # --val-every 2 of --meta-steps 2: one validation
+    assert len(curve) == 1 and curve[0][0] > 0 and 0 <= curve[0][1] <= 1
     again = compare.main(["--task", "glyphs", "--out", str(out), "--methods", *methods, "--seeds", "0", "1",
                           "--table-only"])
     assert again == 0 and (out / "comparison.md").read_text() == table
@@ -95,3 +99,21 @@ def test_a_finished_run_is_reused_and_a_changed_one_runs_again(tmp_path, data_ro
 def test_table_only_names_a_run_that_has_not_finished(tmp_path):
     with pytest.raises(SystemExit, match=r"maml/seed-0/results.json is missing: maml \(seed 0\) has not finished"):
         compare.main(["--task", "glyphs", "--out", str(tmp_path), "--methods", "maml", "--seeds", "0", "--table-only"])
+
+
+def test_a_curve_is_read_at_the_last_validation_made_by_each_time(tmp_path):
+    curve = [(1.0, 0.5), (3.0, 0.7), (6.0, 0.8)]
+    got = on_grid(curve, [0.5, 1.0, 2.0, 3.0, 5.9, 6.0, 9.0])
+    assert math.isnan(got[0]) and got[1:] == [0.5, 0.5, 0.7, 0.7, 0.8, 0.8]
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 2, "train/query_loss": 1.0, "sys/meta_training_seconds": 1.5},
+               {"step": 4, "val/accuracy": 0.6, "sys/meta_training_seconds": 3.0},
+               {"step": 6, "val/accuracy": 0.7}]  # a record without the seconds (an older run) is left out
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert validation_curve(run) == [(3.0, 0.6)]
+    assert validation_curve(tmp_path / "none") == []
+    assert not plot_against_time({"maml": {0: []}}, {}, tmp_path / "none.png", "t")  # nothing to draw: no file
+    assert not (tmp_path / "none.png").exists()
+    assert plot_against_time({"maml": {0: curve, 1: [(2.0, 0.6), (5.0, 0.9)]}}, {}, tmp_path / "t.png", "t")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
