@@ -24,7 +24,9 @@ from engines.records import TaskRecords
 from engines.run_control import RunControl
 from imaml.config import RunConfig
 from imaml.errors import UsageError
+from imaml.plugins import qualname
 from imaml.reporting import RunLog
+from imaml.solvers.contract import missing_members
 from imaml.vectorize import why_not_vectorizable
 from problems import LowerConfig, UpperConfig
 from problems.head_only import HeadOnFeatures
@@ -116,6 +118,10 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device,
                                    retain_graph=config.algo == "maml", grad_checkpoint=config.grad_checkpoint,
                                    head_init=config.head_init)
     lower = parts.lower("lower", lower_config, module=module, optimizer=optimizer, device=device)
+    missing = missing_members(lower) if implicit else []
+    if missing:
+        raise UsageError(f"the Lower problem {qualname(parts.lower)} lacks {', '.join(missing)} of the contract "
+                         f"with the implicit-gradient solvers (imaml/solvers/contract.py)")
     if vectorized:
         lower.tasks_at_once = None  # the same class, run for the whole meta-batch at once
     return lower

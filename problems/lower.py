@@ -151,6 +151,18 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         with torch.no_grad(), scratch_buffers(self.module):
             return self.task_objectives(batch).detach()
 
+    def inner_objective(self) -> torch.Tensor:
+        """g at the current φ on the inner loop's last batch, as Betty's own steps evaluate it
+        (``imaml/solvers/contract.py``), running statistics untouched."""
+        with scratch_buffers(self.module):
+            out = betty_glue.objective(self, betty_glue.last_batch(self))
+        return out["loss"] if isinstance(out, dict) else out
+
+    def solve_exactly(self, b: torch.Tensor) -> Optional[torch.Tensor]:
+        """A⁻¹b in closed form for ``--hypergrad exact``: none for the whole network (the dense
+        solve); the head's is ``problems.head_solve``."""
+        return None
+
     def record_final_gradient(self, grad_rows: torch.Tensor) -> None:
         """∇g(φ_K) per task, from the hypergradient solve (which evaluates it anyway)."""
         self._final_norms = grad_rows.detach().norm(dim=1)
@@ -170,9 +182,7 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
 
     def _gradient_norms(self) -> torch.Tensor:
         params = list(self.trainable_parameters())
-        with scratch_buffers(self.module):
-            grads = torch.autograd.grad(betty_glue.objective(self, betty_glue.last_batch(self)), params,
-                                        allow_unused=True)
+        grads = torch.autograd.grad(self.inner_objective(), params, allow_unused=True)
         return task_norms([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)], self.num_tasks)
 
     def training_step(self, batch) -> torch.Tensor:

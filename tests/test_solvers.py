@@ -18,18 +18,35 @@ F64 = torch.float64
 
 
 class _Lower:
-    """Just what a Betty jvp function touches on the lower problem."""
+    """Just what a Betty jvp function touches on the lower problem: Betty's own solvers
+    (``training_step_exec``, ``cur_batch``, ``paths``) and ours (imaml/solvers/contract.py)."""
+
+    num_tasks = 1
+    task_meta_parameters = None
 
     def __init__(self, phi, theta, x, y, lam, config):
         self.phi, self.theta, self.x, self.y, self.lam = phi, theta, x, y, lam
         self.config = config
         self.cur_batch = (x, y)
         self.paths = []  # betty-ml's own cg asserts on it
+        self.hypergrad_infos = []
 
     def trainable_parameters(self):
         return [self.phi]
 
     parameters = trainable_parameters
+
+    def inner_objective(self):
+        return self.training_step_exec(self.cur_batch)
+
+    def record_final_gradient(self, grad_rows):
+        pass
+
+    def proximal_diagonal(self):
+        return None
+
+    def solve_exactly(self, b):
+        return None
 
     def training_step_exec(self, batch):
         x, y = batch

@@ -6,7 +6,7 @@ import torch
 
 from imaml.metrics import global_norm
 from imaml.solvers.base import SolveInfo
-from imaml.solvers.implicit import flat, lower_objective
+from imaml.solvers.implicit import flat
 
 __all__ = ["darts"]
 
@@ -32,7 +32,7 @@ def darts(vector, curr, prev):
                 p.data.copy_(s).add_(d, alpha=sign * eps)
         # the graph kept: a Lower problem may reuse one graph to θ for both points (the head's
         # features, computed once per inner loop)
-        return torch.autograd.grad(lower_objective(curr), upper, allow_unused=True, retain_graph=True)
+        return torch.autograd.grad(curr.inner_objective(), upper, allow_unused=True, retain_graph=True)
 
     try:
         grad_plus, grad_minus = grad_at(1.0), grad_at(-1.0)

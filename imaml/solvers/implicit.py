@@ -27,12 +27,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from imaml import betty_glue
 from imaml.metrics import global_norm
-from imaml.models import scratch_buffers
 from imaml.solvers.base import SolveInfo, converged_within, measured, relative_residual
+from imaml.solvers.contract import ImplicitLowerProblem
 
-__all__ = ["implicit_gradient", "lower_objective", "flat"]
+__all__ = ["implicit_gradient", "flat"]
 
 
 def flat(tensors: Sequence[torch.Tensor], tasks: Optional[int] = None) -> torch.Tensor:
@@ -42,36 +41,23 @@ def flat(tensors: Sequence[torch.Tensor], tasks: Optional[int] = None) -> torch.
     return torch.cat([t.reshape(tasks, -1) for t in tensors], dim=1)
 
 
-def _num_tasks(curr) -> int:
-    """Tasks stacked along dim 0 of the lower parameters (our Lower problems say how many; a
-    plain Betty problem adapts one, unstacked)."""
-    return getattr(curr, "num_tasks", 1)
-
-
-def lower_objective(curr) -> torch.Tensor:
-    """The lower objective g at the current φ, re-evaluated for the solver."""
-    with scratch_buffers(getattr(curr, "module", None)):
-        out = betty_glue.objective(curr, betty_glue.last_batch(curr))
-    return out["loss"] if isinstance(out, dict) else out
-
-
-def _lower_grad(curr) -> tuple:
+def _lower_grad(curr: ImplicitLowerProblem) -> tuple:
     """∇φ g at the current lower parameters, with its graph (for HVPs and the cross term), as
     [T, n]: the lower objective of T stacked tasks is the sum of theirs, so row t is ∇φ_t g_t."""
-    loss = lower_objective(curr)
+    loss = curr.inner_objective()
     params = list(curr.trainable_parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         grads = torch.autograd.grad(loss, params, create_graph=True)
-    return flat(grads, _num_tasks(curr)), params
+    return flat(grads, curr.num_tasks), params
 
 
-def _cross_term(flat_grad: torch.Tensor, x: torch.Tensor, curr, prev) -> tuple:
+def _cross_term(flat_grad: torch.Tensor, x: torch.Tensor, curr: ImplicitLowerProblem, prev) -> tuple:
     """−(∂/∂θ)(∇φ g · x): the cross term applied to the solve's result, summed over tasks,
     and each task's norm ([T] floats). A Lower problem whose objective reads θ through per-task
     views ([T, ...]) names them in ``task_meta_parameters``; they give the per-task terms in the
     same single backward pass. Otherwise θ is read as it is, by one task."""
-    per_task = getattr(curr, "task_meta_parameters", None)
+    per_task = curr.task_meta_parameters
     inputs = list(per_task) if per_task is not None else list(prev.trainable_parameters())
     grads = torch.autograd.grad(flat_grad, inputs, grad_outputs=x, allow_unused=True)
     grads = [None if g is None else -g for g in grads]
@@ -91,11 +77,10 @@ def _check(solve: Callable, out, tasks: int) -> tuple:
     return out
 
 
-def _closed_form(exact: Callable, matvec: Callable, b: torch.Tensor) -> tuple:
-    """A Lower problem's own exact solve (``solve_exactly(b) -> x``, e.g. the head's closed
+def _closed_form(x: torch.Tensor, matvec: Callable, b: torch.Tensor) -> tuple:
+    """A Lower problem's own exact solve ``x`` (``solve_exactly(b)``, e.g. the head's closed
     form), with its residual measured by one autograd Hessian-vector product: the check that
     the closed form is A's."""
-    x = exact(b)
     infos = measured("exact", matvec, x, b, torch.ones(len(b), dtype=torch.long), torch.ones(len(b), dtype=torch.bool),
                      1e-6, False)[1]
     return x, infos
@@ -106,7 +91,7 @@ def _scaled_solve(solve: Callable, matvec: Callable, b: torch.Tensor, config, sc
     S = Λ^(-1/2), whose proximal part is I (the solver's λ is then 1), to the tolerance that
     bounds A's own relative residual by ``cg_tol``, and return x = S y with each residual
     measured on A itself, the system the meta-gradient needs."""
-    tol = getattr(config, "cg_tol", 1e-10)
+    tol = config.cg_tol
     spread = float(scale.max() / scale.min())  # ‖Ax − b‖/‖b‖ ≤ spread·‖S(Ax − b)‖/‖Sb‖
     y, infos = solve(lambda u: scale * matvec(scale * u), scale * b,
                      replace(config, lam=1.0, head_lam=None, cg_tol=tol / spread))
@@ -120,26 +105,27 @@ def _scaled_solve(solve: Callable, matvec: Callable, b: torch.Tensor, config, sc
 def implicit_gradient(solve: Callable, structured: bool = False) -> Callable:
     """Turn ``solve(matvec, b, config) -> (x, infos)`` (b, x: [T, n]) into a Betty jvp function.
 
-    The Lower problem gets ``hypergrad_infos`` (one ``SolveInfo`` per task, its ``norm`` the
-    task's hypergradient norm) and, where it has ``record_final_gradient``, ∇g(φ_K) per task.
+    ``curr`` is the Lower problem: the adapter reads and sets only what ``ImplicitLowerProblem``
+    declares (``contract.py``). It gets ``hypergrad_infos`` (one ``SolveInfo`` per task, its
+    ``norm`` the task's hypergradient norm) and ∇g(φ_K) per task (``record_final_gradient``).
     ``structured``: an exact solver, which a Lower problem's ``solve_exactly`` (a closed form of
-    the same A⁻¹b) replaces."""
+    the same A⁻¹b) replaces where it has one."""
 
-    def jvp(vector, curr, prev):
+    def jvp(vector, curr: ImplicitLowerProblem, prev):
         flat_grad, params = _lower_grad(curr)
-        tasks = _num_tasks(curr)
-        if hasattr(curr, "record_final_gradient"):  # the inner loop's stationarity, at no extra cost
-            curr.record_final_gradient(flat_grad)
+        tasks = curr.num_tasks
+        curr.record_final_gradient(flat_grad)  # the inner loop's stationarity, at no extra cost
 
         def matvec(u: torch.Tensor) -> torch.Tensor:
             return flat(torch.autograd.grad(flat_grad, params, grad_outputs=u, retain_graph=True), tasks)
 
-        exact = getattr(curr, "solve_exactly", None) if structured else None
-        diagonal = curr.proximal_diagonal() if hasattr(curr, "proximal_diagonal") and exact is None else None
         with torch.no_grad():
             b = flat(vector, tasks).detach()
-            if exact is not None:
-                out = _closed_form(exact, matvec, b)
+            closed = curr.solve_exactly(b) if structured else None
+        diagonal = curr.proximal_diagonal() if closed is None else None
+        with torch.no_grad():
+            if closed is not None:
+                out = _closed_form(closed, matvec, b)
             elif diagonal is not None:
                 out = _scaled_solve(solve, matvec, b, curr.config, diagonal.rsqrt())
             else:
