@@ -162,8 +162,10 @@ def evaluate(peer: Peer, split: str, num_tasks: int) -> dict:
 
 def meta_train(peer: Peer, log: Optional[Callable[[int, dict], None]] = None) -> dict:
     """``--meta-steps`` meta-updates of θ with run.py's meta-optimizer, clipping and schedule, each
-    on the next meta-training batch of run.py's train stream; meta-validation every
-    ``--val-every`` steps and at the end. Returns the timings and validations for results.json."""
+    on the next meta-training batch of run.py's train stream, or fewer where ``--time-budget``
+    seconds of meta-training run out first (as run.py stops: after the meta-step that crosses
+    them); meta-validation every ``--val-every`` steps and at the end. Returns the timings and
+    validations for results.json."""
     from engines.build import build_lr_schedule, build_meta_optimizer
     from imaml.metrics import metric_name
 
@@ -186,20 +188,26 @@ def meta_train(peer: Peer, log: Optional[Callable[[int, dict], None]] = None) ->
             schedule.step()
         train_seconds += time.perf_counter() - tick
         tasks_seen += batch.num_tasks
+        last = step == config.meta_steps or (config.time_budget is not None and train_seconds >= config.time_budget)
         record = {}
-        if step % config.log_every == 0 or step == config.meta_steps:
+        if step % config.log_every == 0 or last:
             loss, score = (sum(v) / len(v) for v in zip(*window))
             window = []
             record.update({"train/query_loss": loss, f"train/query_{metric_name(setup.kind)}": score,
                            "train/tasks_per_second": tasks_seen / train_seconds})
-        if step % config.val_every == 0 or step == config.meta_steps:
+        if step % config.val_every == 0 or last:
             validation = out["validation"] = evaluate(peer, "val", config.val_tasks)
             record[f"val/{validation['metric']}"] = validation["mean"]
             if _better(validation, out["best_validation"]):
                 out["best_validation"] = {**validation, "step": step}
+        if record:
+            record["sys/meta_training_seconds"] = train_seconds  # accuracy against compute, as run.py's
         if record and log is not None:
             log(step, record)
-    out.update(train_seconds=train_seconds, tasks_per_second=tasks_seen / train_seconds if train_seconds else None)
+        if last:
+            break
+    out.update(train_seconds=train_seconds, meta_steps_done=step, time_budget=config.time_budget,
+               tasks_per_second=tasks_seen / train_seconds if train_seconds else None)
     return out
 
 
