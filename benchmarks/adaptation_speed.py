@@ -36,6 +36,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from benchmarks.flags import add_run_flags
 from engines import build_engine
 from imaml.config import RunConfig
 
@@ -94,10 +95,10 @@ def _timed(fn) -> float:
 
 def main(argv: List[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", required=True, help="a root with omniglot-py/ (studies.lake_proxy writes one)")
+    add_run_flags(parser, required=["data_root"], data_root=None)  # with omniglot-py/ (studies.lake_proxy writes one)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--output-dir", default="runs/adaptation_speed")
+    add_run_flags(parser, output_dir="runs/adaptation_speed")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-floor", action="store_true", help="leave out the encoder-floor row")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from benchmarks.flags import add_run_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +67,9 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2, help="CPU cores to use: threads of the one process, "
                         "number of single-thread processes [2]")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to scale over [all visible, if any]")
-    parser.add_argument("--meta-steps", type=int, default=12, help="meta-steps per configuration [12]")
+    add_run_flags(parser, meta_steps=12)  # per configuration
     parser.add_argument("--warmup", type=int, default=2, help="first meta-steps left out of the rate [2]")
-    parser.add_argument("--data-root", default=str(ROOT / "data"))
+    add_run_flags(parser, data_root=str(ROOT / "data"))
     ours, run_args = parser.parse_known_args()
     if run_args[:1] == ["--"]:
         run_args = run_args[1:]

@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from benchmarks.flags import add_run_flags
 from benchmarks.measure import PeakMemory, SavedTensorPeak, machine, run_isolated
 from benchmarks.synthetic import SHAPES
 from benchmarks.shared import build_benchmark_engine
@@ -65,18 +66,10 @@ def measure_one(spec: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--shape", default="omniglot", choices=list(SHAPES))
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--query-shots", type=int, default=5)
-    parser.add_argument("--meta-batch-size", type=int, default=4)
-    parser.add_argument("--inner-steps", nargs="+", type=int, default=[1, 5, 10, 25, 50])
-    parser.add_argument("--execution", default="per-task", choices=["per-task", "vectorized", "auto"])
-    parser.add_argument("--inner-lr", type=float, default=0.05)
-    parser.add_argument("--lam", type=float, default=20.0)
-    parser.add_argument("--cg-steps", type=int, default=3)
+    add_run_flags(parser, several=["inner_steps"], device="cpu", ways=5, shots=1, query_shots=5, meta_batch_size=4,
+                  inner_steps=[1, 5, 10, 25, 50], execution="per-task", inner_lr=0.05, lam=20.0, cg_steps=3)
     parser.add_argument("--quick", action="store_true", help="1 and 5 inner steps only")
     parser.add_argument("--json", help="also write all results to this file")
     args = parser.parse_args(argv)

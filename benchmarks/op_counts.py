@@ -24,6 +24,7 @@ from typing import Dict
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.flags import add_run_flags
 from benchmarks.synthetic import SHAPES
 from benchmarks.shared import InProcess
 
@@ -56,8 +57,7 @@ def count_ops(spec: dict, impls=IMPLS) -> Dict[str, collections.Counter]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="omniglot", choices=list(SHAPES))
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--meta-batch-size", type=int, default=4)
+    add_run_flags(parser, ways=5, meta_batch_size=4)
     parser.add_argument("--algos", nargs="+", default=["imaml", "maml"], choices=["imaml", "maml"])
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     args = parser.parse_args(argv)

@@ -41,6 +41,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from benchmarks.flags import add_run_flags
 from benchmarks.measure import (PeakMemory, describe_error, format_speedup, keep_freed_memory, machine, paired_speedup,
                                 run_isolated, taking_turns, timed_step)
 from benchmarks.shared import EngineProcesses, InProcess, Skipped, engine_config, serve_engine_worker
@@ -124,33 +125,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: time one size (JSON)
     parser.add_argument("--memory", help=argparse.SUPPRESS)  # internal: one implementation's memory
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one process of "engine processes"
-    parser.add_argument("--device", default="cpu")
+    add_run_flags(parser, device="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads of the one-process implementations [all cores]")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--ways", nargs="+", type=int, default=[5, 20])
+    add_run_flags(parser, several=["ways"], ways=[5, 20])
     parser.add_argument("--meta-batch-sizes", nargs="+", type=int, default=[16, 32])
     parser.add_argument("--algos", nargs="+", default=["imaml", "maml"], choices=["imaml", "maml"])
-    parser.add_argument("--lower-problem", help="the engine's Lower problem, an import path (the references: whole network)")
-    parser.add_argument("--adapt", default="all", choices=["all", "head"], help="the engine's --adapt (the references: all)")
-    parser.add_argument("--head-init", default="theta", choices=["theta", "zero"], help="the engine's --head-init")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--query-shots", type=int, default=5)
-    parser.add_argument("--inner-steps", type=int, default=5)
-    parser.add_argument("--cg-steps", type=int, default=3)
-    parser.add_argument("--inner-lr", type=float, default=0.05)
-    parser.add_argument("--meta-lr", type=float, default=1e-3)
-    parser.add_argument("--lam", type=float, default=20.0,
-                        help="proximal λ; with --inner-lr, large enough that H + λI stays positive definite, "
-                             "so no CG stops early and every implementation does the same work")
+    # the engine's settings (the references: the whole network); λ 20 with --inner-lr 0.05 keeps H + λI
+    # positive definite, so no CG stops early and every implementation does the same work
+    add_run_flags(parser, lower_problem=None, adapt="all", head_init="theta", shots=1, query_shots=5, inner_steps=5,
+                  cg_steps=3, inner_lr=0.05, meta_lr=1e-3, lam=20.0)
     parser.add_argument("--warmup", type=int, default=1, help="meta-steps of each implementation before timing")
     parser.add_argument("--rounds", type=int, default=1,
                         help="timed meta-steps of each implementation, interleaved; tasks/s from the fastest")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="give the one-process implementations run.py's CPU malloc setting "
                              "(imaml.allocator; the engine's processes always have it)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_flags(parser, seed=0)
     parser.add_argument("--quick", action="store_true", help="one tiny size, one timed round: a smoke run")
     parser.add_argument("--no-peak-memory", action="store_true", help="timings only: no peak-memory processes (one "
                         "fresh process per implementation and size; benchmarks/gpu_check.sh's budget)")

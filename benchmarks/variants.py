@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from benchmarks.flags import add_run_flags
 from benchmarks.measure import (StepWorker, describe_error, format_speedup, keep_freed_memory, machine, paired_speedup,
                                 serve_steps, taking_turns)
 from benchmarks.plain_loop import PlainLoop
@@ -105,10 +106,10 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one variant's process (JSON)
     parser.add_argument("--loop", default="plain", choices=["plain", "engine"],
                         help="plain: benchmarks.plain_loop; engine: the engine per task")
-    parser.add_argument("--device", default="cpu")
+    add_run_flags(parser, device="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [all cores]")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--ways", nargs="+", type=int, default=[5, 20])
+    add_run_flags(parser, several=["ways"], ways=[5, 20])
     parser.add_argument("--meta-batch-size", type=int, default=8,
                         help="tasks per meta-step (per-task math: its size does not change the comparison)")
     parser.add_argument("--algos", nargs="+", default=["imaml", "maml"], choices=["imaml", "maml"])
