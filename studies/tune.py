@@ -29,15 +29,20 @@ __all__ = ["candidates", "choose", "main", "MAX_CANDIDATES"]
 MAX_CANDIDATES = 6  # the same number for every method (issue 40)
 
 
-def candidates(grids: Sequence[str]) -> List[List[str]]:
-    """The run.py flags of each point of the grids (``FLAG=V1,V2,...``), in order."""
+def candidates(grids: Sequence[str], given: Sequence[str] = ()) -> List[List[str]]:
+    """The run.py flags of each point of the grids (``FLAG=V1,V2,...``), in order, then each
+    candidate ``given`` whole (``"--inner-lr 0.4 --inner-steps 5 --test-inner-steps 5"``: flags
+    that go together)."""
     axes = []
     for grid in grids:
         name, _, values = grid.partition("=")
         if not values:
             raise SystemExit(f"error: --grid {grid}: write FLAG=VALUE,VALUE,..., e.g. inner-lr=0.1,0.4")
         axes.append([(f"--{name.lstrip('-')}", value) for value in values.split(",")])
-    points = [[part for pair in point for part in pair] for point in itertools.product(*axes)]
+    points = [[part for pair in point for part in pair] for point in itertools.product(*axes)] if axes else []
+    points += [flags.split() for flags in given]
+    if not points:
+        raise SystemExit("error: no candidate: give --grid FLAG=V1,V2 or --candidate \"FLAGS\"")
     if len(points) > MAX_CANDIDATES:
         raise SystemExit(f"error: {len(points)} candidates; every method gets at most {MAX_CANDIDATES}: "
                          f"drop values from a --grid")
@@ -71,11 +76,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--method", required=True, choices=list(METHODS))
     parser.add_argument("--out", required=True, help="folder for the candidates' runs and the record")
     parser.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2", help="a run.py flag's values")
+    parser.add_argument("--candidate", action="append", default=[], metavar='"FLAGS"',
+                        help="one candidate's run.py flags, whole (flags that go together)")
     parser.add_argument("--time-budget", type=float, help="seconds of meta-training of every candidate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", help="the method's preset (default: its own, as studies.compare picks it)")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    points = candidates(args.grid)
+    points = candidates(args.grid, args.candidate)
     budget = ["--time-budget", str(args.time_budget), "--meta-steps", "1000000000"] if args.time_budget else []
     root = Path(args.out) / args.method
     rows: List[Dict] = []

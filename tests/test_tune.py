@@ -33,6 +33,10 @@ def test_at_most_six_candidates_and_a_readable_grid():
         tune.candidates(["lam=1,2,3,4,5,6,7"])
     with pytest.raises(SystemExit, match="write FLAG=VALUE"):
         tune.candidates(["inner-lr"])
+    assert tune.candidates([], ["--inner-lr 0.4 --inner-steps 5 --test-inner-steps 5"]) == [
+        ["--inner-lr", "0.4", "--inner-steps", "5", "--test-inner-steps", "5"]]
+    with pytest.raises(SystemExit, match="no candidate"):
+        tune.candidates([])
 
 
 def test_the_choice_is_the_highest_accuracy_or_the_lowest_mse():
