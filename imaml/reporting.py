@@ -68,7 +68,7 @@ class RunLog:
     ``log_curves`` appends the inner-loop grid's rows to ``inner_curves.jsonl``."""
 
     def __init__(self, output_dir: str | os.PathLike, quiet: bool = False, append: bool = False,
-                 sink=None, total_steps: Optional[int] = None):
+                 sink=None, total_steps: Optional[int] = None, time_budget: Optional[float] = None):
         self.sink = sink  # e.g. a WandbSink: gets every record, and the results at the end
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -79,8 +79,9 @@ class RunLog:
             self.curves_path.write_text("")
         self.quiet = quiet
         self.total_steps = total_steps  # the run's --meta-steps: step/total and the ETA
+        self.time_budget = time_budget  # its --time-budget: seconds/budget and the ETA, where set
         self.last_validation: Optional[str] = None  # e.g. "84.1%": shown on every line once seen
-        self.first_logged: Optional[Tuple[int, float]] = None  # (step, clock): the ETA's start
+        self.first_logged: Optional[Tuple[Optional[float], float]] = None  # (progress, clock): the ETA's start
 
     def log(self, step: int, record: Dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
@@ -94,7 +95,10 @@ class RunLog:
         | ETA 1:02``: the few numbers a person watches (the rest is in metrics.jsonl), each field
         present only where the record has it, so lines of one run stay aligned."""
         fields: List[str] = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"
-                             if self.total_steps else f"step {step:>6}"]
+                             if self.total_steps and not self.time_budget else f"step {step:>6}"]
+        seconds = _first(record, "sys/meta_training_seconds")
+        if self.time_budget and seconds is not None:
+            fields.append(f"{seconds:>{len(f'{self.time_budget:.0f}')}.0f}/{self.time_budget:.0f} s")
         loss = _first(record, "train/query_loss", "train/loss")
         accuracy = _first(record, "train/query_accuracy", "train/accuracy")
         mse = _first(record, "train/query_mse", "train/mse")
@@ -115,26 +119,34 @@ class RunLog:
                      (("inner", "train/inner_converged"), ("solve", "train/solver_converged")) if key in record]
         if converged:
             fields.append(" ".join(converged))
-        eta = self._eta(step)
+        eta = self._eta(self._progress(step, seconds))
         if eta is not None:
             fields.append(f"ETA {eta}")
         line = " | ".join(fields)
         return line if len(line) <= LINE_WIDTH else line[:LINE_WIDTH - 1] + "…"
 
-    def _eta(self, step: int) -> Optional[str]:
+    def _progress(self, step: int, seconds: Optional[float]) -> Optional[float]:
+        """The fraction of the run done: of --meta-steps, or of --time-budget's seconds of
+        meta-training where that is further (the run stops at whichever ends first)."""
+        parts = [step / self.total_steps] if self.total_steps else []
+        if self.time_budget and seconds is not None:
+            parts.append(seconds / self.time_budget)
+        return min(max(parts), 1.0) if parts else None
+
+    def _eta(self, progress: Optional[float]) -> Optional[str]:
         """Time left at the pace since the first logged step (startup, compilation and a
         resume's earlier steps stay out of it); "-" until a second step is logged."""
         now = _clock()
         if self.first_logged is None:
-            self.first_logged = (step, now)
-        if not self.total_steps:
+            self.first_logged = (progress, now)
+        if progress is None:
             return None
-        first_step, first_time = self.first_logged
-        if step >= self.total_steps:
+        first_progress, first_time = self.first_logged
+        if progress >= 1.0:
             return "0:00"
-        if step <= first_step:
+        if first_progress is None or progress <= first_progress:
             return "-"
-        return _duration((now - first_time) / (step - first_step) * (self.total_steps - step))
+        return _duration((now - first_time) / (progress - first_progress) * (1.0 - progress))
 
     def log_curves(self, step: int, record: Dict[str, Any]) -> None:
         """Append per-task inner-loop curves (lists, not scalars: they stay out of the sink's

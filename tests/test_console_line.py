@@ -119,6 +119,24 @@ def test_eta_is_the_pace_since_the_first_logged_step(tmp_path, capsys, monkeypat
     assert lines[0].endswith("ETA -") and lines[1].endswith("ETA 6:40") and lines[2].endswith("ETA 3:00:00")
 
 
+def test_under_a_time_budget_the_seconds_and_their_eta_show(tmp_path, capsys, monkeypatch):
+    """--time-budget: the seconds of meta-training against the budget, and the ETA from whichever of
+    the budget and --meta-steps ends first."""
+    now = [0.0]
+    monkeypatch.setattr(reporting, "_clock", lambda: now[0])
+    log = RunLog(tmp_path, append=True, total_steps=10**9, time_budget=120)
+    log.log(10, {**maml_record(), "sys/meta_training_seconds": 12.0})
+    now[0] += 60.0  # 48 s of meta-training in 60 s of wall time: 60 s more to the budget
+    log.log(50, {**maml_record(), "sys/meta_training_seconds": 60.0})
+    log.log(100, {**maml_record(), **val(), "sys/meta_training_seconds": 121.0})
+    lines = _lines(capsys)
+    _assert_readable(lines)
+    assert lines[0].startswith("step     10 |  12/120 s |") and lines[0].endswith("ETA -")
+    assert " 60/120 s |" in lines[1] and lines[1].endswith("ETA 1:15")  # 0.4 of the budget in 60 s: 0.5 left
+    assert "121/120 s" in lines[2] and lines[2].endswith("ETA 0:00")
+    assert "1000000000" not in "".join(lines)  # the step count does not pretend to run to --meta-steps
+
+
 def test_quiet_prints_nothing_but_keeps_the_record(tmp_path, capsys):
     log = RunLog(tmp_path, quiet=True, total_steps=10)
     log.log(1, imaml_record())

@@ -92,7 +92,8 @@ def _run(config: RunConfig, main_process: bool, new_folder: bool = False) -> dic
     from imaml.wandb_sink import start_wandb
 
     output_dir = Path(config.output_dir)
-    log = RunLog(output_dir, append=True, total_steps=config.meta_steps) if main_process else None
+    log = (RunLog(output_dir, append=True, total_steps=config.meta_steps, time_budget=config.time_budget)
+           if main_process else None)
     say = log.say if log else (lambda line: None)
     say(first_line(config))
     engine = build_engine(config, log=log, checkpoint_dir=output_dir / "checkpoints" if main_process else None)

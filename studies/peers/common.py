@@ -237,7 +237,7 @@ def run(argv: Optional[Sequence[str]], peer_class: type) -> dict:
             drop_if_empty(output_dir)
         raise
     begin_writing(output_dir, continuing=False, new=new)
-    log = RunLog(output_dir, total_steps=config.meta_steps)
+    log = RunLog(output_dir, total_steps=config.meta_steps, time_budget=config.time_budget)
     write_json(output_dir / "config.json", config.to_dict())
     peer = peer_class(setup)
     say = log.say
