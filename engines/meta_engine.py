@@ -243,11 +243,10 @@ class MetaEngine(Engine):
         self.train()
         bar = progress_bar(cfg.meta_steps, "meta-training", unit="step", initial=self.global_step)
         try:
-            for step in range(self.global_step + 1, cfg.meta_steps + 1):
-                if self.budget_spent():  # a resumed run whose budget was spent before it stopped
-                    break
-                if self._meta_step(step, bar):
-                    break
+            if not self.budget_spent():  # else a resumed run whose budget was spent before it stopped
+                for step in range(self.global_step + 1, cfg.meta_steps + 1):
+                    if self._meta_step(step, bar):  # the last: --meta-steps, or the budget spent
+                        break
         finally:
             bar.close()
         if self.budget_spent():

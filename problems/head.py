@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
+import torch
 from torch import nn
 
 from imaml.errors import UsageError
 
-__all__ = ["find_head", "head_names"]
+__all__ = ["find_head", "head_names", "head_input"]
 
 
 def find_head(module: nn.Module) -> Tuple[str, nn.Module]:
@@ -28,3 +29,15 @@ def head_names(module: nn.Module) -> List[str]:
     """The output layer's parameter names, as ``module.named_parameters()`` spells them."""
     prefix = find_head(module)[0] + "."
     return [name for name, _ in module.named_parameters() if name.startswith(prefix)]
+
+
+def head_input(layer: nn.Module, forward: Callable[[], object]) -> torch.Tensor:
+    """What the output layer ``layer`` receives while ``forward()`` runs the model once: the
+    encoder's features (the pretrain and ProtoNet baselines' prototypes are made of them)."""
+    seen: List[torch.Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    try:
+        forward()
+    finally:
+        hook.remove()
+    return seen[0]

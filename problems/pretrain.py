@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imaml.errors import UsageError
-from problems.head import find_head, head_names
+from problems.head import find_head, head_input, head_names
 from problems.lower import UnrolledLower
 from problems.upper import MetaInit
 
@@ -84,14 +84,9 @@ class FineTune(UnrolledLower):
 
     def support_features(self) -> torch.Tensor:
         """What the head sees for the support set, at θ's encoder (the head's input)."""
-        seen: List[torch.Tensor] = []
-        hook = self._head_layer.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
-        try:
-            with torch.no_grad():
-                self.fmodule(self.params, self.buffers, self.env.current.support_x)
-        finally:
-            hook.remove()
-        return seen[0]
+        with torch.no_grad():
+            return head_input(self._head_layer, lambda: self.fmodule(self.params, self.buffers,
+                                                                     self.env.current.support_x))
 
     def on_inner_loop_start(self) -> None:
         super().on_inner_loop_start()  # θ's parameters and buffers

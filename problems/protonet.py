@@ -12,12 +12,10 @@ term being shared by every class).
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 import torch.nn.functional as F
 
-from problems.head import find_head
+from problems.head import find_head, head_input
 from problems.pretrain import FineTune, prototype_head
 from problems.upper import MetaInit
 
@@ -31,13 +29,7 @@ class Prototypical(MetaInit):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's features of ``x``: the input of the model's output layer."""
-        seen: List[torch.Tensor] = []
-        hook = find_head(self.module)[1].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
-        try:
-            self.module(x)
-        finally:
-            hook.remove()
-        return seen[0]
+        return head_input(find_head(self.module)[1], lambda: self.module(x))
 
     def prototype_step(self, batch, tasks: range) -> None:
         """One optimizer step on the mean query loss of the tasks ``tasks`` of ``batch`` (this

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 from imaml.app.arguments import automatic_preset, config_from_flags, parse_flags
 from imaml.app.methods import describe as describe_method
-from imaml.app.output_lock import OutputLock
 from imaml.app.results import assemble_results, describe_protocol
-from imaml.app.run_folder import NEW_FOLDER_ENV, begin_writing, checkpoint_path, choose_folder, drop_if_empty
+from imaml.app.run_folder import NEW_FOLDER_ENV, begin_writing, checkpoint_path, claimed
 from imaml.app.warmup import continue_from_warmup, warm_up
 from imaml.config import CONFIG_DIR, FIELDS, RunConfig
 from imaml.errors import UsageError
@@ -56,23 +55,16 @@ def _claim_output_dir(config: RunConfig, main_process: bool) -> Iterator[Tuple[R
     for this run and left empty (the run was refused before writing) is removed again."""
     from engines import distributed
 
-    lock, refused, new = None, None, False
-    if main_process:
-        try:
-            config, new = choose_folder(config)
-            lock = OutputLock(config.output_dir).acquire()
-        except UsageError as err:
-            refused = err
-    if distributed.max_over_ranks(float(refused is not None)):
-        raise refused or UsageError("--output-dir: refused by rank 0")
-    config = replace(config, output_dir=distributed.gather_objects(config.output_dir)[0])  # rank 0's folder
-    try:
-        yield config, new
-    finally:
-        if lock is not None:
-            lock.release()
-        if main_process and new:
-            drop_if_empty(Path(config.output_dir))
+    refused, new = None, False
+    with ExitStack() as held:
+        if main_process:
+            try:
+                config, new, _ = held.enter_context(claimed(config))
+            except UsageError as err:
+                refused = err
+        if distributed.max_over_ranks(float(refused is not None)):
+            raise refused or UsageError("--output-dir: refused by rank 0")
+        yield replace(config, output_dir=distributed.gather_objects(config.output_dir)[0]), new  # rank 0's folder
 
 
 def configure_process(config: RunConfig) -> None:
@@ -161,18 +153,12 @@ def main(argv: Optional[list] = None) -> int:
 
         processes = distributed.local_processes(config)
         if processes > 1:  # one single-thread process per core, sharing each meta-batch
-            config, new = choose_folder(config)  # here, not only in a worker: before any work
-            argv = [*argv, "--output-dir", config.output_dir]
-            if config.wandb_id:  # the workers' W&B run is this one
-                argv = [*argv, "--wandb-id", config.wandb_id]
-            if new:  # rank 0 makes it runs/latest once the run has passed its checks
-                os.environ[NEW_FOLDER_ENV] = config.output_dir
-            try:
-                with OutputLock(config.output_dir).acquire() as lock:  # handed down to the workers
+            with claimed(config) as (config, new, lock):  # here, not only in a worker: before any work
+                argv = [*argv, "--output-dir", config.output_dir]
+                if config.wandb_id:  # the workers' W&B run is this one
+                    argv = [*argv, "--wandb-id", config.wandb_id]
+                with _environment(NEW_FOLDER_ENV, config.output_dir if new else None):  # rank 0 makes it runs/latest
                     return distributed.run_local_job([sys.executable, "-m", "imaml.app.cli", *argv], processes, lock)
-            finally:
-                if new:
-                    drop_if_empty(Path(config.output_dir))
         run_from_args(argv)
     except UsageError as err:
         say(f"error: {err}", file=sys.stderr)
@@ -184,6 +170,22 @@ def main(argv: Optional[list] = None) -> int:
         say("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+@contextmanager
+def _environment(name: str, value: Optional[str]) -> Iterator[None]:
+    """``name=value`` in this process's environment (which a local job's workers inherit) for the
+    block, then as it was; nothing where ``value`` is None."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _saved_config(cli: dict) -> Optional[dict]:

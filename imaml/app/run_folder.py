@@ -13,16 +13,17 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 from imaml.config import WANDB_ID, RunConfig
 from imaml.errors import UsageError
 from imaml.app.output_lock import OutputLock, in_use
 
 __all__ = ["RUNS", "RUN_FILES", "NEW_FOLDER_ENV", "held_run", "choose_folder", "prepare_output_dir",
-           "begin_writing", "drop_if_empty", "checkpoint_path"]
+           "claimed", "begin_writing", "drop_if_empty", "checkpoint_path"]
 
 RUNS = Path("runs")  # where folders are made for runs without --output-dir, beside runs/latest
 # everything a run writes in its folder: what --overwrite removes, and what says a folder holds a run
@@ -106,6 +107,20 @@ def prepare_output_dir(path: str) -> Path:
         if (out / sub).exists() and not (out / sub).is_dir():
             raise UsageError(f"--output-dir {path}: {out / sub} exists and is not a directory")
     return out
+
+
+@contextmanager
+def claimed(config: RunConfig) -> Iterator[Tuple[RunConfig, bool, OutputLock]]:
+    """The run's folder chosen (``choose_folder``) and locked for the block: (``config`` with the
+    folder, whether it is new, the lock); a new folder left empty (the run was refused before it
+    wrote anything) is removed at the end."""
+    config, new = choose_folder(config)
+    try:
+        with OutputLock(config.output_dir).acquire() as lock:
+            yield config, new, lock
+    finally:
+        if new:
+            drop_if_empty(Path(config.output_dir))
 
 
 def begin_writing(folder: Path, continuing: bool, new: bool) -> None:
