@@ -15,7 +15,7 @@ from betty.logging.logger_base import get_logger as get_betty_logger
 
 from envs import build_task_sources
 from engines import distributed
-from engines.extensions import Parts, choose_parts, make_model
+from engines.extensions import Parts, adapts_head, choose_parts, make_model
 from engines.divergence import DivergenceGuard, PretrainDivergenceGuard
 from engines.pretrain import PretrainEngine, choose_pretrain_parts
 from engines.protonet import ProtoNetEngine, choose_protonet_parts
@@ -29,7 +29,6 @@ from imaml.reporting import RunLog
 from imaml.solvers.contract import missing_members
 from imaml.vectorize import why_not_vectorizable
 from problems import LowerConfig, UpperConfig
-from problems.head_only import HeadOnFeatures
 
 __all__ = ["build_engine", "resolve_device", "use_vectorized", "choose_execution", "build_upper_config", "say_to"]
 
@@ -61,7 +60,7 @@ def choose_execution(config: RunConfig, model: torch.nn.Module, device: torch.de
     benchmarks found it faster: the head alone always (its encoder runs per task either way),
     on CUDA, for MLPs, and for conv nets on CPU while a task's first-layer activations stay below
     ``CPU_VECTORIZE_MAX_ACTIVATIONS``."""
-    head = parts is not None and issubclass(parts.lower, HeadOnFeatures)
+    head = parts is not None and adapts_head(parts.lower, config)
     reason = None if head else why_not_vectorizable(model)  # the head alone: any encoder, run per task
     if reason is None and config.algo == "imaml" and config.hypergrad == "darts":
         reason = "the darts solver perturbs one task's weights at a time"
@@ -103,20 +102,14 @@ def build_lower(config: RunConfig, model: torch.nn.Module, device: torch.device,
     # the objective the inner loop minimizes); MAML's is part of its differentiable SGD.
     optimizer = torch.optim.SGD(module.parameters(), lr=config.inner_lr, momentum=config.inner_momentum,
                                 weight_decay=0.0 if implicit else config.inner_weight_decay)
+    # Betty's keys (how it steps and differentiates the problem); the rest is read from the run's settings
     if implicit:
-        lower_config = LowerConfig(
-            type=parts.solver, unroll_steps=config.inner_steps, lam=config.lam, test_lam=config.test_lam, head_lam=config.head_lam,
-            weight_decay=config.inner_weight_decay,
-            cg_iterations=config.cg_steps, cg_tol=config.cg_tol, cg_trust_region=config.cg_trust_region,
-            cg_damping=config.cg_damping, neumann_iterations=config.neumann_terms, neumann_alpha=config.neumann_alpha,
-            darts_alpha=config.darts_radius, inner_optimizer=config.inner_optimizer, inner_tol=config.inner_tol,
-            inner_cg_steps=config.inner_cg_steps, head_init=config.head_init)
+        lower_config = LowerConfig(type=parts.solver, unroll_steps=config.inner_steps, run=config)
     elif config.algo in BASELINES:  # evaluation only: pretrain's --test-inner-steps of plain SGD, protonet's none
-        lower_config = LowerConfig(unroll_steps=config.test_inner_steps, first_order=True)
+        lower_config = LowerConfig(unroll_steps=config.test_inner_steps, first_order=True, run=config)
     else:
         lower_config = LowerConfig(unroll_steps=config.inner_steps, first_order=config.algo == "fomaml",
-                                   retain_graph=config.algo == "maml", grad_checkpoint=config.grad_checkpoint,
-                                   head_init=config.head_init)
+                                   retain_graph=config.algo == "maml", run=config)
     lower = parts.lower("lower", lower_config, module=module, optimizer=optimizer, device=device)
     missing = missing_members(lower) if implicit else []
     if missing:

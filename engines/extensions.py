@@ -21,13 +21,12 @@ from imaml.errors import UsageError
 from imaml.solvers import register_solver, solver_key
 from imaml.models import build_model
 from imaml.plugins import check_class, is_import_path, load_class, load_object, qualname
-from problems import HeadImplicit, HeadUnrolled, ImplicitLower, MetaInit, UnrolledLower
+from problems import ImplicitLower, MetaInit, UnrolledLower
 
-# the Lower problems the settings choose (--algo × --adapt); --head-init is read by each
-BUILT_IN_LOWERS = {("imaml", "all"): ImplicitLower, ("imaml", "head"): HeadImplicit,
-                   ("unrolled", "all"): UnrolledLower, ("unrolled", "head"): HeadUnrolled}
+# the Lower problem of each kind of --algo; --adapt and --head-init are read by each
+BUILT_IN_LOWERS = {"imaml": ImplicitLower, "unrolled": UnrolledLower}
 
-__all__ = ["Parts", "choose_parts", "make_model"]
+__all__ = ["Parts", "choose_parts", "make_model", "adapts_head"]
 
 ModelChoice = Union[nn.Module, type, None]
 
@@ -63,8 +62,6 @@ def choose_parts(config: RunConfig, lower_cls: Optional[type] = None, upper_cls:
     lower_base = ImplicitLower if implicit else UnrolledLower
     lower = _pick(lower_cls, "lower_cls", config.lower_problem, "--lower-problem", lower_base,
                   f"--algo {config.algo}")
-    if lower is lower_base:  # no extension: the settings choose
-        lower = BUILT_IN_LOWERS["imaml" if implicit else "unrolled", config.adapt]
     needs = lower.upper_class  # MetaInit, or the Upper this Lower relies on (Meta-SGD's)
     upper = _pick(upper_cls, "upper_cls", config.upper_problem, "--upper-problem", needs,
                   f"the Lower problem {qualname(lower)}" if needs is not MetaInit else "")
@@ -85,6 +82,11 @@ def choose_parts(config: RunConfig, lower_cls: Optional[type] = None, upper_cls:
             f"--ways {config.ways} outputs, so it meta-tests only at {config.ways} ways; a zero-initialized "
             f"head adapts to any number: --head-init zero")
     return Parts(lower, upper, env, chosen_model, _solver_key(config, solver) if implicit else None)
+
+
+def adapts_head(lower: type, config: RunConfig) -> bool:
+    """Whether the Lower class ``lower`` adapts the output layer alone on θ's features in this run."""
+    return (getattr(lower, "fixed_adapt", None) or config.adapt) == "head"
 
 
 def make_model(config: RunConfig, parts: Parts, input_shape: tuple, num_outputs: int) -> nn.Module:

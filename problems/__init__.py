@@ -1,7 +1,6 @@
 """The two levels of the bilevel problem, as Betty problems."""
 
-from problems.head_only import HeadImplicit, HeadUnrolled
 from problems.lower import ImplicitLower, LowerConfig, UnrolledLower
 from problems.upper import MetaInit, UpperConfig
 
-__all__ = ["MetaInit", "UpperConfig", "ImplicitLower", "UnrolledLower", "LowerConfig", "HeadImplicit", "HeadUnrolled"]
+__all__ = ["MetaInit", "UpperConfig", "ImplicitLower", "UnrolledLower", "LowerConfig"]

@@ -1,19 +1,26 @@
-"""What every Lower problem shares, per-task or task-vectorized: its config and ``TaskAdaptation``.
+"""The adaptation core as data: what one inner loop adapts, where it starts and how it is held.
 
-A Lower problem adapts the T tasks of one inner loop: one at a time (T = 1, tensors as one task
-has them) or, when the builder sets ``tasks_at_once = None``, a whole meta-batch stacked along
-dim 0 (``stacked``: φ is [T, ...] per parameter, the model runs every task at once with its own
-parameters through ``imaml.vectorize.TaskGroupedModel``, and the objective is the sum of the
-per-task objectives, so each φ_t gets exactly its own task's gradient). That is how the same
-class is run, not another class. Either way it reports per-task tensors of one shape, [T]:
-``task_losses``, ``task_scores``, ``adapted_norms``, ``stationarity`` and, after a solve,
-``hypergrad_infos`` (T of them), which is all the engine, the divergence guard and the records
-read.
+``plan_adaptation`` is one pure function from θ, the settings and the task to an ``Adaptation``:
+which of θ's tensors adapt (``--adapt``: all, or the output layer alone), each one's start and
+proximal centre (θ's, or zeros sized to the task's classes: ``--head-init``), λ per tensor
+(``--lam``, ``--head-lam``, ``--test-lam``) and T, the tasks stacked along dim 0 of φ. Both Lower
+problems (``problems.lower``) reset from it and write their inner objective over it once, for
+one task and for a stacked meta-batch alike.
+
+A Lower problem adapts the T tasks of one inner loop: one at a time (T = 1) or, when the builder
+sets ``tasks_at_once = None``, a whole meta-batch stacked along dim 0 (``stacked``: φ is [T, ...]
+per parameter, the model runs every task at once with its own parameters through
+``imaml.vectorize.TaskGroupedModel``, and the objective is the sum of the per-task objectives,
+so each φ_t gets exactly its own task's gradient). With ``--adapt head`` φ always carries the
+task dimension and the model's forward is the head on θ's features (``problems.features``).
+Either way it reports per-task tensors of one shape, [T]: ``task_losses``, ``task_scores``,
+``adapted_norms``, ``stationarity`` and, after a solve, ``hypergrad_infos`` (T of them), which is
+all the engine, the divergence guard and the records read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional, Sequence, Type, Union
 
 import torch
@@ -21,18 +28,22 @@ from betty.configs import Config
 from torch import nn
 
 from imaml import betty_glue
+from imaml.config import RunConfig
 from imaml.errors import UsageError
 from imaml.metrics import global_norm, stacked_losses, stacked_scores, task_loss, task_score
 from imaml.models import predict_query
 from imaml.vectorize import TaskGroupedModel, stack_for_tasks
-from problems.head import find_head, head_names
+from problems.features import HeadOnFeatures
+from problems.head import find_head
 from problems.upper import MetaInit
 
-__all__ = ["LowerConfig", "TaskAdaptation", "proximal", "head_start"]
+__all__ = ["LowerConfig", "Adaptation", "plan_adaptation", "TaskAdaptation", "proximal", "head_start"]
+
+Lam = Union[float, List[float]]
 
 
-def proximal(phi: Sequence[torch.Tensor], centre: Optional[Sequence[torch.Tensor]],
-             lam: Union[float, Sequence[float]], tasks: Optional[int] = None) -> torch.Tensor:
+def proximal(phi: Sequence[torch.Tensor], centre: Optional[Sequence[torch.Tensor]], lam: Lam,
+             tasks: Optional[int] = None) -> torch.Tensor:
     """λ/2·‖φ − c‖², the proximal term of the iMAML paper (eq. 3), written once for every
     Lower problem (``centre`` None: c = 0, the inner weight decay): summed over everything, or
     with ``tasks`` one value per task row ([T]). ``lam`` is one λ, or one per tensor of φ
@@ -52,36 +63,57 @@ def head_start(theta_head: Sequence[torch.Tensor], head_init: str, ways: int,
     if head_init == "zero":
         lead = () if tasks is None else (tasks,)
         return [torch.zeros((*lead, ways, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in theta_head]
-    return list(theta_head) if tasks is None else [t.unsqueeze(0).expand(tasks, *t.shape) for t in theta_head]
+    return list(theta_head) if tasks is None else stack_for_tasks(theta_head, tasks)
+
+
+@dataclass
+class Adaptation:
+    """One inner loop's adaptation, as data (``plan_adaptation`` makes it)."""
+
+    index: List[int]  # positions in θ (``module.named_parameters()``) of the tensors that adapt
+    start: List[torch.Tensor]  # φ₀ of each, also its proximal centre: θ's (graph to θ in training) or zeros
+    lam: Lam  # λ of the proximal term: one, or one per adapted tensor
+    tasks: Optional[int]  # T where φ carries a task dimension ([T, ...]), None where φ is shaped as θ
+    theta_rows: Optional[List[torch.Tensor]]  # in training with a task dimension: θ's per-task views [T, ...]
+
+
+def plan_adaptation(theta: Sequence[torch.Tensor], head: Sequence[bool], *, adapt: str, head_init: str,
+                    ways: int, tasks: Optional[int], training: bool, lam: float = 0.0,
+                    head_lam: Optional[float] = None, test_lam: Optional[float] = None) -> Adaptation:
+    """The ``Adaptation`` of one inner loop, from θ (the Upper problem's tensors), which of them are
+    the output layer (``head``), the settings and the task: its classes (``ways``) and the tasks
+    stacked (``tasks``, or None for one task with φ shaped as θ). In evaluation nothing keeps a
+    graph to θ, and ``test_lam`` (where set) replaces every λ."""
+    theta = list(theta) if training else [t.detach() for t in theta]
+    rows = stack_for_tasks(theta, tasks) if tasks is not None else None
+    source = theta if rows is None else rows
+    index = [i for i, is_head in enumerate(head) if is_head or adapt == "all"]
+    start = []
+    for i in index:
+        if head[i] and head_init == "zero":
+            start.append(head_start([theta[i]], "zero", ways, tasks)[0])
+        else:
+            start.append(source[i])
+    evaluation_lam = not training and test_lam is not None
+    base = test_lam if evaluation_lam else lam
+    lams = [head_lam if head[i] and head_lam is not None and not evaluation_lam else base for i in index]
+    return Adaptation(index, start, lams if len(set(lams)) > 1 else base, tasks,
+                      rows if training else None)
 
 
 @dataclass
 class LowerConfig(Config):
-    """Betty's problem ``Config`` plus what our inner loop and solvers read.
+    """Betty's problem ``Config`` (how Betty steps and differentiates this problem: ``type``, the
+    solver's dispatch key; ``unroll_steps``; ``first_order``, for the Lower problem first-order
+    MAML; ``retain_graph``) plus ``run``, the run's settings, which the Lower problems and the
+    solvers read by their own names (``--lam`` is ``run.lam``)."""
 
-    For the Lower problem, ``first_order`` means first-order MAML (inner gradients are not
-    differentiated); it has no effect on ``ImplicitLower``.
-    """
-
-    type: str = "imaml_cg"
-    first_order: bool = False
-    lam: float = 1.0
-    weight_decay: float = 0.0  # iMAML: part of the inner objective, so the implicit gradient sees it
-    cg_tol: float = 1e-5
-    cg_trust_region: bool = True  # ‖x‖ ≤ ‖v‖/λ, see imaml.solvers.trust_radius
-    cg_damping: float = 0.0  # cg-damped: μ in (A + μI) x = v
-    inner_optimizer: str = "sgd"  # iMAML: sgd, armijo or hessian-free (imaml.inner_optimizers)
-    inner_tol: float = 1e-2  # iMAML: a task stops once ‖∇g(φ_k)‖ ≤ tol·‖∇g(φ_0)‖
-    inner_cg_steps: int = 5  # iMAML hessian-free: CG steps per Newton direction
-    neumann_alpha: Optional[float] = None  # None: 1/λ_max by power iteration
-    grad_checkpoint: bool = False  # UnrolledLower: recompute each inner step in the backward pass
-    head_init: str = "theta"  # where the adapted head starts: θ's head, or zero (--head-init)
-    test_lam: Optional[float] = None  # iMAML: λ at meta-validation and meta-test (None: lam)
-    head_lam: Optional[float] = None  # iMAML, whole network: λ on the output layer (None: lam)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 class TaskAdaptation:
-    """What both Lower problems share: the data they read and how a task starts.
+    """What both Lower problems share: the settings, the data they read, the adaptation plan of
+    each inner loop and the per-task numbers they report.
 
     Class attributes an extension may set:
 
@@ -97,8 +129,9 @@ class TaskAdaptation:
 
     upper_class: ClassVar[Type[MetaInit]] = MetaInit
     variable_ways: ClassVar[bool] = False
-    # a class that always starts its head one way sets this ("theta" or "zero"); otherwise the
-    # config's head_init (--head-init) decides
+    # a class that always adapts one way sets these (the earlier import paths: problems.anil,
+    # problems.zero_head); otherwise the settings decide (--adapt, --head-init)
+    fixed_adapt: ClassVar[Optional[str]] = None
     fixed_head_init: ClassVar[Optional[str]] = None
 
     # tasks of a meta-batch one inner loop adapts: 1 (one at a time, unstacked), or None (the
@@ -107,19 +140,46 @@ class TaskAdaptation:
     stackable: ClassVar[bool] = False
     num_tasks = 1  # T, the tasks of the current inner loop
     hypergrad_infos: Sequence = ()  # after a solve (iMAML): the solver's SolveInfo of each task
+    plan: Optional[Adaptation] = None  # the current inner loop's adaptation
+    on_features: Optional[HeadOnFeatures] = None  # --adapt head: the forward on θ's features
+
+    @property
+    def settings(self) -> RunConfig:
+        """The run's settings (``config.run``)."""
+        return self.config.run
 
     @property
     def head_init(self) -> str:
         """Where each task's head starts: "theta" (θ's head) or "zero" (zeros, one row per class)."""
-        return self.fixed_head_init or getattr(self.config, "head_init", "theta")
+        return self.fixed_head_init or self.settings.head_init
 
-    def find_head_names(self) -> List[str]:
-        """The output layer's parameter names; a zero-started head must be one ``nn.Linear``."""
+    @property
+    def adapt(self) -> str:
+        """What the inner loop adapts: "all" (the whole network) or "head" (the output layer on θ's features)."""
+        return self.fixed_adapt or self.settings.adapt
+
+    def setup_adaptation(self) -> None:
+        """Which of the module's parameters are the output layer, and ``--adapt head``'s forward:
+        when the problem is built, and again at each inner loop (a test may swap layers)."""
         name, layer = find_head(self.module)
         if self.head_init == "zero" and not isinstance(layer, nn.Linear):
             raise UsageError(f"--head-init zero needs an output layer that is one nn.Linear; "
                              f"{type(self.module).__name__}.{name} is a {type(layer).__name__}")
-        return head_names(self.module)
+        self._param_names = [n for n, _ in self.module.named_parameters()]
+        self.head_mask = [n.startswith(name + ".") for n in self._param_names]
+        self.adapted_index = [i for i, is_head in enumerate(self.head_mask) if is_head or self.adapt == "all"]
+        self.on_features = HeadOnFeatures(self, name, layer) if self.adapt == "head" else None
+
+    def adaptation(self) -> Adaptation:
+        """This inner loop's ``Adaptation``: T counted, θ read from the Upper problem."""
+        self.setup_adaptation()
+        tasks = self.count_tasks()
+        settings = self.settings
+        return plan_adaptation(self.meta_problem.initial_parameters(), self.head_mask, adapt=self.adapt,
+                               head_init=self.head_init, ways=self.task_ways() if self.head_init == "zero" else 0,
+                               tasks=tasks if self.stacked or self.on_features else None,
+                               training=self.in_training, lam=settings.lam, head_lam=settings.head_lam,
+                               test_lam=settings.test_lam)
 
     def task_ways(self) -> int:
         """Outputs the current task(s) need: the number of classes (labels are 0..N−1, every
@@ -128,21 +188,20 @@ class TaskAdaptation:
             return int(self.env.current.support_y.max()) + 1
         return find_head(self.meta_problem.module)[1].out_features
 
-    def zero_started_index(self) -> List[int]:
-        """Positions (in ``module.named_parameters()``) of the head entries every task starts at
-        zero; none for a θ-started head."""
-        if self.head_init != "zero":
-            return []
-        head = set(self.find_head_names())
-        return [i for i, (name, _) in enumerate(self.module.named_parameters()) if name in head]
-
     def zero_theta_head(self) -> None:
         """With a zero-started head, θ's head is a placeholder that never gets a meta-gradient:
         zero it once, so the saved θ says what every task starts from."""
-        theta = list(self.meta_problem.module.parameters())
+        if self.head_init != "zero":
+            return
         with torch.no_grad():
-            for i in self.zero_started_index():
-                theta[i].zero_()
+            for is_head, theta in zip(self.head_mask, self.meta_problem.module.parameters()):
+                if is_head:
+                    theta.zero_()
+
+    def fresh(self, start: Sequence[torch.Tensor], keep_graph: bool) -> List[torch.Tensor]:
+        """φ₀ as tensors the inner loop may step: clones that keep their graph to θ where
+        ``keep_graph`` (unrolled meta-training), else new leaves."""
+        return [s.clone() if keep_graph and s.requires_grad else s.detach().clone().requires_grad_() for s in start]
 
     @property
     def in_training(self) -> bool:
@@ -165,14 +224,6 @@ class TaskAdaptation:
         if getattr(self, "_grouped", None) is None:
             self._grouped = TaskGroupedModel(self.module)
         return self._grouped
-
-    def stacked_start(self, theta: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """φ₀ of every task, [T, ...] per parameter: θ's rows, with a zero-started head's
-        entries at zeros sized to the tasks' ways."""
-        zero = self.zero_started_index()
-        ways = self.task_ways() if zero else 0
-        stacked = stack_for_tasks(theta, self.num_tasks)
-        return [head_start([t[0]], "zero", ways, len(t))[0] if i in zero else t for i, t in enumerate(stacked)]
 
     @property
     def meta_problem(self):
@@ -208,7 +259,7 @@ class TaskAdaptation:
 
     def adapted_norms(self) -> torch.Tensor:
         """‖φ_t‖ of each task being adapted, [T]."""
-        if not self.stacked:
+        if self.plan is None or self.plan.tasks is None:  # φ shaped as θ: one task
             return global_norm(self.trainable_parameters()).reshape(1)
         with torch.no_grad():
             return torch.stack([p.reshape(self.num_tasks, -1).norm(dim=1)

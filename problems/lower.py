@@ -22,7 +22,7 @@ the hooks to override and the plumbing to leave alone (docs/extending.md walks t
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 from betty.problems import ImplicitProblem, IterativeProblem
@@ -31,36 +31,36 @@ from torch.func import functional_call
 from imaml import betty_glue, solvers
 from imaml.inner_optimizers import INNER_OPTIMIZERS, NEEDS_HVP, InnerLoop, InnerStep, rows, task_norms
 from imaml.models import scratch_buffers
-from imaml.vectorize import stack_for_tasks
-from problems.adaptation import LowerConfig, TaskAdaptation, head_start, proximal
+from problems.adaptation import LowerConfig, TaskAdaptation, proximal
+from problems.head_solve import solve_head_system
 from problems.unrolled_steps import RecomputedSteps, differentiable_sgd
 
 __all__ = ["LowerConfig", "ImplicitLower", "UnrolledLower", "differentiable_sgd"]
 
 
 class ImplicitLower(TaskAdaptation, ImplicitProblem):
-    """iMAML's inner problem: minimize  L_support(φ) + λ/2·‖φ − θ‖²  from φ = θ with
-    ``config.inner_optimizer`` (SGD, or a line-search method of ``imaml.inner_optimizers``),
-    each task stopping at ``config.inner_tol`` stationarity (``stationarity()`` reports it).
+    """iMAML's inner problem: minimize  L_support(φ) + λ/2·‖φ − φ₀‖²  from φ₀ (θ, or a zero head)
+    with ``--inner-optimizer`` (SGD, or a line-search method of ``imaml.inner_optimizers``),
+    each task stopping at ``--inner-tol`` stationarity (``stationarity()`` reports it).
 
-    φ is ``self.module``'s parameters, updated in place (stacked, ``self.phi``: [T, ...] leaves
-    started from θ's rows, run through ``self.grouped``); the
-    meta-gradient is the implicit one at the adapted φ, for whatever objective
-    ``training_step`` returns: −(∂²g/∂θ∂φ)(∂²g/∂φ²)⁻¹ ∇φ L_query, plus the direct ∂L_query/∂θ
-    if ``forward`` uses θ itself (see ``problems/anil.py``).
+    φ is ``self.phi``: one task of the whole network adapts ``self.module``'s own parameters in
+    place; otherwise φ is [T, ...] leaves (a stacked meta-batch through ``self.grouped``, or the
+    head on θ's features, ``--adapt head``). The meta-gradient is the implicit one at the adapted
+    φ, for whatever objective ``training_step`` returns: −(∂²g/∂θ∂φ)(∂²g/∂φ²)⁻¹ ∇φ L_query, plus
+    the direct ∂L_query/∂θ where ``forward`` uses θ itself (the head's features).
 
     Hooks an extension overrides (call ``super()`` where it extends rather than replaces):
 
     - ``training_step(batch) -> Tensor``: the inner objective g(φ, θ); default task loss +
-      ``regularizer()``. (``task_objectives(batch)``, g per task for the line searches, calls it.)
-    - ``regularizer() -> Tensor``: the coupling to θ; default λ/2·‖φ − θ‖² over
+      ``regularizer()``. (``task_objectives(batch)``, g per task for the line searches, is it
+      for one task; a stacked extension overrides both.)
+    - ``regularizer() -> Tensor``: the coupling to θ; default λ/2·‖φ − φ₀‖² over
       ``trainable_parameters()``. It must be twice differentiable with a non-zero ∂²g/∂θ∂φ,
       or θ gets no meta-gradient (an L1 term has zero curvature: use it with unrolled MAML).
     - ``forward(x) -> Tensor``: the adapted model's output (support, query and meta-test).
     - ``trainable_parameters() -> list``: the part of φ the inner loop adapts and the solver
-      differentiates (default: all of ``self.module``'s parameters).
-    - ``on_inner_loop_start()``: set φ from θ at the start of every task (default: copy θ's
-      parameters and buffers, clear the optimizer state).
+      differentiates (default: ``self.phi``).
+    - ``on_inner_loop_start()``: set φ from the inner loop's ``Adaptation`` (``self.plan``).
 
     Leave alone: ``__init__``'s signature (the builder calls it as here), ``step``,
     ``one_step_descent``, ``backward``, ``optimizer_step``, ``begin_task``, ``get_batch``:
@@ -71,20 +71,33 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         solvers.install()  # the corrected solvers named by config.type (under our own keys)
         super().__init__(name, config, module=module, optimizer=optimizer, device=device)
         self.hypergrad_infos: list = []  # the solver's SolveInfo of each task of the last inner loop
-        self.inner = InnerLoop(config.inner_tol)
+        self.inner = InnerLoop(self.settings.inner_tol)
         self._final_norms: Optional[torch.Tensor] = None
-        self._zero_started = self.zero_started_index()
-        self.phi: list = []  # stacked: φ, [T, ...] per parameter (unstacked, φ is the module's own)
-        self.task_meta_parameters = None  # stacked: the per-task views of θ the proximal term used last
+        self.setup_adaptation()
+        self.phi: list = list(self.module.parameters())  # φ (see the class docstring)
+        self.task_meta_parameters = None  # θ's per-task views that g reads, where φ has a task dimension
 
     def trainable_parameters(self):
-        return self.phi if self.stacked else super().trainable_parameters()
+        return self.phi
 
     def parameters(self):
-        return self.phi if self.stacked else super().parameters()
+        return self.phi
 
     def forward(self, x):
+        if self.on_features is not None:
+            return self.on_features.forward(self.phi, x)
         return self.grouped(self.phi, x) if self.stacked else super().forward(x)
+
+    def encoder_tensors(self, task: int, support: bool) -> dict:
+        """The tensors θ's encoder runs with for ``--adapt head``: θ; in meta-training θ itself for
+        the queries (their direct term needs no split by task) and per-task views for the support
+        set (the solve's cross term, task by task)."""
+        theta = self.meta_problem.initial_parameters()
+        if self.task_meta_parameters is None or not support:
+            return dict(zip(self._param_names, theta if self.in_training else (t.detach() for t in theta)))
+        if self._task_rows is None:  # one unbind per inner loop: its backward stacks the T rows at once
+            self._task_rows = [t.unbind(0) for t in self.task_meta_parameters]
+        return {name: rows[task] for name, rows in zip(self._param_names, self._task_rows)}
 
     def initialize(self, engine_config):
         super().initialize(engine_config)
@@ -93,19 +106,29 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
     def begin_task(self) -> None:
         super().begin_task()
         self.hypergrad_infos = []
-        self.inner = InnerLoop(self.config.inner_tol)
+        self.inner = InnerLoop(self.settings.inner_tol)
         self._final_norms = None
 
     def one_step_descent(self, batch=None):
-        """One step of ``config.inner_optimizer`` on g, for the tasks not yet within
-        ``config.inner_tol`` (``imaml.inner_optimizers``); once all are, the loop's remaining
-        steps are no-ops, so Betty's step count (and its hand-over to the Upper problem) stays."""
+        """One step of ``--inner-optimizer`` on g, for the tasks not yet within ``--inner-tol``
+        (``imaml.inner_optimizers``); once all are, the loop's remaining steps are no-ops, so
+        Betty's step count (and its hand-over to the Upper problem) stays. An inner step needs no
+        graph to θ: the head's features go in detached."""
         batch = self.get_batch() if batch is None else batch
         betty_glue.remember_batch(self, batch)
         if self.inner.done:
             self.inner_losses.append(self.inner_losses[-1])
             return {"loss": self.inner_losses[-1] * self.num_tasks}
-        name = self.config.inner_optimizer
+        if self.on_features is not None:
+            self.on_features.graph = False
+        try:
+            return self._inner_step(batch)
+        finally:
+            if self.on_features is not None:
+                self.on_features.graph = True
+
+    def _inner_step(self, batch) -> dict:
+        name = self.settings.inner_optimizer
         params = list(self.trainable_parameters())
         values = None  # g per task: only the line searches need it
         if name == "sgd":  # the objective as Betty computes it (one scalar for all tasks)
@@ -123,27 +146,34 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
             grad_rows = None if name == "sgd" else rows(grads, self.num_tasks)
             step = InnerStep(params, values, grad_rows, lambda: self._trial_objectives(batch), self.inner,
                              lr=self.optimizer.param_groups[0]["lr"], lam=self.weakest_lam(),
-                             cg_steps=self.config.inner_cg_steps, grads=grads,
+                             cg_steps=self.settings.inner_cg_steps, grads=grads,
                              proximal_diagonal=self.proximal_diagonal(),
                              hvp=lambda u: rows(torch.autograd.grad(grad_rows, params, u, retain_graph=True), self.num_tasks))
             INNER_OPTIMIZERS[name](step, self.optimizer)
         return {"loss": total}
 
-    def task_objectives(self, batch) -> torch.Tensor:
-        """g of each task being adapted, [T] (unstacked, T = 1: ``training_step``); the line
-        searches compare these per task."""
-        if self.stacked:
-            return self.stacked_objectives(batch)
-        return self.training_step(batch).reshape(1)
-
-    def stacked_objectives(self, batch) -> torch.Tensor:
-        """g_t(φ_t) = L_support,t + λ/2·‖φ_t − φ₀,t‖² (+ weight decay) of each task row, [T]: the
-        ``task_objectives`` of the problems whose parameters carry a task dimension."""
+    def training_step(self, batch) -> torch.Tensor:
+        """g = L_support + ``regularizer()`` (+ the inner weight decay), summed over the tasks:
+        what the inner steps and the solver differentiate."""
         x, y = batch
-        phi, tasks = self.trainable_parameters(), self.num_tasks
-        values = self.task_losses(self(x), y) + proximal(phi, self.anchor(), self.proximal_weights(), tasks)
-        if self.config.weight_decay:
-            values = values + proximal(phi, None, self.config.weight_decay, tasks)
+        loss = self.support_loss(x, y) + self.regularizer()
+        decay = self.settings.inner_weight_decay
+        if decay:  # inner weight decay is part of the objective the solver sees
+            loss = loss + proximal(self.trainable_parameters(), None, decay)
+        return loss
+
+    def task_objectives(self, batch) -> torch.Tensor:
+        """g of each task of the inner loop, [T]: what the line searches compare per task. One task
+        with φ shaped as θ: ``training_step`` itself; otherwise the same terms, one per task row."""
+        plan = self.plan
+        if plan.tasks is None:
+            return self.training_step(batch).reshape(1)
+        x, y = batch
+        phi = self.trainable_parameters()
+        values = self.task_losses(self(x), y) + proximal(phi, plan.start, plan.lam, plan.tasks)
+        decay = self.settings.inner_weight_decay
+        if decay:
+            values = values + proximal(phi, None, decay, plan.tasks)
         return values
 
     def _trial_objectives(self, batch) -> torch.Tensor:
@@ -159,9 +189,12 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         return out["loss"] if isinstance(out, dict) else out
 
     def solve_exactly(self, b: torch.Tensor) -> Optional[torch.Tensor]:
-        """A⁻¹b in closed form for ``--hypergrad exact``: none for the whole network (the dense
-        solve); the head's is ``problems.head_solve``."""
-        return None
+        """A⁻¹b in closed form for ``--hypergrad exact``: the head's (``problems.head_solve``);
+        none for the whole network (the dense solve)."""
+        if self.on_features is None:
+            return None
+        features = self.on_features.features(self.env.support[0]).detach()
+        return solve_head_system(features, self.phi, self.env.kind, self.plan.lam + self.settings.inner_weight_decay, b)
 
     def record_final_gradient(self, grad_rows: torch.Tensor) -> None:
         """∇g(φ_K) per task, from the hypergradient solve (which evaluates it anyway)."""
@@ -185,78 +218,46 @@ class ImplicitLower(TaskAdaptation, ImplicitProblem):
         grads = torch.autograd.grad(self.inner_objective(), params, allow_unused=True)
         return task_norms([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)], self.num_tasks)
 
-    def training_step(self, batch) -> torch.Tensor:
-        x, y = batch
-        loss = self.support_loss(x, y) + self.regularizer()
-        if self.config.weight_decay:  # inner weight decay is part of the objective the solver sees
-            loss = loss + proximal(self.trainable_parameters(), None, self.config.weight_decay)
-        return loss
-
-    @property
-    def inner_lam(self) -> float:
-        """λ of the inner objective now: ``lam``, or ``test_lam`` in evaluation where it is set
-        (the official code adapts without the proximal term at meta-test: ``--test-lam 0``)."""
-        test_lam = getattr(self.config, "test_lam", None)
-        return self.config.lam if self.in_training or test_lam is None else test_lam
-
-    def proximal_weights(self) -> Union[float, List[float]]:
-        """λ of each tensor of φ in the proximal term: ``inner_lam`` everywhere, or ``head_lam``
-        on the output layer (``--head-lam``; not where ``test_lam`` replaces every λ)."""
-        head_lam = getattr(self.config, "head_lam", None)
-        if head_lam is None or (not self.in_training and getattr(self.config, "test_lam", None) is not None):
-            return self.inner_lam
-        head = set(self.find_head_names())
-        return [head_lam if name in head else self.inner_lam for name, _ in self.module.named_parameters()]
-
     def proximal_diagonal(self) -> Optional[torch.Tensor]:
         """λ of each entry of (one task's) φ, flat [n], where it differs by parameter group
         (``--head-lam``); None where one λ holds everywhere. The solvers precondition by it."""
-        weights = self.proximal_weights()
-        if not isinstance(weights, list) or len(set(weights)) == 1:
+        lam, phi = self.plan.lam, self.trainable_parameters()
+        if not isinstance(lam, list):
             return None
-        phi = self.trainable_parameters()
-        return torch.cat([torch.full(((p[0] if self.stacked else p).numel(),), w, dtype=p.dtype, device=p.device)
-                          for w, p in zip(weights, phi)])
+        return torch.cat([torch.full(((p[0] if self.plan.tasks else p).numel(),), w, dtype=p.dtype, device=p.device)
+                          for w, p in zip(lam, phi)])
 
     def weakest_lam(self) -> float:
         """The smallest λ of the proximal term: where Hessian-free's damping starts (a stronger
         start would hold back the weakly held output layer of ``--head-lam``)."""
-        weights = self.proximal_weights()
-        return min(weights) if isinstance(weights, list) else weights
-
-    def anchor(self) -> List[torch.Tensor]:
-        """Where each task starts, the proximal centre: θ, with a zero-started head's entries at
-        zero; stacked, per-task views of θ ([T, ...]), from which the solver reads each task's
-        hypergradient."""
-        if self.stacked:
-            self.task_meta_parameters = stack_for_tasks(self.meta_problem.trainable_parameters(), self.num_tasks)
-            theta = self.task_meta_parameters
-            phi = self.phi
-        else:
-            theta = self.meta_problem.initial_parameters()
-            phi = list(self.module.parameters())
-        return [torch.zeros_like(phi[i]) if i in self._zero_started else t for i, t in enumerate(theta)]
+        lam = self.plan.lam
+        return min(lam) if isinstance(lam, list) else lam
 
     def regularizer(self) -> torch.Tensor:
-        """λ/2·‖φ − φ₀‖², the proximal term of the iMAML paper (eq. 3), φ₀ = ``anchor()``."""
-        return proximal(self.trainable_parameters(), self.anchor(), self.proximal_weights())
+        """λ/2·‖φ − φ₀‖², the proximal term of the iMAML paper (eq. 3), φ₀ the inner loop's start
+        (``self.plan``), summed over the tasks."""
+        plan = self.plan
+        return proximal(self.trainable_parameters(), plan.start, plan.lam)
 
     def on_inner_loop_start(self) -> None:
-        if self.count_tasks() and self.stacked:  # fresh [T, ...] leaves, stepped by the inner optimizer
-            theta = [t.detach() for t in self.meta_problem.trainable_parameters()]
-            self.phi = [t.clone().requires_grad_() for t in self.stacked_start(theta)]
-            self.optimizer.param_groups[0]["params"] = self.phi
-            self.optimizer.state.clear()
-            return
-        ways = self.task_ways() if self._zero_started else 0
+        plan = self.plan = self.adaptation()
+        self.task_meta_parameters, self._task_rows = plan.theta_rows, None
+        if self.on_features is not None:
+            self.on_features.forget()
         with torch.no_grad():
-            for i, (phi, theta) in enumerate(zip(self.module.parameters(), self.meta_problem.module.parameters())):
-                if i in self._zero_started:  # resized in place: the optimizer keeps the same tensor
-                    phi.data = head_start([theta], "zero", ways)[0]
-                else:
-                    phi.copy_(theta)
             for mine, theirs in zip(self.module.buffers(), self.meta_problem.module.buffers()):
                 mine.copy_(theirs)
+        if plan.tasks is None:  # one task, the whole network: φ is the module's own parameters
+            with torch.no_grad():
+                for phi, start in zip(self.module.parameters(), plan.start):
+                    if phi.shape == start.shape:
+                        phi.copy_(start)
+                    else:  # a zero head resized to the task's classes, in place: the optimizer keeps the tensor
+                        phi.data = start.detach().clone()
+            self.phi = list(self.module.parameters())
+        else:  # fresh [T, ...] leaves, stepped by the inner optimizer
+            self.phi = self.fresh(plan.start, keep_graph=False)
+            self.optimizer.param_groups[0]["params"] = self.phi
         self.optimizer.state.clear()  # no momentum carried over from the previous task
 
 
@@ -299,25 +300,45 @@ class UnrolledLower(TaskAdaptation, RecomputedSteps, IterativeProblem):
     def patch_modules(self):
         """Functional view of the module with ``torch.func`` (Betty uses the deprecated
         ``functorch.make_functional_with_buffers``); parameter order is unchanged."""
-        self._param_names = [name for name, _ in self.module.named_parameters()]
+        self.setup_adaptation()
         self._buffer_names = [name for name, _ in self.module.named_buffers()]
         self.params = tuple(self.module.parameters())
         self.buffers = tuple(self.module.buffers())
         self.fmodule = self._functional_forward
-        self._zero_started = self.zero_started_index()
 
     def _functional_forward(self, params, buffers, x):
         tensors = dict(zip(self._param_names, params))
         tensors.update(zip(self._buffer_names, buffers))
         return functional_call(self.module, tensors, (x,))
 
+    def trainable_parameters(self) -> List[torch.Tensor]:
+        return [self.params[i] for i in self.adapted_index]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_features is not None:
+            return self.on_features.forward(self.trainable_parameters(), x)
         if self.stacked:
             return self.grouped(self.params, x)
         if self.module.training and self.buffers:
             # BatchNorm updates running statistics in place; earlier steps' graphs keep theirs
             self.buffers = tuple(b.clone() for b in self.buffers)
         return self.fmodule(self.params, self.buffers, x)
+
+    def encoder_tensors(self, task: int, support: bool) -> dict:
+        """The tensors θ's encoder runs with for ``--adapt head``: θ (detached in evaluation) and
+        this inner loop's BatchNorm statistics."""
+        theta = self.meta_problem.initial_parameters()
+        if not self.in_training:
+            theta = [t.detach() for t in theta]
+        state = dict(zip(self._param_names, theta))
+        state.update(zip(self._buffer_names, self.buffers))
+        return state
+
+    def step_reads(self) -> List[torch.Tensor]:
+        """With ``--adapt head``, the support features: the steps read θ's encoder only through
+        them (θ's head only through the carried start), so a recomputed step differentiates into
+        them and stops."""
+        return self.on_features.support_features() if self.on_features is not None else super().step_reads()
 
     def adapted_buffers(self):
         return self.buffers
@@ -337,29 +358,19 @@ class UnrolledLower(TaskAdaptation, RecomputedSteps, IterativeProblem):
         return self.support_loss(x, y)
 
     def on_inner_loop_start(self) -> None:
-        if self.count_tasks() and self.stacked:
-            stacked = self.stacked_start(self.meta_problem.trainable_parameters())
-            if self.in_training:  # keeps the graph to θ (a zero start has none: a fresh leaf)
-                self.params = tuple(t.clone() if t.requires_grad else t.requires_grad_() for t in stacked)
-            else:
-                self.params = tuple(t.detach().clone().requires_grad_() for t in stacked)
-            self.buffers = ()  # vectorizable models have none
-            for state in self.optimizer.state:
-                state.clear()
-            return
-        theta = self.meta_problem.initial_parameters()
-        if self.in_training:
-            self.params = tuple(t.clone() for t in theta)  # keeps the graph to θ
-        else:
-            self.params = tuple(t.detach().clone().requires_grad_() for t in theta)
-        if self._zero_started:  # a zero-started head: fresh leaves with the task's classes as rows
-            params, ways = list(self.params), self.task_ways()
-            for i in self._zero_started:
-                params[i] = head_start([params[i]], "zero", ways)[0].requires_grad_()
-            self.params = tuple(params)
+        """φ from the inner loop's ``Adaptation``: in training, clones that keep the graph to θ
+        (a zero start has none: a fresh leaf); the entries that do not adapt are θ's, unused."""
+        plan = self.plan = self.adaptation()
+        params = [t.detach() for t in self.meta_problem.initial_parameters()]
+        for i, start in zip(plan.index, self.fresh(plan.start, keep_graph=self.in_training)):
+            params[i] = start
+        self.params = tuple(params)
         self.buffers = tuple(b.clone() for b in self.meta_problem.module.buffers())
         for state in self.optimizer.state:
             state.clear()
+        if self.on_features is not None:
+            self.on_features.forget()
+            self.on_features.features(self.env.support[0])  # now, so a recomputed step reads the same tensor
 
     def one_step_descent(self, batch=None):
         # Betty keeps the inner gradients in ``.grad`` of non-leaf tensors, which torch warns

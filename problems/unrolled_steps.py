@@ -15,7 +15,7 @@ __all__ = ["RecomputedSteps", "differentiable_sgd"]
 
 
 class RecomputedSteps:
-    """With ``config.grad_checkpoint``, each differentiable inner step keeps only its input for
+    """With ``--grad-checkpoint``, each differentiable inner step keeps only its input for
     the backward pass and recomputes its own graph there, so memory holds K copies of φ (and
     of any momentum buffers) plus one step's graph instead of K steps' graphs.
 
@@ -39,7 +39,7 @@ class RecomputedSteps:
         return list(self.meta_problem.trainable_parameters())
 
     def one_step_descent(self, batch=None):
-        if not (self.config.grad_checkpoint and self.in_training and betty_glue.differentiates_inner_steps(self)):
+        if not (self.settings.grad_checkpoint and self.in_training and betty_glue.differentiates_inner_steps(self)):
             return super().one_step_descent(batch)
         batch = self.get_batch() if batch is None else batch
         betty_glue.remember_batch(self, batch)

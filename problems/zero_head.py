@@ -5,13 +5,12 @@ with the whole network adapted (``--adapt all``) or the head alone (``--adapt he
 starts each task's head at zeros with as many rows as the task has classes, so meta-training at
 ``--ways 5`` and meta-testing at ``--test-ways 20`` use the same θ (the "zeroing trick" of Kao et
 al., 2022); with the head alone and iMAML, the inner problem is λ-strongly convex
-(``problems.head_only``). These classes are those settings under the names earlier runs and
+(``problems.features``). These classes are those settings under the names earlier runs and
 presets used; each says so once when built.
 """
 
 from __future__ import annotations
 
-from problems.head_only import HeadImplicit
 from problems.legacy import say_replaced
 from problems.lower import ImplicitLower, UnrolledLower
 
@@ -39,11 +38,11 @@ class ZeroHeadImplicit(ImplicitLower):
         super().__init__(*args, **kwargs)
 
 
-class ZeroHeadANILImplicit(HeadImplicit):
+class ZeroHeadANILImplicit(ImplicitLower):
     """``--algo imaml --adapt head --head-init zero``: iMAML over a zero-started head on θ's
     features, g(φ_h; θ) = L_support(φ_h; θ_enc) + λ/2·‖φ_h‖², λ-strongly convex."""
 
-    fixed_head_init = "zero"
+    fixed_adapt, fixed_head_init = "head", "zero"
 
     def __init__(self, *args, **kwargs):
         say_replaced("problems.zero_head:ZeroHeadANILImplicit", "--adapt head --head-init zero")

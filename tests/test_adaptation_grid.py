@@ -140,7 +140,9 @@ def test_test_lam_zero_adapts_at_meta_test_as_plain_gradient_descent(make_config
                                           **extra), dtype=F64)
         results[algo] = engine.evaluate("test", 4)
         if algo == "imaml":
-            assert engine.lower.config.lam == 2.0 and engine.lower.inner_lam == 2.0  # training mode again
+            assert engine.lower.plan.lam == 0.0  # meta-test adapted without the proximal term
+            engine_meta_gradient(engine)
+            assert engine.lower.plan.lam == 2.0  # meta-training keeps λ
     assert results["imaml"]["mean"] == pytest.approx(results["maml"]["mean"], abs=1e-12)
     assert results["imaml"]["inner_curve"] == pytest.approx(results["maml"]["inner_curve"], rel=1e-10)
     with_lam = build_engine(make_config(task="glyphs", algo="imaml", adapt=adapt, lam=2.0, test_inner_steps=4), dtype=F64)

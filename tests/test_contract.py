@@ -7,10 +7,11 @@ built."""
 import pytest
 import torch
 
+from imaml.config import RunConfig
 from imaml.errors import UsageError
 from imaml.solvers.contract import MEMBERS, ImplicitLowerProblem, missing_members
 from imaml.solvers.registry import SOLVERS
-from problems.lower import ImplicitLower, LowerConfig
+from problems.lower import ImplicitLower
 
 LAM = 2.0
 
@@ -19,13 +20,13 @@ class MinimalLower:
     """Logistic regression adapted under λ/2‖φ − θ‖²: g(φ, θ) = mean log(1 + exp(−y·Xφ)) + λ/2‖φ − θ‖²,
     one task, the contract's members only."""
 
-    def __init__(self, theta: torch.Tensor, config):
+    def __init__(self, theta: torch.Tensor, settings):
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(12, 5, generator=generator, dtype=torch.float64)
         self.y = torch.randn(12, generator=generator, dtype=torch.float64).sign()
         self.theta = theta
         self.phi = (theta.detach() + 0.3 * torch.randn(5, generator=generator, dtype=torch.float64)).requires_grad_()
-        self.config = config
+        self.settings = settings
         self.num_tasks = 1
         self.task_meta_parameters = None
         self.hypergrad_infos = []
@@ -80,8 +81,8 @@ class Theta:
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_every_solver_meta_trains_a_lower_problem_that_has_just_the_contract(name):
     theta = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
-    config = LowerConfig(lam=LAM, cg_iterations=40, cg_tol=1e-12, neumann_iterations=400, darts_alpha=1e-3)
-    lower = MinimalLower(theta, config)
+    settings = RunConfig(lam=LAM, cg_steps=40, cg_tol=1e-12, neumann_terms=400, darts_radius=1e-3)
+    lower = MinimalLower(theta, settings)
     assert isinstance(lower, ImplicitLowerProblem) and not missing_members(lower)
     v = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     (meta_gradient,) = SOLVERS[name]([v], OnlyTheContract(lower), Theta(theta))
@@ -99,10 +100,15 @@ def test_every_solver_meta_trains_a_lower_problem_that_has_just_the_contract(nam
 def test_the_built_in_lower_problems_meet_the_contract(make_config, adapt):
     from engines import build_engine
 
-    lower = build_engine(make_config(task="glyphs", algo="imaml", adapt=adapt, head_init="zero")).lower
+    from tests.reference import engine_meta_gradient
+
+    engine = build_engine(make_config(task="glyphs", algo="imaml", adapt=adapt, head_init="zero"))
+    lower = engine.lower
     assert not missing_members(lower) and isinstance(lower, ImplicitLowerProblem)
-    has_closed_form = type(lower).solve_exactly is not ImplicitLower.solve_exactly  # the head's system has one
-    assert has_closed_form == (adapt == "head")
+    engine_meta_gradient(engine)  # one inner loop: φ and the features exist
+    n = sum(p[0].numel() if adapt == "head" else p.numel() for p in lower.trainable_parameters())
+    closed = lower.solve_exactly(torch.ones(lower.num_tasks, n))
+    assert (closed is not None) == (adapt == "head")  # the head's system has a closed form
 
 
 def test_a_lower_problem_without_a_contract_member_is_refused_when_the_run_is_built(make_config):
@@ -123,3 +129,62 @@ def _hide(member: str):
             raise AttributeError(name)
         return object.__getattribute__(self, name)
     return get
+
+
+class UsersLower(ImplicitLower):
+    """A user's Lower problem as docs/extending.md has one write it: the contract's members in its
+    own plain code (g from the module's parameters and θ, one task at a time; no closed form, one
+    λ), the built-in class supplying only Betty's plumbing and the engine's per-task numbers."""
+
+    def inner_objective(self):
+        x, y = self.env.support
+        loss = torch.nn.functional.mse_loss(self.module(x), y)
+        theta = self.meta_problem.initial_parameters()
+        return loss + 0.5 * self.settings.lam * sum((p - t).pow(2).sum() for p, t in zip(self.module.parameters(), theta))
+
+    def task_objectives(self, batch):
+        return self.inner_objective().reshape(1)
+
+    def record_final_gradient(self, grad_rows):
+        self.final_rows = grad_rows
+
+    def proximal_diagonal(self):
+        return None
+
+    def solve_exactly(self, b):
+        return None
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_every_solver_meta_trains_a_users_lower_problem_through_the_engine(make_config, name):
+    """Built by the engine from ``lower_cls=``, the user's class gets the dense implicit
+    meta-gradient from every solver (darts: its A ≈ I approximation, so only its direction), and
+    a whole meta-training run of it moves θ and records a solve per task."""
+    from engines import build_engine
+    from imaml.models import MLP
+    from tests.reference import engine_meta_gradient, implicit_general, relative_error
+
+    lam = 20.0  # A = H + λI positive definite here, as CG and Neumann need
+    settings = dict(task="sinusoid", algo="imaml", hypergrad=name, lam=lam, inner_lr=0.02, inner_steps=20,
+                    meta_batch_size=2, execution="per-task", cg_steps=200, cg_tol=1e-12, neumann_terms=2000,
+                    cg_trust_region=False, inner_optimizer="sgd", inner_tol=1e-14)  # all 20 steps, as the reference
+    torch.manual_seed(0)
+    engine = build_engine(make_config(**settings), dtype=torch.float64, model=MLP(1, 1, hidden=(8,)),
+                          lower_cls=UsersLower)
+    assert type(engine.lower) is UsersLower
+    got, tasks = engine_meta_gradient(engine)
+    expected = implicit_general(engine.upper.module, tasks, 0.02, 20, lam, "regression")
+    if name == "darts":
+        cosine = torch.nn.functional.cosine_similarity(torch.cat([g.reshape(-1) for g in got]),
+                                                       torch.cat([e.reshape(-1) for e in expected]), dim=0)
+        assert cosine > 0.5
+    else:
+        assert relative_error(got, expected) < 1e-6
+        assert engine.lower.final_rows.shape[0] == 1  # ∇g(φ_K) of the one task, handed over by the solve
+    assert len(engine.lower.hypergrad_infos) == 1
+    before = [p.detach().clone() for p in engine.upper.module.parameters()]
+    engine.train()
+    for _ in range(2):
+        engine.train_step()
+    after = list(engine.upper.module.parameters())
+    assert all(torch.isfinite(p).all() for p in after) and relative_error(after, before) > 0

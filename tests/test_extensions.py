@@ -106,7 +106,7 @@ def test_anil_inner_steps_leave_the_encoder_unchanged(make_config, algo):
             engine.evaluate("test", 2)
         lower = engine.lower
         # the encoder runs with θ's own values; the head is the inner loop's ([1, ...]: one task)
-        encoder = lower.encoder_state(0, support=True)
+        encoder = lower.encoder_tensors(0, support=True)
         assert all(torch.equal(encoder[name], theta[name]) for name in theta if name not in head)
         adapted = dict(zip(head_names(model), (p.detach()[0] for p in lower.trainable_parameters())))
         for name, value in adapted.items():
@@ -299,3 +299,15 @@ def test_zero_head_anil_hessian_free_converges_to_the_unrolled_meta_gradient(mak
     head = head_names(model)
     unrolled = unrolled_general(model, tasks, steps, "classification", lr, adapted=head, zero_head=head, lam=lam)
     assert relative_error(got, unrolled) < 1e-6
+
+
+def test_validation_and_test_splits_need_only_the_test_ways(make_config, monkeypatch):
+    """Meta-training at more ways than the validation split has classes (ProtoNet's wider training
+    episodes): each split is checked at the ways it is sampled with."""
+    from envs import build_task_sources, glyphs
+
+    monkeypatch.setitem(glyphs.SPLITS, "val", (1200, 1204))  # a validation split of 4 classes
+    sources = build_task_sources(make_config(task="glyphs", ways=6, test_ways=3))
+    assert (sources["train"].ways, sources["val"].ways, sources["test"].ways) == (6, 3, 3)
+    with pytest.raises(UsageError, match="--ways 6: the glyphs val split has only 4 classes"):
+        build_task_sources(make_config(task="glyphs", ways=6))

@@ -59,9 +59,9 @@ class WrongSignature(nn.Module):
         super().__init__()
 
 
-def plain_cg(matvec, b, config):
+def plain_cg(matvec, b, settings):
     calls["solver"] += 1
-    return conjugate_gradient(matvec, b, config.cg_iterations, config.cg_tol)
+    return conjugate_gradient(matvec, b, settings.cg_steps, settings.cg_tol)
 
 
 def returns_a_tensor(matvec, b, config):

@@ -12,21 +12,25 @@ import torch
 
 from imaml.solvers import (SOLVERS, conjugate_gradient, damped_cg, dense_solve, install, minres, neumann_series,
                            normal_cg)
-from problems import LowerConfig
+from betty.configs import Config
+
+from imaml.config import RunConfig
 
 F64 = torch.float64
 
 
 class _Lower:
     """Just what a Betty jvp function touches on the lower problem: Betty's own solvers
-    (``training_step_exec``, ``cur_batch``, ``paths``) and ours (imaml/solvers/contract.py)."""
+    (``training_step_exec``, ``cur_batch``, ``paths``, their settings in ``config``) and ours
+    (imaml/solvers/contract.py: the run's settings in ``settings``)."""
 
     num_tasks = 1
     task_meta_parameters = None
 
-    def __init__(self, phi, theta, x, y, lam, config):
+    def __init__(self, phi, theta, x, y, lam, settings):
         self.phi, self.theta, self.x, self.y, self.lam = phi, theta, x, y, lam
-        self.config = config
+        self.settings = settings
+        self.config = Config()
         self.cur_batch = (x, y)
         self.paths = []  # betty-ml's own cg asserts on it
         self.hypergrad_infos = []
@@ -58,7 +62,7 @@ class _Lower:
         return loss + 0.5 * self.lam * (self.phi - self.theta).pow(2).sum() + 0.025 * coupling
 
 
-def _problem(seed=None, lam=0.05, **config):
+def _problem(seed=None, lam=0.05, **settings):
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     scales = torch.logspace(0, 1, 12, dtype=F64)  # feature scales 1..10 -> ill-conditioned Hessian
     x = torch.randn(64, 12, generator=gen, dtype=F64) * scales
@@ -66,8 +70,8 @@ def _problem(seed=None, lam=0.05, **config):
     theta = torch.randn(13, generator=gen, dtype=F64).requires_grad_()
     phi = (theta.detach() + 0.1 * torch.randn(13, generator=gen, dtype=F64)).requires_grad_()
     # the trust radius ‖v‖/λ assumes a purely proximal coupling; this objective has more
-    config.setdefault("cg_trust_region", False)
-    lower = _Lower(phi, theta, x, y, lam, LowerConfig(**config))
+    settings.setdefault("cg_trust_region", False)
+    lower = _Lower(phi, theta, x, y, lam, RunConfig(**settings))
     upper = SimpleNamespace(trainable_parameters=lambda: [theta])
     v = [torch.randn(13, generator=gen, dtype=F64)]
     return lower, upper, v
@@ -108,7 +112,7 @@ def test_cg_converges_to_the_dense_solution_without_diverging():
     exact, _ = _exact(lower, v)
     errors = []
     for steps in (1, 5, 10, 13, 50):
-        lower.config = LowerConfig(cg_iterations=steps, cg_tol=1e-14, cg_trust_region=False)
+        lower.settings = RunConfig(cg_steps=steps, cg_tol=1e-14, cg_trust_region=False)
         got = SOLVERS["cg"](v, lower, upper)[0]
         errors.append(_rel(got, exact))
     assert errors[-1] <= 1e-6
@@ -126,7 +130,8 @@ def test_betty_cg_is_defective_and_ours_is_registered_beside_it():
 
     lower, upper, v = _problem()
     exact, _ = _exact(lower, v)
-    lower.config = LowerConfig(cg_iterations=50, cg_tol=1e-14, cg_trust_region=False)
+    lower.config = Config(cg_iterations=50)  # Betty's cg reads its own settings
+    lower.settings = RunConfig(cg_steps=50, cg_tol=1e-14, cg_trust_region=False)
     assert _rel(betty_cg(v, lower, upper)[0], exact) > 0.1
     install()
     assert hypergradient.jvp_fn_mapping["imaml_cg"] is SOLVERS["cg"]
@@ -157,7 +162,7 @@ def test_neumann_converges_to_the_dense_solution():
     exact, _ = _exact(lower, v)
     errors = []
     for terms in (2, 5, 10, 20, 400):
-        lower.config = LowerConfig(neumann_iterations=terms)
+        lower.settings = RunConfig(neumann_terms=terms)
         errors.append(_rel(SOLVERS["neumann"](v, lower, upper)[0], exact))
     assert all(later < earlier for earlier, later in zip(errors[:-1], errors[1:-1])), errors
     assert errors[-1] < 1e-6
@@ -179,7 +184,7 @@ def test_dense_solve_matches_linalg():
 
 
 def test_darts_matches_its_definition_and_restores_weights_bit_for_bit():
-    lower, upper, v = _problem(darts_alpha=1e-3)
+    lower, upper, v = _problem(darts_radius=1e-3)
     before = lower.phi.detach().clone()
     got = SOLVERS["darts"](v, lower, upper)[0]
     assert torch.equal(lower.phi.detach(), before)
@@ -196,7 +201,8 @@ def test_betty_darts_leaves_weights_shifted():
     """The defect the replacement fixes (betty-ml 0.1.1 restores with a non-in-place add)."""
     from betty.hypergradient.darts import darts as betty_darts
 
-    lower, upper, v = _problem(darts_alpha=0.01)
+    lower, upper, v = _problem()
+    lower.config = Config(darts_alpha=0.01)  # Betty's darts reads its own settings
     before = lower.phi.detach().clone()
     betty_darts(v, lower, upper)
     assert (lower.phi.detach() - before).norm().item() == pytest.approx(0.01, rel=1e-6)
@@ -360,7 +366,7 @@ def test_indefinite_solvers_give_the_dense_implicit_gradient_through_betty(name)
     from betty import hypergradient
 
     lower, upper, v = _problem()
-    lower.config = LowerConfig(cg_iterations=3000, cg_tol=1e-11, cg_trust_region=False)
+    lower.settings = RunConfig(cg_steps=3000, cg_tol=1e-11, cg_trust_region=False)
     exact, _ = _exact(lower, v)
     got = SOLVERS[name](v, lower, upper)[0]
     assert _rel(got, exact) < 1e-8
@@ -369,10 +375,9 @@ def test_indefinite_solvers_give_the_dense_implicit_gradient_through_betty(name)
     assert hypergradient.jvp_fn_mapping[f"imaml_{name}"] is SOLVERS[name]
 
 
-def test_cg_damped_reads_the_damping_from_the_lower_config():
+def test_cg_damped_reads_the_damping_from_the_run_settings():
     lower, upper, v = _problem()
-    lower.config = LowerConfig(cg_iterations=3000, cg_tol=1e-11, cg_trust_region=False)
-    lower.config.cg_damping = 0.5  # what --cg-damping sets
+    lower.settings = RunConfig(cg_steps=3000, cg_tol=1e-11, cg_trust_region=False, cg_damping=0.5)  # --cg-damping 0.5
     damped, _ = _exact(lower, v, damping=0.5)
     undamped, _ = _exact(lower, v)
     got = SOLVERS["cg-damped"](v, lower, upper)[0]

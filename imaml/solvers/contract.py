@@ -9,9 +9,11 @@ The Upper problem ``prev`` gives θ: ``prev.trainable_parameters()``.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from imaml.config import RunConfig
 
 __all__ = ["ImplicitLowerProblem", "MEMBERS", "missing_members"]
 
@@ -20,7 +22,7 @@ __all__ = ["ImplicitLowerProblem", "MEMBERS", "missing_members"]
 class ImplicitLowerProblem(Protocol):
     """What the adapter needs of a Lower problem φ*(θ) = argmin_φ g(φ, θ)."""
 
-    config: Any  # the solver's settings: cg_iterations, cg_tol, lam, ... (problems.lower.LowerConfig)
+    settings: RunConfig  # the run's settings the solvers read: cg_steps, cg_tol, lam, ... (imaml.config)
     num_tasks: int  # T: the tasks stacked along dim 0 of φ (1: one task, φ as it is)
     task_meta_parameters: Optional[Sequence[torch.Tensor]]  # per-task views of θ that g read ([T, ...]), or None
     hypergrad_infos: Sequence  # set by the adapter: one SolveInfo per task, its norm the task's hypergradient's
@@ -45,7 +47,7 @@ class ImplicitLowerProblem(Protocol):
         dense solve is used)."""
 
 
-MEMBERS: List[str] = ["config", "num_tasks", "task_meta_parameters", "hypergrad_infos", "trainable_parameters",
+MEMBERS: List[str] = ["settings", "num_tasks", "task_meta_parameters", "hypergrad_infos", "trainable_parameters",
                       "inner_objective", "record_final_gradient", "proximal_diagonal", "solve_exactly"]
 
 

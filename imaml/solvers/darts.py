@@ -16,14 +16,14 @@ def darts(vector, curr, prev):
 
         −(∂²g/∂θ∂φ) v ≈ [∇θ g(φ − εv, θ) − ∇θ g(φ + εv, θ)] / 2ε,   ε = R/‖v‖,
 
-    with R = ``config.darts_alpha``. The lower parameters are saved and copied back, so
+    with R = ``--darts-radius``. The lower parameters are saved and copied back, so
     they are bit-identical after the call (betty-ml 0.1.1 leaves them shifted by εv).
     One task at a time (the Lower problem's parameters unstacked).
     """
     params = list(curr.trainable_parameters())
     upper = list(prev.trainable_parameters())
     v = [t.detach() for t in vector]
-    eps = curr.config.darts_alpha / flat(v).norm().item()
+    eps = curr.settings.darts_radius / flat(v).norm().item()
     saved = [p.detach().clone() for p in params]
 
     def grad_at(sign: float):

@@ -11,7 +11,7 @@ For iMAML, g = L_support(φ) + λ/2·‖φ − θ‖², so A = H + λI, −∂²
 
 ``implicit_gradient(solve)`` gives the solver the lower objective's Hessian-vector product and
 applies the cross term with one more autograd call, so it serves any lower objective, not just
-the proximal one. The contract of ``solve(matvec, b, config) -> (x, infos)``: b and x are
+the proximal one. The contract of ``solve(matvec, b, settings) -> (x, infos)``: b and x are
 [T, n], one row per task of the inner loop (T = 1 when tasks run one at a time), ``matvec``
 maps [T, n] to [T, n], and ``infos`` is a list of one ``SolveInfo`` per row.
 
@@ -86,15 +86,15 @@ def _closed_form(x: torch.Tensor, matvec: Callable, b: torch.Tensor) -> tuple:
     return x, infos
 
 
-def _scaled_solve(solve: Callable, matvec: Callable, b: torch.Tensor, config, scale: torch.Tensor) -> tuple:
+def _scaled_solve(solve: Callable, matvec: Callable, b: torch.Tensor, settings, scale: torch.Tensor) -> tuple:
     """A = H + Λ with λ differing by parameter group (``--head-lam``): solve S A S y = S b with
     S = Λ^(-1/2), whose proximal part is I (the solver's λ is then 1), to the tolerance that
     bounds A's own relative residual by ``cg_tol``, and return x = S y with each residual
     measured on A itself, the system the meta-gradient needs."""
-    tol = config.cg_tol
+    tol = settings.cg_tol
     spread = float(scale.max() / scale.min())  # ‖Ax − b‖/‖b‖ ≤ spread·‖S(Ax − b)‖/‖Sb‖
     y, infos = solve(lambda u: scale * matvec(scale * u), scale * b,
-                     replace(config, lam=1.0, head_lam=None, cg_tol=tol / spread))
+                     replace(settings, lam=1.0, head_lam=None, cg_tol=tol / spread))
     x = scale * y
     residual = relative_residual(matvec(x) - b, b.norm(dim=1)).tolist()
     for info, res in zip(infos, residual):
@@ -103,7 +103,7 @@ def _scaled_solve(solve: Callable, matvec: Callable, b: torch.Tensor, config, sc
 
 
 def implicit_gradient(solve: Callable, structured: bool = False) -> Callable:
-    """Turn ``solve(matvec, b, config) -> (x, infos)`` (b, x: [T, n]) into a Betty jvp function.
+    """Turn ``solve(matvec, b, settings) -> (x, infos)`` (b, x: [T, n]) into a Betty jvp function.
 
     ``curr`` is the Lower problem: the adapter reads and sets only what ``ImplicitLowerProblem``
     declares (``contract.py``). It gets ``hypergrad_infos`` (one ``SolveInfo`` per task, its
@@ -127,9 +127,9 @@ def implicit_gradient(solve: Callable, structured: bool = False) -> Callable:
             if closed is not None:
                 out = _closed_form(closed, matvec, b)
             elif diagonal is not None:
-                out = _scaled_solve(solve, matvec, b, curr.config, diagonal.rsqrt())
+                out = _scaled_solve(solve, matvec, b, curr.settings, diagonal.rsqrt())
             else:
-                out = solve(matvec, b, curr.config)
+                out = solve(matvec, b, curr.settings)
             x, infos = _check(solve, out, tasks)
         implicit, norms = _cross_term(flat_grad, x, curr, prev)
         for info, norm in zip(infos, norms):
