@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -18,6 +17,13 @@ __all__ = ["TASKS", "build_task_sources"]
 SPLITS = ("train", "val", "test")
 
 
+def split_ways(config: RunConfig, split: str) -> int:
+    """Classes per task: --test-ways at meta-validation and meta-test."""
+    if split != "train" and config.test_ways is not None:
+        return config.test_ways
+    return config.ways
+
+
 def query_shots(config: RunConfig, split: str) -> int:
     """Query examples per class: --test-query-shots at meta-validation and meta-test."""
     if split != "train" and config.test_query_shots is not None:
@@ -31,7 +37,7 @@ def _glyphs(config: RunConfig) -> Dict[str, TaskSource]:
                          "ImageNet- and CIFAR-derived tasks")
     images = glyphs.load_glyphs(config.data_root)
     return {
-        split: ClassImageTasks(images[lo:hi], config.ways, config.shots, query_shots(config, split),
+        split: ClassImageTasks(images[lo:hi], split_ways(config, split), config.shots, query_shots(config, split),
                                name=f"glyphs {split} split")
         for split, (lo, hi) in glyphs.SPLITS.items()
     }
@@ -57,7 +63,7 @@ def _benchmark(name: str) -> Callable[[RunConfig], Dict[str, TaskSource]]:
                 augment = random_affine() if name == "omniglot" else random_crop_flip(spec.augment_padding)
             pool = datasets.load_split(spec, root, split)
             sources[split] = ClassImageTasks(
-                pool, config.ways, config.shots, query_shots(config, split),
+                pool, split_ways(config, split), config.shots, query_shots(config, split),
                 name=f"{name} {split} split", mean=spec.mean, std=spec.std, augment=augment,
                 class_rotations=rotations,
                 groups=pool.groups if config.episodes == "within-alphabet" and split == "train" else None)
@@ -94,9 +100,10 @@ def _omniglot_lake(config: RunConfig) -> Dict[str, TaskSource]:
         groups = datasets.alphabet_groups([background.alphabets[r] for r in rows])
         if split == "train" and config.class_rotations is not False:
             pool, groups = RotatedClasses(pool), RotatedClasses.groups(groups)
-        within = config.episodes == "within-alphabet" and (split == "train" or max(map(len, groups)) >= config.ways)
+        ways = split_ways(config, split)
+        within = config.episodes == "within-alphabet" and (split == "train" or max(map(len, groups)) >= ways)
         sources[split] = ClassImageTasks(
-            pool, config.ways, config.shots, query_shots(config, split), name=f"omniglot-lake {split} split",
+            pool, ways, config.shots, query_shots(config, split), name=f"omniglot-lake {split} split",
             augment=random_affine() if config.augment and split == "train" else None,
             groups=groups if within else None,
             description={"set": set_name, **held_out, "episodes": "within-alphabet" if within else "any",
@@ -118,9 +125,4 @@ def build_task_sources(config: RunConfig) -> Dict[str, TaskSource]:
         raise UsageError(f"--task {config.task}: unknown task; choose one of {', '.join(TASKS)}")
     if config.ways is None and config.task != "sinusoid":
         raise UsageError(f"--ways none: the {config.task} task is classification and needs --ways N")
-    sources = TASKS[config.task](config)
-    if config.test_ways is not None and config.test_ways != config.ways:
-        # meta-validation and meta-test at another number of ways: the same builder, asked again
-        evaluation = TASKS[config.task](dataclasses.replace(config, ways=config.test_ways))
-        sources = {**sources, "val": evaluation["val"], "test": evaluation["test"]}
-    return sources
+    return TASKS[config.task](config)
