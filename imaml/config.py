@@ -270,9 +270,6 @@ class RunConfig:
     def _validate_run(self) -> None:
         if self.time_budget is not None:
             _positive("time_budget", self.time_budget)
-            if self.warmup_fraction:
-                raise UsageError(f"--time-budget {self.time_budget:g} with --warmup-fraction: the budget of a run "
-                                 f"in two phases is not defined yet; use --meta-steps, or --warmup-fraction 0")
         if self.output_dir == "":
             raise UsageError("--output-dir: may not be empty (leave it out for a new folder under runs/)")
         if self.overwrite and self.resume:

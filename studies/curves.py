@@ -14,12 +14,11 @@ Curve = List[Tuple[float, float]]  # (meta-training seconds, validation accuracy
 
 
 def validation_curve(run_dir: Path) -> Curve:
-    """A run's meta-validations, each at the meta-training seconds it followed; [] where its
-    records do not carry them (a peer's run, or one from before they did)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    """A run's meta-validations, each at the meta-training seconds it followed, a
+    ``--warmup-fraction`` warm-up's first (its clock runs on into the run's); [] where its records
+    do not carry them (a peer's run, or one from before they did)."""
+    paths = [path for path in (run_dir / "warmup" / "metrics.jsonl", run_dir / "metrics.jsonl") if path.is_file()]
+    records = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line]
     return [(r["sys/meta_training_seconds"], r["val/accuracy"]) for r in records
             if "val/accuracy" in r and "sys/meta_training_seconds" in r]
 

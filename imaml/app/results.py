@@ -33,7 +33,8 @@ def assemble_results(config: RunConfig, engine, outcome: dict, warmed: Optional[
     }
     if warmed is not None:
         results["warmup"] = {key: warmed["results"].get(key) for key in
-                             ("meta_steps", "meta_gradient", "best_validation", "train_seconds", "total_seconds")}
+                             ("meta_steps", "meta_steps_done", "meta_gradient", "best_validation", "train_seconds",
+                              "total_seconds")}
         results["warmup"]["output_dir"] = warmed["output_dir"]
     return results
 
