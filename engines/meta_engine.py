@@ -64,6 +64,7 @@ class MetaEngine(Engine):
         self.before: Optional[dict] = None  # meta-test of θ₀
         self.best: Optional[dict] = None  # best meta-validation so far, with its step
         self.last_validation: Optional[dict] = None
+        self.test_also: Optional[dict] = None  # the meta-test at --test-also-at seconds, with its step
         self.probed: List[dict] = []  # per-step support/query losses of the last evaluation's probed tasks
         self.meta_lr = run_config.meta_lr
         self.test_time = MetaTestLevers(run_config.test_augment, run_config.query_assignment, env.kind, run_config.seed)
@@ -263,15 +264,19 @@ class MetaEngine(Engine):
             "train_seconds": self.train_seconds,
             "meta_steps_done": self.global_step,
             "time_budget": cfg.time_budget,
+            "test_also_at": self.test_also,
             "tasks_per_second": self.tasks_seen / self.train_seconds if self.train_seconds else None,
             "total_seconds": time.perf_counter() - started,
         }
 
     def budget_spent(self) -> bool:
-        """Whether ``--time-budget`` seconds of meta-training (``train_seconds``: the meta-steps
-        alone, not validation or logging) have run, in any process of a job (they stop together)."""
-        budget = self.run_config.time_budget
-        return budget is not None and bool(distributed.max_over_ranks(float(self.train_seconds >= budget)))
+        """Whether ``--time-budget`` seconds of meta-training have run."""
+        return self._ran(self.run_config.time_budget)
+
+    def _ran(self, seconds: Optional[float]) -> bool:
+        """Whether ``seconds`` of meta-training (``train_seconds``: the meta-steps alone, not
+        validation or logging) have run, in any process of a job (they act on it together)."""
+        return seconds is not None and bool(distributed.max_over_ranks(float(self.train_seconds >= seconds)))
 
     def _meta_step(self, step: int, bar) -> bool:
         """Meta-step ``step``, then its log record, validation and checkpoints as they fall due;
@@ -288,6 +293,9 @@ class MetaEngine(Engine):
         self.train_seconds += time.perf_counter() - tick
         bar.update()
         bar.set_postfix(tasks_per_s=f"{self.tasks_seen / self.train_seconds:.1f}")
+        if self.test_also is None and self._ran(cfg.test_also_at):  # θ as it stood at those seconds
+            self.test_also = {"meta_steps_done": step, "train_seconds": self.train_seconds,
+                              "test": self.evaluate("test", cfg.test_tasks)}
         last = step == cfg.meta_steps or self.budget_spent()
         record: Dict[str, float] = {}
         if step % cfg.log_every == 0 or last:

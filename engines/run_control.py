@@ -86,6 +86,7 @@ def engine_state(engine, step: Optional[int] = None) -> dict:
         "before_meta_training": engine.before,
         "best_validation": engine.best,
         "validation": engine.last_validation,
+        "test_also_at": engine.test_also,
         "skipped_meta_batches": engine.guard.skipped,
         "meta_gradient_health": engine.records.health.state_dict(),
         "lr_schedule": engine.upper.lr_schedule.state_dict() if engine.upper.lr_schedule else None,
@@ -103,6 +104,7 @@ def restore_engine_state(engine, state: dict) -> None:
     engine.before = state["before_meta_training"]
     engine.best = state["best_validation"]
     engine.last_validation = state["validation"]
+    engine.test_also = state.get("test_also_at")  # a checkpoint from before --test-also-at: none
     engine.guard.skipped = state.get("skipped_meta_batches", 0)
     engine.records.health.load_state_dict(state.get("meta_gradient_health"))
     if engine.upper.lr_schedule is not None and state.get("lr_schedule"):

@@ -79,6 +79,9 @@ class RunConfig:
                                                 'meta-training stops after the meta-step that crosses them, then '
                                                 'validates, checkpoints and meta-tests as at --meta-steps; a resumed '
                                                 'run continues the budget; none: --meta-steps alone')
+    test_also_at: Optional[float] = option(None, 'seconds of meta-training after which θ is meta-tested too, on the '
+                                                 'same tasks (e.g. half of --time-budget): results.json\'s test_also_at; '
+                                                 'none: at the end only')
     lr_schedule: str = option("none", 'meta learning-rate schedule over --meta-steps: none, cosine, or step (× '
                                       '--lr-gamma every --lr-step-every meta-steps)', choices=LR_SCHEDULES)
     lr_step_every: int = option(10000, 'step schedule: multiply by --lr-gamma every this many meta-steps')
@@ -270,6 +273,8 @@ class RunConfig:
     def _validate_run(self) -> None:
         if self.time_budget is not None:
             _positive("time_budget", self.time_budget)
+        if self.test_also_at is not None:
+            _positive("test_also_at", self.test_also_at)
         if self.output_dir == "":
             raise UsageError("--output-dir: may not be empty (leave it out for a new folder under runs/)")
         if self.overwrite and self.resume:

@@ -84,3 +84,12 @@ def test_a_bad_budget_is_one_line(argv, message, capsys):
     assert main(["--algo", "imaml", *argv, "--processes", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_theta_is_also_meta_tested_at_the_seconds_asked_and_a_resumed_run_keeps_it(tmp_path, data_root, monkeypatch):
+    monkeypatch.setattr(meta_engine, "time", OneSecondPerReading())
+    results = run_from_args(_flags(tmp_path, data_root, "maml", "--time-budget", "3.5", "--test-also-at", "2"))
+    early = results["test_also_at"]
+    assert (early["meta_steps_done"], early["train_seconds"], early["test"]["num_tasks"]) == (2, 2.0, 4)
+    resumed = run_from_args(["--resume", str(tmp_path / "maml"), "--time-budget", "5.5"])
+    assert resumed["meta_steps_done"] == 6 and resumed["test_also_at"] == early  # measured once, kept

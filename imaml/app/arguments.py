@@ -158,7 +158,7 @@ HELP_GROUPS = {  # --help's sections, in order; every RunConfig field is in exac
         "task", "ways", "test_ways", "shots", "query_shots", "data_root", "download", "augment",
         "omniglot_background", "omniglot_val", "episodes", "class_rotations"),
     "meta-training (the outer loop)": (
-        "meta_batch_size", "meta_steps", "time_budget", "meta_lr", "meta_optimizer", "meta_momentum", "meta_weight_decay",
+        "meta_batch_size", "meta_steps", "time_budget", "test_also_at", "meta_lr", "meta_optimizer", "meta_momentum", "meta_weight_decay",
         "lr_schedule", "lr_step_every", "lr_gamma", "meta_grad_clip"),
     "inner loop (task adaptation: meta-training, meta-validation and meta-test)": (
         "inner_steps", "test_inner_steps", "inner_lr", "inner_momentum", "inner_weight_decay", "inner_optimizer",
