@@ -5,7 +5,8 @@
         --config imaml-head=configs/omniglot-lake-imaml-head-cpu.yaml --config maml=configs/omniglot-lake-maml-cpu.yaml \\
         -- --data-root data/lake-proxy-korean --meta-steps 200
 
-The rows (``--methods``): MAML, first-order MAML, ANIL (``--algo maml --adapt head``), the
+The rows (``--methods``): MAML, first-order MAML, ANIL (``--algo maml --adapt head``, its
+``<task>-anil.yaml`` or else MAML's preset), the
 paper's iMAML with GD and with Hessian-free inner steps (``configs/<task>-imaml.yaml`` and
 ``-imaml-hf.yaml``, or the GD preset with Hessian-free flags where the task has no ``-hf``
 preset), iMAML over a zero-started head (``-imaml-head.yaml``) and the pretrain baseline. Each
@@ -15,7 +16,9 @@ then ``--seed``. Within a seed every run must agree on everything the meta-test 
 on (the script refuses otherwise), so the rows are scored on identical tasks and compared
 task by task: the table gives each row's accuracy over seeds and its paired difference from
 the first row (``studies.paired``), with tasks/s, times, and for implicit rows how many
-inner loops and solves met their tolerances. Writes ``<out>/comparison.md``,
+inner loops and solves met their tolerances. Under ``-- --time-budget S`` every row meta-trains
+for the same seconds (``--jobs 2``: two runs side by side, each ``OMP_NUM_THREADS=1``), and with
+``--test-also-at S/2`` the table also gives each row's accuracy at half the budget. Writes ``<out>/comparison.md``,
 ``<out>/comparison.json``, ``<out>/comparison.png`` and ``<out>/comparison_time.png`` (meta-validation
 accuracy against meta-training seconds, ``studies.curves``); each run stays in
 ``<out>/<method>/seed-<s>/``.
@@ -33,6 +36,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -52,7 +56,7 @@ TORCHOPT_EXAMPLE = ("--inner-optimizer", "sgd", "--inner-steps", "5", "--test-in
 METHODS = {
     "maml": ("MAML", "maml", None, ()),
     "fomaml": ("first-order MAML", "fomaml", None, ()),
-    "anil": ("ANIL (MAML, head alone)", "maml", "{task}-maml", ("--adapt", "head")),
+    "anil": ("ANIL (MAML, head alone)", "maml", "{task}-anil", ("--adapt", "head")),
     "imaml": ("iMAML, paper (GD)", "imaml", None, ()),
     "imaml-hf": ("iMAML, paper (Hessian-free)", "imaml", "{task}-imaml-hf", ()),
     "imaml-head": ("iMAML, zero-started head", "imaml", "{task}-imaml-head", ()),
@@ -91,6 +95,8 @@ def command_for(method: str, task: str, seed: int, out: Path, shared: Sequence[s
         if config is None and method == "imaml-hf" and (ROOT / "configs" / f"{task}-imaml.yaml").is_file():
             flags = HESSIAN_FREE  # the task's GD preset, with Hessian-free inner steps
             config = str(ROOT / "configs" / f"{task}-imaml.yaml")
+        elif config is None and method == "anil" and (ROOT / "configs" / f"{task}-maml.yaml").is_file():
+            config = str(ROOT / "configs" / f"{task}-maml.yaml")  # MAML's preset, the head alone adapted
         elif config is None:
             raise SystemExit(f"error: {method}: no preset {named.name}; give one with --config {method}=FILE")
     return [sys.executable, str(ROOT / "run.py"), "--task", task, "--algo", algo,
@@ -184,12 +190,16 @@ def summarize(runs: Dict[str, Dict[int, dict]], reference: str) -> Dict[str, dic
         mean, ci = mean_ci95([by_seed[s]["test"]["mean"] for s in seeds], student=True)
         row = {"seeds": seeds, "mean": mean, "ci95_seeds": ci,
                "per_seed": [by_seed[s]["test"]["mean"] for s in seeds],
+               "meta_steps": _average(by_seed, "meta_steps_done"),
                "tasks_per_second": _average(by_seed, "tasks_per_second"),
                "train_seconds": _average(by_seed, "train_seconds"), "wall_seconds": _average(by_seed, "wall_seconds"),
                "config": by_seed[seeds[0]]["config"]}
         if method != reference:
             row["difference"] = paired_difference({s: by_seed[s]["test"]["scores"] for s in seeds},
                                                   {s: r["test"]["scores"] for s, r in runs[reference].items()})
+        early = _early(by_seed, runs[reference], method != reference)
+        if early:
+            row["test_also_at"] = early
         health = [by_seed[s].get("meta_gradient") or {} for s in seeds]
         if any("inner_converged" in h for h in health):
             row["inner_converged"] = sum(h.get("inner_converged", float("nan")) for h in health) / len(health)
@@ -197,6 +207,21 @@ def summarize(runs: Dict[str, Dict[int, dict]], reference: str) -> Dict[str, dic
             row["solver_residual_mean"] = sum(h.get("solver_residual_mean", float("nan")) for h in health) / len(health)
         rows[method] = row
     return rows
+
+
+def _early(by_seed: Dict[int, dict], reference: Dict[int, dict], paired: bool) -> Optional[dict]:
+    """The meta-test at ``--test-also-at`` seconds (e.g. half the budget) over seeds, with its
+    paired difference from the reference row's at the same seconds; None where a run lacks it."""
+    early = {s: r.get("test_also_at") for s, r in by_seed.items()}
+    if not all(early.values()):
+        return None
+    mean, ci = mean_ci95([e["test"]["mean"] for e in early.values()], student=True)
+    row = {"seconds": next(iter(by_seed.values()))["config"]["test_also_at"], "mean": mean, "ci95_seeds": ci,
+           "meta_steps": sum(e["meta_steps_done"] for e in early.values()) / len(early)}
+    if paired and all(r.get("test_also_at") for r in reference.values()):
+        row["difference"] = paired_difference({s: e["test"]["scores"] for s, e in early.items()},
+                                              {s: r["test_also_at"]["test"]["scores"] for s, r in reference.items()})
+    return row
 
 
 def _average(by_seed: Dict[int, dict], key: str) -> Optional[float]:
@@ -208,22 +233,31 @@ def _minutes(seconds: Optional[float]) -> str:
     return "—" if seconds is None else f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
 
 
+def _delta(d: Optional[dict]) -> str:
+    return "—" if d is None else f"{100 * d['mean']:+.2f} (± {100 * d['ci95_seeds']:.2f}; ± {100 * d['ci95_tasks']:.2f})"
+
+
 def table(rows: Dict[str, dict], reference: str) -> str:
-    """The markdown table: one row per method, accuracy in %, differences in points."""
+    """The markdown table: one row per method, accuracy in %, differences in points; with the
+    meta-test at ``--test-also-at`` seconds, its accuracy and difference too."""
+    early = all("test_also_at" in r for r in rows.values())
+    at = f"at {next(iter(rows.values()))['test_also_at']['seconds']:g} s: " if early else ""
     head = ["method", "seeds", "**test accuracy** (mean over seeds, 95% CI)", f"paired Δ vs {LABELS[reference]} "
-            "(± over seeds; ± over tasks)", "inner loops / solves within tol.", "tasks/s", "meta-training",
-            "wall time"]
+            "(± over seeds; ± over tasks)", *([f"{at}accuracy", f"{at}paired Δ"] if early else []), "meta-steps",
+            "inner loops / solves within tol.", "tasks/s", "meta-training", "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in rows.items():
-        d = r.get("difference")
-        delta = "—" if d is None else (f"{100 * d['mean']:+.2f} (± {100 * d['ci95_seeds']:.2f}; "
-                                       f"± {100 * d['ci95_tasks']:.2f})")
+        delta = _delta(r.get("difference"))
+        if early:
+            e = r["test_also_at"]
+            delta += f" | {100 * e['mean']:.2f}% (± {100 * e['ci95_seeds']:.2f}) | {_delta(e.get('difference'))}"
+        steps = "—" if r.get("meta_steps") is None else f"{r['meta_steps']:.0f}"
         health = (f"{100 * r['inner_converged']:.0f}% / {100 * r['solver_converged']:.0f}% "
                   f"(residual {r['solver_residual_mean']:.3f})" if "inner_converged" in r else "—")
         speed = "—" if r["tasks_per_second"] is None else f"{r['tasks_per_second']:.1f}"
         lines.append("| " + " | ".join([LABELS[method], str(len(r["seeds"])),
-                                        f"**{100 * r['mean']:.2f}%** (± {100 * r['ci95_seeds']:.2f})", delta, health,
-                                        speed, _minutes(r["train_seconds"]), _minutes(r["wall_seconds"])]) + " |")
+                                        f"**{100 * r['mean']:.2f}%** (± {100 * r['ci95_seeds']:.2f})", delta, steps,
+                                        health, speed, _minutes(r["train_seconds"]), _minutes(r["wall_seconds"])]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -261,6 +295,8 @@ def _parse(argv: Optional[List[str]]) -> tuple:
                         help="the preset of one method (default: its own, see METHODS)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD:FLAG=VALUE",
                         help="a run.py flag for one method only, e.g. pretrain:inner-lr=0.01")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process (with "
+                        "OMP_NUM_THREADS=1, one core each: --jobs 2 on two cores)")
     parser.add_argument("--table-only", action="store_true", help="tabulate the runs already in --out")
     parser.add_argument("--rerun", action="store_true",
                         help="run every (method, seed) again, even where a finished run with the same settings is in --out")
@@ -282,10 +318,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             if m in PEERS:
                 peer_python(m)
     runs: Dict[str, Dict[int, dict]] = {m: {} for m in args.methods}
-    for seed in args.seeds:  # seed by seed, so a stopped comparison has whole seeds
-        for m in args.methods:
-            runs[m][seed] = (read_run(m, seed, out) if args.table_only
-                             else run_one(m, args.task, seed, out, shared, own[m], configs.get(m), args.rerun))
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # seed by seed, so a stopped comparison has whole seeds
+        pending = {(m, seed): pool.submit(read_run, m, seed, out) if args.table_only
+                   else pool.submit(run_one, m, args.task, seed, out, shared, own[m], configs.get(m), args.rerun)
+                   for seed in args.seeds for m in args.methods}
+        for (m, seed), result in pending.items():
+            runs[m][seed] = result.result()
     protocols = {seed: check_protocol({m: runs[m][seed] for m in args.methods}) for seed in args.seeds}
     protocol = {k: v for k, v in protocols[args.seeds[0]].items() if k != "seed"}
     rows = summarize(runs, args.methods[0])

@@ -117,3 +117,25 @@ def test_a_curve_is_read_at_the_last_validation_made_by_each_time(tmp_path):
     assert not (tmp_path / "none.png").exists()
     assert plot_against_time({"maml": {0: curve, 1: [(2.0, 0.6), (5.0, 0.9)]}}, {}, tmp_path / "t.png", "t")
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_equal_compute_runs_side_by_side_and_tabulates_half_the_budget(tmp_path, data_root):
+    """Every row under the same --time-budget, two runs at once (--jobs 2), each also meta-tested
+    at --test-also-at seconds: the table gives that accuracy and its paired difference too."""
+    out = tmp_path / "budget"
+    at = SMALL.index("--meta-steps")
+    flags = SMALL[:at] + SMALL[at + 2:]
+    code = compare.main(["--task", "glyphs", "--out", str(out), "--methods", "maml", "protonet", "--seeds", "0",
+                         "--jobs", "2", "--", *flags, "--meta-steps", "1000", "--time-budget", "0.5",
+                         "--test-also-at", "0.25", "--data-root", data_root])
+    assert code == 0
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    for method in ("maml", "protonet"):
+        run = json.loads((out / method / "seed-0" / "results.json").read_text())
+        early = run["test_also_at"]
+        assert early["train_seconds"] >= 0.25 and early["meta_steps_done"] <= run["meta_steps_done"] < 1000
+        assert early["test"]["num_tasks"] == 4 and rows[method]["test_also_at"]["seconds"] == 0.25
+        assert rows[method]["meta_steps"] == run["meta_steps_done"]
+    assert rows["protonet"]["test_also_at"]["difference"]["tasks"] == 4  # paired on the same 4 tasks
+    table = (out / "comparison.md").read_text()
+    assert "at 0.25 s: accuracy" in table and "at 0.25 s: paired Δ" in table
