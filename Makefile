@@ -26,9 +26,11 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) run.py $(RUN_ARGS)
 
-# one worker per core; a long test does not hold up the others (worksteal)
+# one worker per core; a long test does not hold up the others (worksteal); one torch thread in
+# every process the tests start (run.py, benchmarks), as in the workers: two workers already fill
+# two cores, and more threads would only contend for them
 test: $(STAMP)
-	$(PY) -m pytest -n auto --dist worksteal $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n auto --dist worksteal $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
