@@ -113,10 +113,13 @@ def test_errors_print_no_traceback_from_the_real_entry_point(tmp_path):
 def test_every_shipped_preset_is_valid_and_names_its_task(preset):
     from envs import TASKS
     from imaml.app.arguments import parse_args
+    from imaml.app.methods import method_of
 
     config = parse_args(["--config", str(ROOT / "configs" / preset)])
-    # <task>-<algo>[-variant].yaml, or <task>-cpu.yaml: the task's best preset for this CPU, whatever its algorithm
-    assert config.task in TASKS and (preset.startswith(f"{config.task}-{config.algo}") or preset == f"{config.task}-cpu.yaml")
+    # <task>-<algo or method>[-variant].yaml (the method: imaml/app/methods.py, e.g. anil), or
+    # <task>-cpu.yaml: the task's best preset for this CPU, whatever its algorithm
+    names = (f"{config.task}-{config.algo}", f"{config.task}-{method_of(config.to_dict())}")
+    assert config.task in TASKS and (preset.startswith(names) or preset == f"{config.task}-cpu.yaml")
 
 
 def test_processes_flag_runs_a_local_multiprocess_job(tmp_path, data_root, capsys):
