@@ -53,10 +53,11 @@ def test_a_warmup_gets_its_fraction_of_the_budget_and_the_run_the_rest(tmp_path,
     the whole network continues its clock and steps to the run's 4.5 s."""
     monkeypatch.setattr(meta_engine, "time", OneSecondPerReading())
     results = run_from_args(_flags(tmp_path, data_root, "imaml", "--time-budget", "4.5", "--warmup-fraction", "0.5",
-                                   "--lam", "10", "--head-lam", "0.1", "--head-init", "zero"))
+                                   "--lam", "10", "--head-lam", "0.1", "--head-init", "zero", "--test-also-at", "2"))
     warm = json.loads((tmp_path / "imaml" / "warmup" / "results.json").read_text())
     assert warm["time_budget"] == 2.25 and warm["meta_steps_done"] == 3 and warm["train_seconds"] == 3.0
     assert results["meta_steps_done"] == 5 and results["train_seconds"] == 5.0  # 2 whole-network steps
+    assert results["test_also_at"] == warm["test_also_at"] and warm["test_also_at"]["meta_steps_done"] == 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "imaml" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5]
 

@@ -52,6 +52,7 @@ def continue_from_warmup(engine, config: RunConfig, warmed: dict) -> None:
     engine.upper.module.load_state_dict(state["upper"]["module"])
     engine.global_step = state["step"]  # --warmup-fraction of --meta-steps, or where its budget ran out
     engine.train_seconds, engine.tasks_seen = state["train_seconds"], state["tasks_seen"]
+    engine.test_also = state.get("test_also_at")  # --test-also-at within the warm-up: its θ then
     engine.before = state["before_meta_training"]
     engine.env.load_state_dict(state["env"])  # the next meta-batches are the ones an unbroken run would draw
     engine.start_note = (f"warm-up done ({warmed['output_dir']}): the whole network adapts from its θ, "
