@@ -78,7 +78,7 @@ if [ $DRY = 1 ]; then  # tiny sizes: every step's path, not its numbers
   RUN=(--meta-steps 2 --val-every 2 --val-tasks 2 --test-tasks 4 --meta-batch-size 2 --inner-steps 2 --test-inner-steps 2
        --channels 4)
   ONE_PROCESS=(--processes 1)
-  MEMORY=(--inner-steps 1 2 --ways 2 --meta-batch-size 2 --threads 1)
+  MEMORY=(--inner-steps 1 --ways 2 --meta-batch-size 2 --threads 1)
   SIZES=(--shapes omniglot --ways 2 --meta-batch-sizes 2 --inner-steps 1 --cg-steps 1 --warmup 0 --rounds 1 --threads 1)
 else
   DEVICE=cuda BACKEND=nccl

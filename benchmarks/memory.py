@@ -116,7 +116,7 @@ def _print_ratios(table: dict, steps: list) -> None:
     checks = [("iMAML", 5), ("MAML", 1), ("MAML --grad-checkpoint", 1)]
     for name, base in checks:
         top, low = peak(most, name), peak(base, name)
-        if top is not None and low:
+        if top is not None and low and most > base:  # one step count: no growth to show
             print(f"# {name}: peak at {most} inner steps / peak at {base} = {top / low:.2f}")
 
 

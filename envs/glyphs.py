@@ -8,7 +8,7 @@ in Omniglot, examples of a class share structure but no two are identical, and l
 tell unseen classes apart from one example each needs features that transfer.
 
 The images are a pure function of ``GENERATOR_VERSION`` (never of the run's seed): they
-are generated once (~10 s) and cached under ``<data-root>/glyphs/`` (checked when read, and
+are generated once (~4 s) and cached under ``<data-root>/glyphs/`` (checked when read, and
 drawn again where it cannot be trusted: ``envs.cache``). The class split is
 fixed: 1,200 train, 100 validation, 300 test classes.
 """
@@ -75,16 +75,21 @@ def render_class(class_index: int, samples: int = SAMPLES_PER_CLASS) -> np.ndarr
     shift = rng.normal(0.0, JITTER["shift"], size=(samples, 1, 1, 2))
     curves = np.einsum("nij,nspj->nspi", affine, curves - 0.5) + 0.5 + shift
     width = rng.uniform(0.028, 0.05, size=(samples, 1, 1))
-    # distance from every pixel centre to every segment, x and y kept apart (fast in float32)
-    a = curves[:, :, :-1].reshape(samples, -1, 1, 2).astype(np.float32)  # segment starts [n, M, 1, 2]
-    ab = curves[:, :, 1:].reshape(samples, -1, 1, 2).astype(np.float32) - a
+    # distance from every pixel centre to the nearest segment, one segment at a time: [n, P]
+    # arrays stay small (no page faults from fresh multi-MB temporaries), x and y kept apart
+    # (fast in float32)
+    a = curves[:, :, :-1].reshape(samples, -1, 2).astype(np.float32)  # segment starts [n, M, 2]
+    ab = curves[:, :, 1:].reshape(samples, -1, 2).astype(np.float32) - a
     grid = ((np.arange(IMAGE_SIZE) + 0.5) / IMAGE_SIZE).astype(np.float32)
-    px, py = np.meshgrid(grid, grid, indexing="xy")
-    apx, apy = px.reshape(1, 1, -1) - a[..., 0], py.reshape(1, 1, -1) - a[..., 1]  # [n, M, P]
-    abx, aby = ab[..., 0], ab[..., 1]
-    t = np.clip((apx * abx + apy * aby) / np.maximum(abx * abx + aby * aby, 1e-12), 0.0, 1.0)
-    dx, dy = apx - t * abx, apy - t * aby
-    dist = np.sqrt((dx * dx + dy * dy).min(axis=1))  # [n, P]
+    px, py = (p.reshape(1, -1) for p in np.meshgrid(grid, grid, indexing="xy"))  # [1, P]
+    nearest = np.full((samples, IMAGE_SIZE * IMAGE_SIZE), np.inf, dtype=np.float32)
+    for m in range(a.shape[1]):
+        apx, apy = px - a[:, m, 0, None], py - a[:, m, 1, None]  # [n, P]
+        abx, aby = ab[:, m, 0, None], ab[:, m, 1, None]
+        t = np.clip((apx * abx + apy * aby) / np.maximum(abx * abx + aby * aby, 1e-12), 0.0, 1.0)
+        dx, dy = apx - t * abx, apy - t * aby
+        np.minimum(nearest, dx * dx + dy * dy, out=nearest)
+    dist = np.sqrt(nearest)  # [n, P]
     ink = np.clip((width[:, 0] - dist) * IMAGE_SIZE + 0.5, 0.0, 1.0)  # ~1 pixel of anti-aliasing
     return np.round(ink.reshape(samples, IMAGE_SIZE, IMAGE_SIZE) * 255).astype(np.uint8)
 
@@ -103,7 +108,7 @@ def load_glyphs(data_root: str | os.PathLike) -> np.ndarray:
         return images
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # checked before the ~15 s of generation
+    except OSError as err:  # checked before the ~4 s of generation
         raise UsageError(f"--data-root {data_root}: cannot create {path.parent} ({err.strerror or err}); "
                          f"pass a writable --data-root") from None
     images = generate()

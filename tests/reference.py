@@ -6,7 +6,7 @@ the meta-gradient averaged over tasks, as a list shaped like ``model.parameters(
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch.func import functional_call
@@ -66,11 +66,13 @@ def proximal_adapt(model, task, inner_lr: float, steps: int, lam: float, kind: s
 
 
 def implicit_maml(model, tasks, inner_lr: float, steps: int, lam: float, kind: str,
-                  weight_decay: float = 0.0, damping: float = 0.0) -> List[torch.Tensor]:
+                  weight_decay: float = 0.0, damping: float = 0.0, matrices: Optional[list] = None
+                  ) -> List[torch.Tensor]:
     """iMAML's meta-gradient (I + H/λ)⁻¹ ∇φ L_query(φ) at the adapted φ, with the support-loss
     Hessian H (+ wd·I with inner weight decay) formed densely by
     ``torch.autograd.functional.hessian`` and solved directly. ``damping`` μ adds μI to H, as
-    the cg-damped solver does: λ (H + λI + μI)⁻¹ ∇φ L_query."""
+    the cg-damped solver does: λ (H + λI + μI)⁻¹ ∇φ L_query. Each task's A = H + λI is appended
+    to ``matrices`` if given (to check whether a test's system is positive definite or not)."""
     _, theta = zip(*model.named_parameters())
     shapes = [t.shape for t in theta]
     sizes = [t.numel() for t in theta]
@@ -82,20 +84,12 @@ def implicit_maml(model, tasks, inner_lr: float, steps: int, lam: float, kind: s
     for task in tasks:
         hessian, v = _adapted_system(model, task, inner_lr, steps, lam, kind, weight_decay)
         eye = torch.eye(v.numel(), dtype=v.dtype)
+        if matrices is not None:
+            matrices.append(hessian + lam * eye)
         g = torch.linalg.solve(eye + (hessian + (weight_decay + damping) * eye) / lam, v)
         for acc, part in zip(total, unflatten(g)):
             acc.add_(part / len(tasks))
     return total
-
-
-def implicit_matrices(model, tasks, inner_lr: float, steps: int, lam: float, kind: str) -> List[torch.Tensor]:
-    """Per task, the dense matrix A = H + λI of iMAML's linear system at the adapted φ (to check
-    whether a test's system is positive definite or not)."""
-    out = []
-    for task in tasks:
-        hessian, v = _adapted_system(model, task, inner_lr, steps, lam, kind, 0.0)
-        out.append(hessian + lam * torch.eye(v.numel(), dtype=v.dtype))
-    return out
 
 
 def _adapted_system(model, task, inner_lr: float, steps: int, lam: float, kind: str, weight_decay: float):

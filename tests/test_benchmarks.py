@@ -146,7 +146,8 @@ def test_throughput_cli_with_run_py_malloc_setting():
     import sys
 
     done = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--quick", "--algos", "maml",
-                           "--impls", "engine-per-task", "plain", "--keep-freed-memory"],
+                           "--impls", "engine-per-task", "plain", "--keep-freed-memory",
+                           "--no-peak-memory"],  # peak memory: test_throughput_times_every_implementation_interleaved
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "run.py's malloc setting" in done.stdout

@@ -122,19 +122,6 @@ def test_every_shipped_preset_is_valid_and_names_its_task(preset):
     assert config.task in TASKS and (preset.startswith(names) or preset == f"{config.task}-cpu.yaml")
 
 
-def test_processes_flag_runs_a_local_multiprocess_job(tmp_path, data_root, capsys):
-    """`run.py --processes 2` starts two single-thread workers sharing each meta-batch; only
-    rank 0 prints and writes, and the result records both processes."""
-    out = tmp_path / "out"
-    code = main(["--task", "glyphs", "--algo", "maml", "--ways", "3", "--channels", "4", "--query-shots", "2",
-                 "--meta-batch-size", "2", "--meta-steps", "2", "--inner-steps", "1", "--test-inner-steps", "1",
-                 "--val-tasks", "2", "--test-tasks", "4", "--data-root", data_root, "--output-dir", str(out),
-                 "--processes", "2"])
-    assert code == 0
-    results = json.loads((out / "results.json").read_text())
-    assert results["processes"] == 2 and results["test"]["num_tasks"] == 4
-
-
 def test_auto_processes_is_one_per_core_up_to_the_meta_batch(monkeypatch, make_config):
     from engines import distributed
 

@@ -19,7 +19,7 @@ SMALL = ["--ways", "3", "--channels", "4", "--query-shots", "2", "--meta-steps",
 @pytest.mark.long  # docs/architecture.md, "The test suite"
 def test_compare_runs_every_method_over_seeds_on_the_same_tasks(tmp_path, data_root):
     out = tmp_path / "cmp"
-    methods = ["maml", "anil", "imaml", "imaml-hf", "imaml-head", "pretrain"]
+    methods = ["maml", "imaml-head", "pretrain"]  # a MAML, an iMAML and a baseline row; the rest: the next test
     code = compare.main(["--task", "glyphs", "--out", str(out), "--methods", *methods, "--seeds", "0", "1",
                          "--set", "pretrain:inner-lr=0.05", "--", *SMALL, "--data-root", data_root])
     assert code == 0
@@ -29,17 +29,15 @@ def test_compare_runs_every_method_over_seeds_on_the_same_tasks(tmp_path, data_r
     summary = json.loads((out / "comparison.json").read_text())
     rows = summary["rows"]
     assert summary["protocol"]["test_tasks"] == 4 and summary["seeds"] == [0, 1]
-    assert "difference" not in rows["maml"] and rows["anil"]["difference"]["tasks"] == 8  # 4 tasks × 2 seeds
-    assert rows["anil"]["config"]["adapt"] == "head" and rows["imaml"]["config"]["adapt"] == "all"
+    assert "difference" not in rows["maml"] and rows["imaml-head"]["difference"]["tasks"] == 8  # 4 tasks × 2 seeds
     assert rows["imaml-head"]["config"]["head_init"] == "zero"
-    assert rows["imaml-hf"]["config"]["inner_optimizer"] == "hessian-free"  # glyphs has no -hf preset: the flags
     assert rows["pretrain"]["config"]["inner_lr"] == 0.05 and rows["maml"]["config"]["inner_lr"] == 0.4
     assert "inner_converged" in rows["imaml-head"] and "inner_converged" not in rows["maml"]
     # the paired difference is of the very tasks each run scored, seed by seed
     per_task = {m: {s: json.loads((out / m / f"seed-{s}" / "results.json").read_text())["test"]["scores"]
-                    for s in (0, 1)} for m in ("maml", "anil")}
-    expected = [sum(a - b for a, b in zip(per_task["anil"][s], per_task["maml"][s])) / 4 for s in (0, 1)]
-    assert rows["anil"]["difference"]["per_seed"] == pytest.approx(expected)
+                    for s in (0, 1)} for m in ("maml", "imaml-head")}
+    expected = [sum(a - b for a, b in zip(per_task["imaml-head"][s], per_task["maml"][s])) / 4 for s in (0, 1)]
+    assert rows["imaml-head"]["difference"]["per_seed"] == pytest.approx(expected)
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "comparison_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = validation_curve(out / "maml" / "seed-0")  # --val-every 2 of --meta-steps 2: one validation
@@ -47,6 +45,32 @@ def test_compare_runs_every_method_over_seeds_on_the_same_tasks(tmp_path, data_r
     again = compare.main(["--task", "glyphs", "--out", str(out), "--methods", *methods, "--seeds", "0", "1",
                           "--table-only"])
     assert again == 0 and (out / "comparison.md").read_text() == table
+
+
+def test_each_method_runs_its_preset_with_its_own_flags(tmp_path):
+    """What every row runs, as run.py resolves its command: the task's preset for the method where
+    there is one, else the preset it borrows plus the method's flags."""
+    from imaml.app.cli import load_config
+
+    def config(method, task="glyphs", shared=()):
+        command = compare.command_for(method, task, 0, tmp_path, list(shared), [], None)
+        assert command[1].endswith("run.py") and command[command.index("--output-dir") + 1].endswith(
+            f"{method}/seed-0")
+        return load_config(command[2:])
+
+    assert config("maml").inner_lr == 0.4 and config("maml").adapt == "all"
+    assert config("anil").adapt == "head" and config("anil").algo == "maml"  # glyphs: MAML's preset, the head alone
+    assert config("imaml").adapt == "all" and config("imaml").algo == "imaml"
+    hessian_free = config("imaml-hf")  # glyphs has no -hf preset: its GD preset with the Hessian-free flags
+    assert hessian_free.inner_optimizer == "hessian-free" and hessian_free.inner_cg_steps == 5
+    assert config("imaml-head").head_init == "zero" and config("imaml-head").adapt == "head"
+    assert config("fomaml").algo == "fomaml" and config("protonet").algo == "protonet"
+    assert config("anil", task="omniglot").inner_steps == 5  # Omniglot's own ANIL preset
+    assert config("pretrain", shared=["--inner-lr", "0.05"]).inner_lr == 0.05  # shared flags after the preset
+    torchopt = config("imaml-torchopt")
+    assert (torchopt.hypergrad, torchopt.lam, torchopt.inner_lr) == ("normal-cg", 2.0, 0.1)  # TorchOpt's example
+    with pytest.raises(SystemExit, match="no preset sinusoid-imaml-converged.yaml"):
+        config("imaml-converged", task="sinusoid")
 
 
 def test_compare_refuses_runs_with_different_meta_test_tasks():

@@ -120,13 +120,18 @@ def test_runs_without_an_output_dir_get_folders_of_their_own(tmp_path, monkeypat
     assert latest.resolve() == runs[-1].resolve()
 
 
-def test_a_local_job_without_an_output_dir_shares_one_new_folder(tmp_path, monkeypatch):
+def test_a_local_job_without_an_output_dir_shares_one_new_folder(tmp_path, data_root, monkeypatch):
+    """`run.py --processes 2` starts two single-thread workers sharing each meta-batch; their run
+    is written into the one new folder the parent chose, and its result records both."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    assert main(_sinusoid("--processes", "2")) == 0
+    assert main(["--task", "glyphs", "--algo", "maml", "--ways", "3", "--channels", "4", "--query-shots", "2",
+                 "--meta-batch-size", "2", "--meta-steps", "2", "--inner-steps", "1", "--test-inner-steps", "1",
+                 "--val-tasks", "2", "--test-tasks", "4", "--data-root", data_root, "--processes", "2"]) == 0
     runs = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]
-    assert len(runs) == 1 and (runs[0] / "results.json").is_file()
-    assert (tmp_path / "runs" / "latest").resolve() == runs[0].resolve()
+    assert len(runs) == 1 and (tmp_path / "runs" / "latest").resolve() == runs[0].resolve()
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert results["processes"] == 2 and results["test"]["num_tasks"] == 4
 
 
 def test_eval_only_prints_the_score_and_writes_its_own_folder(finished, tmp_path, capsys):

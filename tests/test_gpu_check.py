@@ -43,7 +43,7 @@ def test_cpu_dry_run_takes_every_step_and_writes_every_file(tmp_path, data_root)
     for step in ("run-glyphs", "run-torchrun"):
         assert _results((out / f"{step}.log").read_text())["test"]["num_tasks"] == 4, step
     memory = (out / "memory.md").read_text()
-    assert "| 1 |" in memory and "| 2 |" in memory and "error" not in memory
+    assert "| 1 |" in memory and "error" not in memory  # one row of each column: the path, not the growth
     throughput = (out / "throughput.md").read_text()
     rows = [line for line in throughput.splitlines() if line.startswith("| 1×28×28 | 2 | 2 |")]
     assert len(rows) == 4, throughput  # one per method
