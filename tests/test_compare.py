@@ -17,7 +17,7 @@ SMALL = ["--ways", "3", "--channels", "4", "--query-shots", "2", "--meta-steps",
 
 
 @pytest.mark.long  # docs/architecture.md, "The test suite"
-def test_compare_runs_every_method_over_seeds_on_the_same_tasks(tmp_path, data_root):
+def test_compare_runs_its_rows_over_seeds_on_the_same_tasks(tmp_path, data_root):
     out = tmp_path / "cmp"
     methods = ["maml", "imaml-head", "pretrain"]  # a MAML, an iMAML and a baseline row; the rest: the next test
     code = compare.main(["--task", "glyphs", "--out", str(out), "--methods", *methods, "--seeds", "0", "1",
