@@ -177,14 +177,17 @@ def test_the_torchopt_peer_scores_theta0_as_run_py_does(tmp_path, data_root):
 
 def test_a_peer_stops_at_the_time_budget_as_run_py_does(tmp_path, data_root, monkeypatch):
     """On a clock that ticks one second per reading, a budget of 2.5 s stops after meta-step 3,
-    which is validated and logged with its seconds."""
+    which is validated and logged with its seconds; --test-also-at 1.5 meta-tests θ after step 2."""
     clock = iter(float(t) for t in range(1, 10_000))
     monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
     config = _config(L2LMAML, tmp_path, data_root, "--task", "glyphs", *TINY, "--meta-steps", "50", "--time-budget",
-                     "2.5", "--val-every", "100", "--log-every", "100")
+                     "2.5", "--val-every", "100", "--log-every", "100", "--test-also-at", "1.5")
     peer = Recorder(common.build(config))
     logged = []
     out = common.meta_train(peer, lambda step, record: logged.append((step, record)))
     assert out["meta_steps_done"] == 3 and len(peer.trained) == 3 and out["train_seconds"] == 3.0
     assert [step for step, _ in logged] == [3] and logged[0][1]["sys/meta_training_seconds"] == 3.0
     assert out["best_validation"]["step"] == 3
+    early = out["test_also_at"]
+    assert (early["meta_steps_done"], early["train_seconds"]) == (2, 2.0)
+    assert early["test"]["num_tasks"] == config.test_tasks and len(peer.trained) == 3

@@ -164,8 +164,9 @@ def meta_train(peer: Peer, log: Optional[Callable[[int, dict], None]] = None) ->
     """``--meta-steps`` meta-updates of θ with run.py's meta-optimizer, clipping and schedule, each
     on the next meta-training batch of run.py's train stream, or fewer where ``--time-budget``
     seconds of meta-training run out first (as run.py stops: after the meta-step that crosses
-    them); meta-validation every ``--val-every`` steps and at the end. Returns the timings and
-    validations for results.json."""
+    them); meta-validation every ``--val-every`` steps and at the end; θ also meta-tested once
+    ``--test-also-at`` seconds have run, as run.py does. Returns the timings, validations (and that
+    meta-test) for results.json."""
     from engines.build import build_lr_schedule, build_meta_optimizer
     from imaml.metrics import metric_name
 
@@ -188,6 +189,9 @@ def meta_train(peer: Peer, log: Optional[Callable[[int, dict], None]] = None) ->
             schedule.step()
         train_seconds += time.perf_counter() - tick
         tasks_seen += batch.num_tasks
+        if "test_also_at" not in out and config.test_also_at is not None and train_seconds >= config.test_also_at:
+            out["test_also_at"] = {"meta_steps_done": step, "train_seconds": train_seconds,  # θ as at those seconds
+                                   "test": evaluate(peer, "test", config.test_tasks)}
         last = step == config.meta_steps or (config.time_budget is not None and train_seconds >= config.time_budget)
         record = {}
         if step % config.log_every == 0 or last:
