@@ -20,7 +20,8 @@ inner loops and solves met their tolerances. Under ``-- --time-budget S`` every 
 for the same seconds (``--jobs 2``: two runs side by side, each ``OMP_NUM_THREADS=1``), and with
 ``--test-also-at S/2`` the table also gives each row's accuracy at half the budget. Writes ``<out>/comparison.md``,
 ``<out>/comparison.json``, ``<out>/comparison.png`` and ``<out>/comparison_time.png`` (meta-validation
-accuracy against meta-training seconds, ``studies.curves``); each run stays in
+accuracy against meta-training seconds, ``studies.curves``; ``--name`` for another set of rows of
+the same runs, e.g. a peer against ours at its settings); each run stays in
 ``<out>/<method>/seed-<s>/``.
 
 Peer rows, chosen by name with ``--methods`` (not run by default): ``l2l-maml``, learn2learn's
@@ -298,6 +299,8 @@ def _parse(argv: Optional[List[str]]) -> tuple:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process (with "
                         "OMP_NUM_THREADS=1, one core each: --jobs 2 on two cores)")
     parser.add_argument("--table-only", action="store_true", help="tabulate the runs already in --out")
+    parser.add_argument("--name", default="comparison", help="the table's files in --out: NAME.md, NAME.json, "
+                        "NAME.png, NAME_time.png (another name tabulates other rows of the same runs beside it)")
     parser.add_argument("--rerun", action="store_true",
                         help="run every (method, seed) again, even where a finished run with the same settings is in --out")
     return parser.parse_args(ours), shared
@@ -328,13 +331,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     protocol = {k: v for k, v in protocols[args.seeds[0]].items() if k != "seed"}
     rows = summarize(runs, args.methods[0])
     text = table(rows, args.methods[0])
-    (out / "comparison.md").write_text(f"protocol: {json.dumps(protocol)}; seeds {args.seeds}\n\n{text}")
-    (out / "comparison.json").write_text(json.dumps({"protocol": protocol, "seeds": args.seeds, "rows": rows},
-                                                    indent=2, default=str))
-    plot(rows, out / "comparison.png", f"{args.task}: {protocol['test_ways']}-way {protocol['shots']}-shot, "
-                                       f"{protocol['test_tasks']} test tasks, seeds {args.seeds}")
+    (out / f"{args.name}.md").write_text(f"protocol: {json.dumps(protocol)}; seeds {args.seeds}\n\n{text}")
+    (out / f"{args.name}.json").write_text(json.dumps({"protocol": protocol, "seeds": args.seeds, "rows": rows},
+                                                      indent=2, default=str))
+    plot(rows, out / f"{args.name}.png", f"{args.task}: {protocol['test_ways']}-way {protocol['shots']}-shot, "
+                                         f"{protocol['test_tasks']} test tasks, seeds {args.seeds}")
     curves = {m: {seed: validation_curve(out / m / f"seed-{seed}") for seed in args.seeds} for m in args.methods}
-    plot_against_time(curves, LABELS, out / "comparison_time.png", f"{args.task}: meta-validation against compute")
+    plot_against_time(curves, LABELS, out / f"{args.name}_time.png", f"{args.task}: meta-validation against compute")
     print(text)
     return 0
 

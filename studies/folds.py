@@ -31,15 +31,14 @@ def _scores(folder: Path, at_test_also: bool) -> dict:
     if not results_path.is_file():
         raise SystemExit(f"error: {results_path} is missing: that run has not finished (or the row's folder is wrong)")
     results = json.loads(results_path.read_text())
-    test = results["test"]
-    if at_test_also:
+    test, steps, seconds = results["test"], results.get("meta_steps_done"), results.get("total_seconds")
+    if at_test_also:  # θ as it stood at those seconds: its steps; no whole run to time
         if not results.get("test_also_at"):
             raise SystemExit(f"error: {folder} has no meta-test at --test-also-at seconds; drop --at-test-also")
-        test = results["test_also_at"]["test"]
+        test, steps, seconds = results["test_also_at"]["test"], results["test_also_at"].get("meta_steps_done"), None
     if test.get("metric") != "accuracy":
         raise SystemExit(f"error: {folder} is scored by {test.get('metric')}, not accuracy: folds compare error rates")
-    return {"scores": list(test["scores"]), "meta_steps": results.get("meta_steps_done"),
-            "seconds": results.get("total_seconds")}
+    return {"scores": list(test["scores"]), "meta_steps": steps, "seconds": seconds}
 
 
 def read_rows(rows: Dict[str, str], folds: List[str], at_test_also: bool = False) -> Dict[str, Dict[str, dict]]:

@@ -45,6 +45,10 @@ def test_compare_runs_its_rows_over_seeds_on_the_same_tasks(tmp_path, data_root)
     again = compare.main(["--task", "glyphs", "--out", str(out), "--methods", *methods, "--seeds", "0", "1",
                           "--table-only"])
     assert again == 0 and (out / "comparison.md").read_text() == table
+    pair = compare.main(["--task", "glyphs", "--out", str(out), "--methods", "pretrain", "maml", "--seeds", "0", "1",
+                         "--table-only", "--name", "pair"])  # other rows of the same runs, beside the table
+    assert pair == 0 and (out / "comparison.md").read_text() == table and (out / "pair_time.png").is_file()
+    assert "paired Δ vs pretrain" in (out / "pair.md").read_text()
 
 
 def test_each_method_runs_its_preset_with_its_own_flags(tmp_path):

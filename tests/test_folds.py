@@ -12,7 +12,7 @@ def _run(folder, scores, early=None, metric="accuracy"):
     folder.mkdir(parents=True)
     results = {"test": {"metric": metric, "scores": scores}, "meta_steps_done": 10, "total_seconds": 120.0}
     if early is not None:
-        results["test_also_at"] = {"test": {"metric": metric, "scores": early}}
+        results["test_also_at"] = {"test": {"metric": metric, "scores": early}, "meta_steps_done": 4}
     (folder / "results.json").write_text(json.dumps(results))
 
 
@@ -37,6 +37,7 @@ def test_errors_per_fold_and_the_paired_difference_fold_by_fold(tmp_path):
     early = folds.main(["--folds", "a", "b", "--row", f"base={tmp_path}/base/{{fold}}",
                         "--row", f"other={tmp_path}/other/{{fold}}", "--at-test-also"])
     assert early["base"]["mean"] == 1.0 and early["other"]["mean"] == 0.75
+    assert early["base"]["meta_steps"] == 4 and early["base"]["seconds"] is None  # θ at those seconds, no whole run
 
 
 def test_a_missing_run_or_a_bad_row_is_one_line(tmp_path, capsys):
