@@ -16,7 +16,6 @@ from imaml.app.cli import main
 from imaml.config import CONFIG_DIR, FIELDS
 from imaml.errors import UsageError
 from imaml.app.methods import method_of
-from imaml.app.output_lock import OutputLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("glyphs", "sinusoid", "omniglot-lake", "omniglot", "mini-imagenet", "tiered-imagenet", "cifarfs", "fc100")

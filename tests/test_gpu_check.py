@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh cannot rot unseen: its CPU dry run takes every step of the GPU check
 (tiny sizes, --device cpu) and writes every table and log. Real Omniglot comes from a small
-stand-in in the official format, never from ../shared. No timings are asserted."""
+stand-in in the official format, never from a shared data folder a clone lacks. No timings are asserted."""
 
 import json
 import os
