@@ -19,6 +19,7 @@ from imaml.config import RunConfig
 from imaml.errors import RunStopped
 from imaml.reporting import RunLog
 from engines.test_time import MetaTestLevers
+from envs.registry import omniglot_jitter
 
 __all__ = ["MetaEngine"]
 
@@ -67,7 +68,8 @@ class MetaEngine(Engine):
         self.test_also: Optional[dict] = None  # the meta-test at --test-also-at seconds, with its step
         self.probed: List[dict] = []  # per-step support/query losses of the last evaluation's probed tasks
         self.meta_lr = run_config.meta_lr
-        self.test_time = MetaTestLevers(run_config.test_augment, run_config.query_assignment, env.kind, run_config.seed)
+        self.test_time = MetaTestLevers(run_config.test_augment, run_config.query_assignment, env.kind, run_config.seed,
+                                        omniglot_jitter(run_config))
         if distributed.world_size() > 1:
             distributed.broadcast_module(self.upper.module)
 

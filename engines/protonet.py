@@ -25,7 +25,14 @@ __all__ = ["ProtoNetEngine", "choose_protonet_parts"]
 
 
 class ProtoNetEngine(MetaEngine):
-    """``MetaEngine`` whose training step is ProtoNet's and whose adaptation takes no step."""
+    """``MetaEngine`` whose training step is ProtoNet's and whose adaptation takes no step.
+
+    ``fine_tune_steps`` > 0 makes meta-validation and meta-test fine-tune the whole network
+    instead, from the prototype head, with ``FineTune``'s SGD steps (``--inner-lr``) on the
+    support set and its views: a lever ``studies.lake_levers --fine-tune`` measures on a
+    trained θ, not a flag (meta-validation did not choose it; docs/benchmarks.md)."""
+
+    fine_tune_steps = 0
 
     def train_step(self) -> None:
         batch = self.env.step()
@@ -38,7 +45,10 @@ class ProtoNetEngine(MetaEngine):
             self.upper.lr_schedule.step()
 
     def inner_loop(self, steps: int, probe: bool = False) -> Optional[List[dict]]:
-        """The current task's classifier: its prototypes, no step (``steps`` does not apply)."""
+        """The current task's classifier: its prototypes, no step (``steps`` does not apply), or
+        ``fine_tune_steps`` from them."""
+        if self.fine_tune_steps:
+            return super().inner_loop(self.fine_tune_steps, probe)
         self.lower.begin_task()
         self.lower.on_inner_loop_start()
         if not probe:

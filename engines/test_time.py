@@ -2,8 +2,8 @@
 
 - ``--test-augment K``: K jittered copies of each support image join the support set (so a
   one-shot task adapts on 1 + K views per class), and each query's class log-probabilities are
-  averaged over itself and K jittered copies. The jitter is the training one (small affine) and
-  is drawn from a generator fixed by the seed, the split and the task's index, so every method
+  averaged over itself and K jittered copies. The jitter is the training one (``--jitter``,
+  ``--stroke-jitter``) and is drawn from a generator fixed by the seed, the split and the task's index, so every method
   and every run scores the same views.
 - ``--query-assignment balanced``: transductive inference over a task's queries. Where every
   class has the same number of queries (Lake's runs: one test item per class), the predictions
@@ -47,13 +47,14 @@ def balanced_assignment(log_probs: torch.Tensor) -> torch.Tensor:
 
 class MetaTestLevers:
     """The run's meta-test levers (``RunConfig.validate`` checks the values; the jitter is
-    Omniglot's, for images in [0, 1] with high ink); ``active`` is False when neither is set."""
+    Omniglot's, for images in [0, 1] with high ink: ``jitter``, by default the small affine one);
+    ``active`` is False when neither is set."""
 
-    def __init__(self, views: int, assignment: str, kind: str, seed: int):
+    def __init__(self, views: int, assignment: str, kind: str, seed: int, jitter: Optional[Callable] = None):
         if assignment != "independent" and kind != "classification":
             raise UsageError(f"--query-assignment {assignment}: needs a classification task; use independent")
         self.views, self.assignment, self.seed = views, assignment, seed
-        self.jitter: Optional[Callable] = random_affine() if views else None
+        self.jitter: Optional[Callable] = (jitter or random_affine()) if views else None
         self.active = bool(views) or assignment != "independent"
 
     def _rng(self, split: str, task: int) -> np.random.Generator:

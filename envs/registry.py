@@ -12,7 +12,7 @@ from envs.tasks import (ArrayPool, ClassImageTasks, RotatedClasses, SinusoidTask
 from imaml.config import RunConfig
 from imaml.errors import UsageError
 
-__all__ = ["TASKS", "build_task_sources"]
+__all__ = ["TASKS", "build_task_sources", "omniglot_jitter"]
 
 SPLITS = ("train", "val", "test")
 
@@ -47,6 +47,15 @@ def _sinusoid(config: RunConfig) -> Dict[str, TaskSource]:
     return {split: SinusoidTasks(config.shots, query_shots(config, split)) for split in SPLITS}
 
 
+JITTER_RANGES = {"small": {}, "koch": {"shift": 2 / 105, "scale": (0.8, 1.2), "shear": 0.3}}  # --jitter
+
+
+def omniglot_jitter(config: RunConfig) -> Callable:
+    """The Omniglot jitter of ``--augment`` and ``--test-augment``: ``--jitter``'s affine ranges
+    (Koch et al.'s shift of ±2 px was on 105-px images), then ``--stroke-jitter``."""
+    return random_affine(**JITTER_RANGES[config.jitter], thickness=config.stroke_jitter)
+
+
 def _benchmark(name: str) -> Callable[[RunConfig], Dict[str, TaskSource]]:
     """A real benchmark read from --data-root (see envs.datasets for the files)."""
     spec = datasets.DATASETS[name]
@@ -60,7 +69,7 @@ def _benchmark(name: str) -> Callable[[RunConfig], Dict[str, TaskSource]]:
         for split in SPLITS:
             augment = None
             if config.augment and split == "train":
-                augment = random_affine() if name == "omniglot" else random_crop_flip(spec.augment_padding)
+                augment = omniglot_jitter(config) if name == "omniglot" else random_crop_flip(spec.augment_padding)
             pool = datasets.load_split(spec, root, split)
             sources[split] = ClassImageTasks(
                 pool, split_ways(config, split), config.shots, query_shots(config, split),
@@ -104,7 +113,7 @@ def _omniglot_lake(config: RunConfig) -> Dict[str, TaskSource]:
         within = config.episodes == "within-alphabet" and (split == "train" or max(map(len, groups)) >= ways)
         sources[split] = ClassImageTasks(
             pool, ways, config.shots, query_shots(config, split), name=f"omniglot-lake {split} split",
-            augment=random_affine() if config.augment and split == "train" else None,
+            augment=omniglot_jitter(config) if config.augment and split == "train" else None,
             groups=groups if within else None,
             description={"set": set_name, **held_out, "episodes": "within-alphabet" if within else "any",
                          "classes": len(pool.sizes)})

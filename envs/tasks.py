@@ -184,10 +184,15 @@ def random_crop_flip(padding: int) -> Callable:
     return augment
 
 
-def random_affine(degrees: float = 10.0, shift: float = 0.1, scale: Tuple[float, float] = (0.9, 1.1)) -> Callable:
-    """Small affine jitter of each image (Omniglot): a rotation within ±``degrees``, a shift
-    within ±``shift`` of the image size and a scale in ``scale``, drawn per image from the
-    task's generator; the border is filled with the background (0, ink is high)."""
+def random_affine(degrees: float = 10.0, shift: float = 0.1, scale: Tuple[float, float] = (0.9, 1.1),
+                  shear: float = 0.0, thickness: float = 0.0) -> Callable:
+    """Affine jitter of each image (Omniglot): a rotation within ±``degrees``, a shift within
+    ±``shift`` of the image size and a scale in ``scale``, drawn per image from the task's
+    generator; the border is filled with the background (0, ink is high). With ``shear``, each
+    axis has its own scale and a shear within ±``shear`` (Koch et al.'s ranges); with
+    ``thickness``, the strokes are then thickened or thinned by a fraction up to it of one 3×3
+    dilation or erosion. The extra draws come after the others, so the small jitter's stream
+    is the same with or without them."""
 
     def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         n = x.shape[0]
@@ -195,9 +200,22 @@ def random_affine(degrees: float = 10.0, shift: float = 0.1, scale: Tuple[float,
         zoom = torch.from_numpy(rng.uniform(*scale, n)).float()
         offset = torch.from_numpy(rng.uniform(-2 * shift, 2 * shift, (n, 2))).float()  # [-1, 1] coordinates
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)], 1)
+        linear = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # output → input
+        if shear:
+            aspect = zoom / torch.from_numpy(rng.uniform(*scale, n)).float()  # the second axis's own scale
+            rho = torch.from_numpy(rng.uniform(-shear, shear, (n, 2))).float()
+            ones = torch.ones(n)
+            warp = torch.stack([torch.stack([ones, rho[:, 0]], 1), torch.stack([rho[:, 1], aspect], 1)], 1)
+            linear = linear @ warp
+        theta = torch.cat([linear, offset[:, :, None]], 2)
         grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-        return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+        out = torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+        if thickness:
+            amount = torch.from_numpy(rng.uniform(-thickness, thickness, n)).float().view(n, 1, 1, 1)
+            dilated = torch.nn.functional.max_pool2d(out, 3, 1, 1)
+            eroded = -torch.nn.functional.max_pool2d(-out, 3, 1, 1)
+            out = out + amount.clamp(min=0) * (dilated - out) + (-amount).clamp(min=0) * (eroded - out)
+        return out
 
     return augment
 

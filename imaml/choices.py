@@ -3,7 +3,7 @@ and the modules that act on them (models, solvers, inner optimizers) name the sa
 
 __all__ = ["ALGOS", "HYPERGRADS", "WANDB_MODES", "BN_MODES", "ACTIVATIONS", "META_OPTIMIZERS", "LR_SCHEDULES", "DIST_BACKENDS",
            "EXECUTIONS", "INNER_OPTIMIZERS", "OMNIGLOT_BACKGROUNDS", "OMNIGLOT_VALS", "EPISODES", "OMNIGLOT_TASKS",
-           "ON_DIVERGENCE", "MODELS", "ADAPTS", "HEAD_INITS", "QUERY_ASSIGNMENTS"]
+           "ON_DIVERGENCE", "MODELS", "ADAPTS", "HEAD_INITS", "QUERY_ASSIGNMENTS", "JITTERS"]
 
 ALGOS = ("imaml", "maml", "fomaml", "pretrain", "protonet")
 HYPERGRADS = ("cg", "neumann", "darts", "exact", "minres", "normal-cg", "cg-damped")
@@ -21,6 +21,7 @@ INNER_OPTIMIZERS = ("sgd", "armijo", "hessian-free")
 OMNIGLOT_BACKGROUNDS = ("full", "small1", "small2")
 OMNIGLOT_VALS = ("auto", "alphabets", "characters")
 EPISODES = ("any", "within-alphabet")
+JITTERS = ("small", "koch")  # envs.registry.JITTER_RANGES holds their ranges
 OMNIGLOT_TASKS = ("omniglot", "omniglot-lake")
 ON_DIVERGENCE = ("stop", "skip")
 MODELS = ("conv4", "conv4-strided", "resnet12", "mlp")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from imaml.choices import (ACTIVATIONS, ADAPTS, HEAD_INITS, QUERY_ASSIGNMENTS, ALGOS, BN_MODES, DIST_BACKENDS, EPISODES, EXECUTIONS, HYPERGRADS, INNER_OPTIMIZERS,
+from imaml.choices import (ACTIVATIONS, ADAPTS, HEAD_INITS, JITTERS, QUERY_ASSIGNMENTS, ALGOS, BN_MODES, DIST_BACKENDS, EPISODES, EXECUTIONS, HYPERGRADS, INNER_OPTIMIZERS,
                            LR_SCHEDULES, META_OPTIMIZERS, OMNIGLOT_BACKGROUNDS, OMNIGLOT_TASKS, OMNIGLOT_VALS,
                            ON_DIVERGENCE, WANDB_MODES)
 from imaml.errors import UsageError
@@ -56,6 +56,12 @@ class RunConfig:
     download: bool = option(False, 'let learn2learn download a missing benchmark into --data-root')
     augment: bool = option(False, 'augment meta-training images: random crop + horizontal flip (mini-imagenet, '
                                   'tiered-imagenet, cifarfs, fc100), small affine jitter (omniglot, omniglot-lake)')
+    jitter: str = option("small", "Omniglot: the affine jitter of --augment and --test-augment: small (rotation "
+                                  "±10°, scale 0.9–1.1, shift ±10%) or koch (Koch et al. 2015: rotation ±10°, "
+                                  "shear ±0.3, scale 0.8–1.2 on each axis, shift ±2 of 105 px)", choices=JITTERS)
+    stroke_jitter: float = option(0.0, "Omniglot: with --augment or --test-augment, each jittered image's strokes "
+                                       "are thickened or thinned by a random fraction up to this of one 3×3 "
+                                       "dilation or erosion; 0: off")
     # Omniglot: Lake's protocol (--task omniglot-lake) trains on one background set, validates on
     # held-out alphabets or characters of it, and meta-tests on the 20 official one-shot runs
     omniglot_background: str = option("full", 'omniglot-lake: the background set meta-training and '
@@ -292,6 +298,14 @@ class RunConfig:
         if self.test_augment and self.task not in OMNIGLOT_TASKS:
             raise UsageError(f"--test-augment {self.test_augment}: the test-time jitter is defined for Omniglot images "
                              f"({', '.join(OMNIGLOT_TASKS)}); use --test-augment 0 with --task {self.task}")
+        jitter_flags = [f for f, given in (("--jitter", self.jitter != "small"), ("--stroke-jitter", self.stroke_jitter))
+                        if given]
+        if jitter_flags and (self.task not in OMNIGLOT_TASKS or not (self.augment or self.test_augment)):
+            raise UsageError(f"{' and '.join(jitter_flags)}: for the jitter of Omniglot's --augment and --test-augment; "
+                             f"give it with --task omniglot or omniglot-lake and one of those on")
+        if not 0 <= self.stroke_jitter <= 1:
+            raise UsageError(f"--stroke-jitter {self.stroke_jitter}: must be in [0, 1] (a fraction of one dilation "
+                             f"or erosion; 0: off)")
         if self.query_assignment == "balanced" and self.task == "sinusoid":
             raise UsageError("--query-assignment balanced: the sinusoid task is regression; use independent")
         if self.test_lam is not None and not (self.test_lam >= 0 and math.isfinite(self.test_lam)):

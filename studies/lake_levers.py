@@ -10,6 +10,14 @@ levers change only how a trained θ is scored, so this measures each on the same
 table (error per fold, their mean) and writes ``--json``. ``--split val`` scores the run's
 meta-validation tasks instead (background characters held out of meta-training): the split to
 choose the levers on, the runs being the test.
+
+``--fine-tune STEPS:LR`` scores ProtoNet runs after STEPS SGD steps of the whole network at
+learning rate LR on each task's support set and views, from the prototype head
+(``engines.protonet``); 0:0 is the prototypes alone.
+
+A run written as ``A,B,...`` is an ensemble: each member's θ scores the same tasks with the same
+views (the first member's: its seed draws the validation tasks and the views), each query's
+log-probabilities are averaged over the members, then assigned as asked.
 """
 
 from __future__ import annotations
@@ -25,41 +33,85 @@ from typing import Dict, List
 import torch
 
 from engines import build_engine
+from engines.records import summarize_evaluation
+from engines.test_time import balanced_assignment
 from imaml import checkpoint
 from imaml.config import RunConfig
+from imaml.errors import UsageError
 
 __all__ = ["main", "score"]
 
 
-def score(run_dir: Path, views: int, assignment: str, split: str = "test") -> dict:
+def score(run_dir: str, views: int, assignment: str, split: str = "test", fine_tune: str = "0:0") -> dict:
     """The error on ``split`` (the 20 runs, or the validation tasks) with these levers, for the θ
-    the run in ``run_dir`` ended with."""
-    state = checkpoint.load(run_dir / "checkpoints" / "latest.pt")
+    the run in ``run_dir`` ended with, or for the ensemble ``A,B,...`` of several runs' θ."""
+    states = [checkpoint.load(Path(member) / "checkpoints" / "latest.pt") for member in run_dir.split(",")]
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    saved = {k: v for k, v in state["config"].items() if k in fields}
+    saved = {k: v for k, v in states[0]["config"].items() if k in fields}
+    alone = len(states) == 1
+    steps, lr = fine_tune.split(":")
+    if int(steps):
+        if saved["algo"] != "protonet":
+            raise UsageError(f"--fine-tune {fine_tune}: for ProtoNet runs ({run_dir} is {saved['algo']})")
+        saved["inner_lr"] = float(lr)
     with tempfile.TemporaryDirectory() as out:
-        config = RunConfig(**{**saved, "test_augment": views, "query_assignment": assignment, "output_dir": out,
-                              "resume": None, "eval_only": False, "checkpoint": None}).validate()
+        config = RunConfig(**{**saved, "test_augment": views, "output_dir": out, "resume": None, "eval_only": False,
+                              "query_assignment": assignment if alone else "independent",
+                              "checkpoint": None}).validate()
         engine = build_engine(config)
-        engine.load_state_dict(state)
-        result = engine.evaluate(split, config.test_tasks if split == "test" else config.val_tasks)
+        engine.fine_tune_steps = int(steps)
+        num_tasks = config.test_tasks if split == "test" else config.val_tasks
+        if alone:
+            engine.load_state_dict(states[0])
+            result = engine.evaluate(split, num_tasks)
+        else:
+            result = _ensemble(engine, states, split, num_tasks, assignment)
     return {"error_rate": 1.0 - result["mean"], "per_run_error": result.get("per_run_error"),
             "step": engine.global_step}
 
 
+def _ensemble(engine, states: List[dict], split: str, num_tasks: int, assignment: str) -> dict:
+    """Each state's θ scores the tasks; the log-probabilities are averaged over them, then each
+    group of tasks is scored as the engine scores it (after the balanced assignment if asked)."""
+    score_group = engine.lower.task_scores
+    members: List[list] = []
+    for state in states:
+        engine.load_state_dict(state)
+        groups: list = []
+        engine.lower.task_scores = lambda output, target: (groups.append((output.log_softmax(-1), target))
+                                                           or score_group(output, target))
+        engine.evaluate(split, num_tasks)
+        members.append(groups)
+    engine.lower.task_scores = score_group
+    scores = []
+    for outputs in zip(*members):
+        log_probs, target = torch.stack([o for o, _ in outputs]).mean(0), outputs[0][1]
+        if assignment == "balanced":
+            rows = log_probs if log_probs.dim() == 3 else log_probs.unsqueeze(0)
+            log_probs = torch.stack([balanced_assignment(row) for row in rows]).view_as(log_probs)
+        scores.extend(score_group(log_probs, target).tolist())
+    tasks = [(i, value, [], None, float("nan")) for i, value in enumerate(scores)]
+    return summarize_evaluation(tasks, engine.env.kind, engine.run_config.inner_tol, engine.env.sources[split])
+
+
 def main(argv: List[str] | None = None) -> Dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="output folders of finished omniglot-lake runs")
+    parser.add_argument("runs", nargs="+", help="output folders of finished omniglot-lake runs; A,B,...: their ensemble")
     parser.add_argument("--views", nargs="+", type=int, default=[0, 8])
     parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--assignment", choices=("independent", "balanced", "both"), default="both")
+    parser.add_argument("--fine-tune", nargs="+", default=["0:0"], metavar="STEPS:LR",
+                        help="ProtoNet runs: SGD steps of the whole network at meta-test and their rate")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    settings = [(v, a) for a in ("independent", "balanced") for v in args.views]
+    assignments = ("independent", "balanced") if args.assignment == "both" else (args.assignment,)
+    settings = [(v, a, f) for f in args.fine_tune for a in assignments for v in args.views]
     table: Dict[str, dict] = {}
-    for views, assignment in settings:
-        name = f"--test-augment {views} --query-assignment {assignment}"
-        table[name] = {run: score(Path(run), views, assignment, args.split) for run in args.runs}
+    for views, assignment, fine_tune in settings:
+        name = f"--test-augment {views} --query-assignment {assignment}" + (
+            f" --fine-tune {fine_tune}" if fine_tune != "0:0" else "")
+        table[name] = {run: score(run, views, assignment, args.split, fine_tune) for run in args.runs}
         errors = [r["error_rate"] for r in table[name].values()]
         spread = statistics.stdev(errors) if len(errors) > 1 else 0.0
         print(f"{name:52s} " + " ".join(f"{100 * e:6.2f}%" for e in errors)

@@ -261,3 +261,71 @@ def test_an_unusable_data_root_is_one_line(tmp_path, capsys, where):
     err = _error(capsys, ["--task", "glyphs", "--data-root", root, "--output-dir", str(tmp_path / "o"),
                           "--processes", "1"])
     assert f"--data-root {root}" in err
+
+
+def test_the_small_jitter_draws_what_it_drew_before_koch_s_options():
+    """The default jitter's numbers are unchanged (the documented runs used them): the legacy
+    formula, written out, against ``random_affine()`` on the same stream."""
+    from envs.tasks import random_affine
+
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(3)
+    angle = torch.from_numpy(rng.uniform(-10, 10, 5) * np.pi / 180).float()
+    zoom = torch.from_numpy(rng.uniform(0.9, 1.1, 5)).float()
+    offset = torch.from_numpy(rng.uniform(-0.2, 0.2, (5, 2))).float()
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, [5, 1, 28, 28], align_corners=False)
+    legacy = torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    assert torch.equal(random_affine()(x, np.random.default_rng(3)), legacy)
+
+
+def test_shear_slants_a_bar_and_stroke_jitter_thickens_or_thins_each_image():
+    from envs.tasks import random_affine
+
+    bar = torch.zeros(40, 1, 28, 28)
+    bar[..., 4:24, 13:15] = 1.0  # a vertical stroke
+    still = dict(degrees=0.0, shift=0.0, scale=(1.0, 1.0))
+    assert torch.allclose(random_affine(**still)(bar, np.random.default_rng(0)), bar, atol=1e-6)  # the identity
+    sheared = random_affine(**still, shear=0.3)(bar, np.random.default_rng(0))
+    columns = torch.arange(28.0)
+
+    def centre(rows):  # the ink's mean column over those rows, per image
+        ink = sheared[:, 0, rows]
+        return (ink * columns).sum((1, 2)) / ink.sum((1, 2))
+    slant = (centre(slice(4, 9)) - centre(slice(19, 24))).abs()
+    assert slant.max() > 1.0  # some bars lean by more than a pixel between their ends
+    # stroke jitter comes after the affine draws: the same warp, then each image dilated or eroded
+    base = random_affine(shear=0.3)(bar, np.random.default_rng(1))
+    thick = random_affine(shear=0.3, thickness=1.0)(bar, np.random.default_rng(1))
+    thicker = (thick >= base - 1e-6).flatten(1).all(1)
+    thinner = (thick <= base + 1e-6).flatten(1).all(1)
+    assert bool((thicker | thinner).all()) and bool(thicker.any()) and bool(thinner.any())
+    assert not torch.allclose(thick, base)
+
+
+def test_the_jitter_options_reach_meta_training_and_the_views_and_are_refused_where_idle(lake_root, tmp_path):
+    from engines import build_engine
+    from imaml.errors import UsageError
+
+    root, _ = lake_root
+    small = lake_config(root, augment=True)
+    koch = lake_config(root, augment=True, jitter="koch", stroke_jitter=0.5)
+    a, b = build_task_sources(small), build_task_sources(koch)
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    assert not torch.equal(a["train"].sample(rng(), 2).support_x, b["train"].sample(rng(), 2).support_x)
+    assert torch.equal(a["val"].sample(rng(), 2).support_x, b["val"].sample(rng(), 2).support_x)  # not jittered
+    views = {}
+    for name, jitter in (("small", "small"), ("koch", "koch")):
+        config = lake_config(root, jitter=jitter, test_augment=2, channels=4, output_dir=str(tmp_path / name),
+                             processes=1)
+        engine = build_engine(config)
+        batch = next(engine.env.episodes("test", 20))
+        views[name] = engine.test_time.support(batch, "test", 0).support_x
+    assert views["small"].shape == views["koch"].shape and not torch.equal(views["small"], views["koch"])
+    with pytest.raises(UsageError, match="--jitter: for the jitter of Omniglot's --augment and --test-augment"):
+        lake_config(root, jitter="koch")  # neither on
+    with pytest.raises(UsageError, match="--stroke-jitter"):
+        RunConfig(task="glyphs", ways=5, augment=True, stroke_jitter=0.5).validate()
+    with pytest.raises(UsageError, match=r"--stroke-jitter 1.5: must be in \[0, 1\]"):
+        lake_config(root, augment=True, stroke_jitter=1.5)

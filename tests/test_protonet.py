@@ -86,6 +86,30 @@ def test_meta_test_is_the_nearest_prototype_classifier(make_config):
     assert torch.equal(predicted, torch.cdist(query, prototypes).argmin(-1))
 
 
+def test_meta_test_fine_tuning_starts_at_the_prototypes_and_leaves_theta_alone(make_config):
+    """``fine_tune_steps`` (studies.lake_levers --fine-tune): FineTune's SGD from the prototype head."""
+    engine = build_engine(make_config(task="glyphs", algo="protonet", meta_batch_size=2, test_tasks=4,
+                                      inner_lr=0.05), dtype=torch.float64)
+    theta = {k: v.clone() for k, v in engine.upper.module.state_dict().items()}
+    engine.eval()
+    engine.env.load(next(iter(engine.env.episodes("test", 2))))
+    task = engine.env.select(0)
+    head = find_head(engine.upper.module)[1]
+    with torch.no_grad():
+        support = _embed(engine.upper.module, head, task.support_x)
+        ways = int(task.support_y.max()) + 1
+        prototypes = torch.stack([support[task.support_y == c].mean(0) for c in range(ways)])
+        start = F.cross_entropy(-torch.cdist(support, prototypes).pow(2), task.support_y).item()
+    engine.fine_tune_steps = 3
+    engine.adapt(range(1), steps=10)  # the engine's own count, not the flag's
+    assert len(engine.lower.inner_losses) == 3
+    assert engine.lower.inner_losses[0] == pytest.approx(start, rel=1e-9)  # the first step is at the prototypes
+    assert engine.lower.inner_losses[-1] < start
+    names = engine.lower._param_names
+    assert any(not torch.equal(p, theta[n]) for n, p in zip(names, engine.lower.params) if not n.startswith("head"))
+    assert all(torch.equal(v, theta[k]) for k, v in engine.upper.module.state_dict().items())
+
+
 def test_a_protonet_run_writes_what_a_meta_learning_run_writes_and_resumes(tmp_path, data_root):
     maml = run_from_args(_args(tmp_path, data_root, "maml"))
     protonet = run_from_args(_args(tmp_path, data_root, "protonet"))

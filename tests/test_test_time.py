@@ -135,3 +135,25 @@ def test_the_levers_benchmark_scores_a_finished_run_with_every_combination(lake_
     for name in ("--test-augment 0 --query-assignment balanced", "--test-augment 1 --query-assignment balanced"):
         assert all(round(e * 4) != 1 for e in table[name][str(out)]["per_run_error"].values())
     assert json.loads((tmp_path / "levers.json").read_text()).keys() == table.keys()
+    with pytest.raises(UsageError, match="--fine-tune 2:0.1: for ProtoNet runs"):
+        lake_levers.score(str(out), 0, "independent", "test", "2:0.1")  # TINY is MAML: it adapts already
+
+
+def test_an_ensemble_averages_its_members_on_the_first_member_s_tasks(lake_root, tmp_path, capsys):
+    from studies import lake_levers
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, seed in ((a, "0"), (b, "3")):
+        assert main([*TINY, "--data-root", str(lake_root), "--output-dir", str(out), "--seed", seed]) == 0, \
+            capsys.readouterr().err
+    alone = {run: lake_levers.score(str(run), 0, "independent") for run in (a, b)}
+    assert alone[a]["per_run_error"] != alone[b]["per_run_error"]  # two different θ, so the test below can fail
+    both, swapped = (lake_levers.score(f"{x},{y}", 0, "independent") for x, y in ((a, b), (b, a)))
+    assert both["per_run_error"] == swapped["per_run_error"]  # the runs are the same tasks: the order is immaterial
+    assert both["per_run_error"] not in [alone[a]["per_run_error"], alone[b]["per_run_error"]]
+    # a member twice is that member alone, views and assignment included
+    for views, assignment, split in ((1, "independent", "test"), (1, "balanced", "test"), (0, "independent", "val")):
+        twice = lake_levers.score(f"{a},{a}", views, assignment, split)
+        once = lake_levers.score(str(a), views, assignment, split)
+        assert twice["error_rate"] == pytest.approx(once["error_rate"], abs=1e-9)
+        assert twice["per_run_error"] == once["per_run_error"]

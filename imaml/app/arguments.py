@@ -155,8 +155,8 @@ HELP_GROUPS = {  # --help's sections, in order; every RunConfig field is in exac
     "method (what is meta-trained, how, and from which preset)": (
         "algo", "adapt", "head_init", "config", "lower_problem", "upper_problem", "env"),
     "task and episodes": (
-        "task", "ways", "test_ways", "shots", "query_shots", "data_root", "download", "augment",
-        "omniglot_background", "omniglot_val", "episodes", "class_rotations"),
+        "task", "ways", "test_ways", "shots", "query_shots", "data_root", "download", "augment", "jitter",
+        "stroke_jitter", "omniglot_background", "omniglot_val", "episodes", "class_rotations"),
     "meta-training (the outer loop)": (
         "meta_batch_size", "meta_steps", "time_budget", "test_also_at", "meta_lr", "meta_optimizer", "meta_momentum", "meta_weight_decay",
         "lr_schedule", "lr_step_every", "lr_gamma", "meta_grad_clip"),
