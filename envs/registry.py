@@ -89,6 +89,9 @@ def _omniglot_lake(config: RunConfig) -> Dict[str, TaskSource]:
                          f".zip and all_runs.zip from {omniglot.SOURCE} into <data-root>/omniglot-py/")
     root = Path(config.data_root)
     runs = omniglot.OneShotRuns(omniglot.read_runs(root))
+    if config.test_tasks != len(runs.runs):  # checked here, before the run claims its folder
+        raise UsageError(f"--test-tasks {config.test_tasks}: the omniglot-lake meta-test is the {len(runs.runs)} "
+                         f"official runs; use --test-tasks {len(runs.runs)}")
     test_ways = config.test_ways or config.ways
     if test_ways != runs.ways:
         raise UsageError(f"--ways {test_ways}: Lake's runs are {runs.ways}-way; use --ways {runs.ways} "

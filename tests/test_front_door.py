@@ -16,6 +16,7 @@ from imaml.app.cli import main
 from imaml.config import CONFIG_DIR, FIELDS
 from imaml.errors import UsageError
 from imaml.app.methods import method_of
+from tests.test_omniglot import write_lake_root
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("glyphs", "sinusoid", "omniglot-lake", "omniglot", "mini-imagenet", "tiered-imagenet", "cifarfs", "fc100")
@@ -52,6 +53,8 @@ REFUSALS = {  # every kind of refusal, each aimed at the finished run's folder
     "a missing preset": ["--overwrite", "--config", "no-such-preset"],
     "missing data": ["--overwrite", "--task", "omniglot", "--algo", "maml", "--data-root", "{empty}"],
     "too many ways": ["--overwrite", "--task", "glyphs", "--ways", "2000", "--data-root", "{empty}"],
+    "fewer tasks than Lake's runs": ["--overwrite", "--task", "omniglot-lake", "--omniglot-background", "small1",
+                                     "--ways", "4", "--data-root", "{lake}"],  # --test-tasks 2 of 20
     "an extension that does not import": ["--overwrite", "--lower-problem", "no_such_module:Lower"],
     "a missing checkpoint": ["--eval-only", "--checkpoint", "{empty}/best.pt"],
     "overwrite and resume": ["--overwrite", "--resume", "{out}"],
@@ -61,7 +64,10 @@ REFUSALS = {  # every kind of refusal, each aimed at the finished run's folder
 @pytest.mark.parametrize("case", REFUSALS)
 def test_a_refused_run_leaves_a_finished_run_byte_for_byte(finished, tmp_path, capsys, case):
     before = _snapshot(finished)
-    extra = [a.replace("{empty}", str(tmp_path)).replace("{out}", str(finished)) for a in REFUSALS[case]]
+    if "{lake}" in REFUSALS[case]:
+        write_lake_root(tmp_path / "lake", zipped=True)
+    extra = [a.replace("{empty}", str(tmp_path)).replace("{out}", str(finished)).replace("{lake}", str(tmp_path / "lake"))
+             for a in REFUSALS[case]]
     code = main(_sinusoid("--output-dir", str(finished), *extra))
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
