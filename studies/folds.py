@@ -11,6 +11,8 @@ one alphabet each and meta-test on its 20 runs, so a fold's error moves in steps
 items; the folds differ far more than that (docs/benchmarks.md, "Five folds"), which is why a
 lever is judged by its mean over folds, its worst fold and its paired difference, fold by fold.
 ``--at-test-also`` reads each run's meta-test at ``--test-also-at`` seconds instead of its end.
+A row's folder may instead be ``FILE.json::SETTING``: one setting of a ``studies.lake_levers``
+JSON (a meta-test lever scored on the θ of the run whose folder holds the file).
 """
 
 from __future__ import annotations
@@ -26,7 +28,23 @@ from studies.paired import paired_difference
 __all__ = ["read_rows", "tabulate", "main"]
 
 
+def _lever_scores(path: Path, setting: str) -> dict:
+    """A lever's scores from a ``studies.lake_levers`` JSON: the runs' accuracies in run order."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing: score the run with studies.lake_levers --json first")
+    table = json.loads(path.read_text())
+    if setting not in table or len(table[setting]) != 1:
+        raise SystemExit(f"error: {path} has no setting {setting!r} of one run; it has: {', '.join(table)}")
+    errors = next(iter(table[setting].values()))["per_run_error"]
+    return {"scores": [1.0 - errors[run] for run in sorted(errors)], "meta_steps": None, "seconds": None}
+
+
 def _scores(folder: Path, at_test_also: bool) -> dict:
+    if "::" in str(folder):
+        path, setting = str(folder).split("::", 1)
+        scored = _lever_scores(Path(path), setting)
+        run = _scores(Path(path).parent, False)  # the run whose θ was scored: its steps and minutes
+        return {**scored, "meta_steps": run["meta_steps"], "seconds": run["seconds"]}
     results_path = folder / "results.json"
     if not results_path.is_file():
         raise SystemExit(f"error: {results_path} is missing: that run has not finished (or the row's folder is wrong)")
@@ -93,7 +111,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folds", nargs="+", required=True, help="the folds' names, as {fold} is replaced")
     parser.add_argument("--row", action="append", required=True, metavar="LABEL=FOLDER",
-                        help="a row: its label and its run folder with {fold}; the first is the reference")
+                        help="a row: its label and its run folder with {fold} (or FILE.json::SETTING of "
+                             "studies.lake_levers); the first is the reference")
     parser.add_argument("--at-test-also", action="store_true", help="read the meta-test at --test-also-at seconds")
     parser.add_argument("--md", help="also write the table to this file")
     parser.add_argument("--json", help="also write the numbers to this file")

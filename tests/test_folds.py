@@ -52,3 +52,19 @@ def test_a_missing_run_or_a_bad_row_is_one_line(tmp_path, capsys):
     _run(tmp_path / "mse" / "a", [0.3], metric="mse")
     with pytest.raises(SystemExit, match="not accuracy"):
         folds.main(["--folds", "a", "--row", f"mse={tmp_path}/mse/{{fold}}"])
+
+
+def test_a_row_can_be_a_lever_scored_by_lake_levers(tmp_path):
+    setting = "--test-augment 32 --query-assignment independent"
+    for fold, errors in (("a", {"run02": 0.5, "run01": 0.0}), ("b", {"run01": 0.25, "run02": 0.25})):
+        _run(tmp_path / "base" / fold, [1.0, 0.0])  # errors 0 and 100% in run order
+        levers = {setting: {f"runs/{fold}": {"error_rate": 0.0, "per_run_error": errors}}}
+        (tmp_path / "base" / fold / "levers.json").write_text(json.dumps(levers))
+    table = folds.main(["--folds", "a", "b", "--row", f"base={tmp_path}/base/{{fold}}",
+                        "--row", f"views={tmp_path}/base/{{fold}}/levers.json::{setting}"])
+    assert table["views"]["errors"] == {"a": 0.25, "b": 0.25}
+    assert table["views"]["meta_steps"] == 10 and table["views"]["seconds"] == 120.0  # the scored run's
+    # paired run by run, in run order: a's run01 0 → 0 and run02 100% → 50%; b's 0 → 25%, 100% → 25%
+    assert table["views"]["difference"]["mean"] == pytest.approx(((0 - 0.5) / 2 + (0.25 - 0.75) / 2) / 2)
+    with pytest.raises(SystemExit, match="has no setting 'K 8'"):
+        folds.main(["--folds", "a", "--row", f"x={tmp_path}/base/{{fold}}/levers.json::K 8"])
