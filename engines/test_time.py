@@ -3,8 +3,8 @@
 - ``--test-augment K``: K jittered copies of each support image join the support set (so a
   one-shot task adapts on 1 + K views per class), and each query's class log-probabilities are
   averaged over itself and K jittered copies. The jitter is the training one (``--jitter``,
-  ``--stroke-jitter``) and is drawn from a generator fixed by the seed, the split and the task's index, so every method
-  and every run scores the same views.
+  ``--stroke-jitter``) and is drawn from a generator fixed by the seed, the split and the task's
+  index, so every method and every run scores the same views.
 - ``--query-assignment balanced``: transductive inference over a task's queries. Where every
   class has the same number of queries (Lake's runs: one test item per class), the predictions
   are the class assignment with that many queries per class that maximizes the total
@@ -25,7 +25,7 @@ from envs.meta_batch import MetaBatch
 from envs.tasks import random_affine
 from imaml.errors import UsageError
 
-__all__ = ["MetaTestLevers", "balanced_assignment"]
+__all__ = ["MetaTestLevers", "balanced_assignment", "assign_balanced"]
 
 
 def balanced_assignment(log_probs: torch.Tensor) -> torch.Tensor:
@@ -43,6 +43,13 @@ def balanced_assignment(log_probs: torch.Tensor) -> torch.Tensor:
     scores = torch.zeros_like(log_probs)
     scores[torch.as_tensor(rows, device=log_probs.device), chosen] = 1.0
     return scores
+
+
+def assign_balanced(log_probs: torch.Tensor) -> torch.Tensor:
+    """``balanced_assignment`` of one task's queries [Q, N] or of each task's [T, Q, N]."""
+    rows = log_probs if log_probs.dim() == 3 else log_probs.unsqueeze(0)
+    assigned = torch.stack([balanced_assignment(row) for row in rows])
+    return assigned if log_probs.dim() == 3 else assigned[0]
 
 
 class MetaTestLevers:
@@ -92,7 +99,5 @@ class MetaTestLevers:
                 log_probs = log_probs + predict(jittered if stacked else jittered[0]).log_softmax(-1)
             log_probs = log_probs / (self.views + 1)
         if self.assignment == "balanced":
-            rows = log_probs if stacked else log_probs.unsqueeze(0)
-            assigned = torch.stack([balanced_assignment(row) for row in rows])
-            return assigned if stacked else assigned[0]
+            return assign_balanced(log_probs)
         return log_probs

@@ -34,7 +34,7 @@ import torch
 
 from engines import build_engine
 from engines.records import summarize_evaluation
-from engines.test_time import balanced_assignment
+from engines.test_time import assign_balanced
 from imaml import checkpoint
 from imaml.config import RunConfig
 from imaml.errors import UsageError
@@ -75,23 +75,38 @@ def _ensemble(engine, states: List[dict], split: str, num_tasks: int, assignment
     group of tasks is scored as the engine scores it (after the balanced assignment if asked)."""
     score_group = engine.lower.task_scores
     members: List[list] = []
-    for state in states:
-        engine.load_state_dict(state)
-        groups: list = []
-        engine.lower.task_scores = lambda output, target: (groups.append((output.log_softmax(-1), target))
-                                                           or score_group(output, target))
-        engine.evaluate(split, num_tasks)
-        members.append(groups)
-    engine.lower.task_scores = score_group
+    try:
+        for state in states:
+            engine.load_state_dict(state)
+            groups: list = []
+
+            def recorded(output, target, groups=groups):
+                groups.append((output.log_softmax(-1), target))
+                return score_group(output, target)
+            engine.lower.task_scores = recorded
+            engine.evaluate(split, num_tasks)
+            members.append(groups)
+    finally:
+        engine.lower.task_scores = score_group
     scores = []
     for outputs in zip(*members):
         log_probs, target = torch.stack([o for o, _ in outputs]).mean(0), outputs[0][1]
         if assignment == "balanced":
-            rows = log_probs if log_probs.dim() == 3 else log_probs.unsqueeze(0)
-            log_probs = torch.stack([balanced_assignment(row) for row in rows]).view_as(log_probs)
+            log_probs = assign_balanced(log_probs)
         scores.extend(score_group(log_probs, target).tolist())
     tasks = [(i, value, [], None, float("nan")) for i, value in enumerate(scores)]
     return summarize_evaluation(tasks, engine.env.kind, engine.run_config.inner_tol, engine.env.sources[split])
+
+
+def _fine_tune(text: str) -> str:
+    """--fine-tune's STEPS:LR, checked (argparse turns the error into one line)."""
+    steps, _, lr = text.partition(":")
+    try:
+        if int(steps) < 0 or float(lr) < 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give STEPS:LR, e.g. 10:0.2 (0:0: no fine-tuning)") from None
+    return text
 
 
 def main(argv: List[str] | None = None) -> Dict[str, dict]:
@@ -100,7 +115,7 @@ def main(argv: List[str] | None = None) -> Dict[str, dict]:
     parser.add_argument("--views", nargs="+", type=int, default=[0, 8])
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--assignment", choices=("independent", "balanced", "both"), default="both")
-    parser.add_argument("--fine-tune", nargs="+", default=["0:0"], metavar="STEPS:LR",
+    parser.add_argument("--fine-tune", nargs="+", default=["0:0"], metavar="STEPS:LR", type=_fine_tune,
                         help="ProtoNet runs: SGD steps of the whole network at meta-test and their rate")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -111,7 +126,10 @@ def main(argv: List[str] | None = None) -> Dict[str, dict]:
     for views, assignment, fine_tune in settings:
         name = f"--test-augment {views} --query-assignment {assignment}" + (
             f" --fine-tune {fine_tune}" if fine_tune != "0:0" else "")
-        table[name] = {run: score(run, views, assignment, args.split, fine_tune) for run in args.runs}
+        try:
+            table[name] = {run: score(run, views, assignment, args.split, fine_tune) for run in args.runs}
+        except UsageError as error:
+            parser.error(str(error))
         errors = [r["error_rate"] for r in table[name].values()]
         spread = statistics.stdev(errors) if len(errors) > 1 else 0.0
         print(f"{name:52s} " + " ".join(f"{100 * e:6.2f}%" for e in errors)

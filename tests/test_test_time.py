@@ -137,6 +137,11 @@ def test_the_levers_benchmark_scores_a_finished_run_with_every_combination(lake_
     assert json.loads((tmp_path / "levers.json").read_text()).keys() == table.keys()
     with pytest.raises(UsageError, match="--fine-tune 2:0.1: for ProtoNet runs"):
         lake_levers.score(str(out), 0, "independent", "test", "2:0.1")  # TINY is MAML: it adapts already
+    for bad in ("10", "2:0.1"):  # malformed, and for a MAML run: argparse's usage and one error line
+        with pytest.raises(SystemExit):
+            lake_levers.main([str(out), "--views", "0", "--fine-tune", bad])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.splitlines()[-1].split(": error: ")[1].count(bad) >= 1
 
 
 def test_an_ensemble_averages_its_members_on_the_first_member_s_tasks(lake_root, tmp_path, capsys):
